@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, types, host tests and VM tests (QEMU).
+source "$(dirname "$0")/bootstrap.sh"
+bootstrap
+cd "$ROOT"
+phase "ruff"
+timed "ruff" ruff check .
+phase "mypy --strict"
+timed "mypy" mypy
+phase "pytest (host tests and VM tests)"
+timed "pytest" python -m pytest "$@"

@@ -1,0 +1,3 @@
+from seamless.cli import main
+
+main()

@@ -1,0 +1,60 @@
+"""The ``seamless`` command line."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from seamless import __version__
+from seamless.errors import ExitCode, SeamlessError
+from seamless.log import log, setup_logging
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0  done
+  1  error, nothing was changed
+  2  usage error
+  3  failed after something was changed (the message says what state the system is in)
+  4  a check found a problem (nothing was changed)
+"""
+
+
+@click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="seamless")
+@click.option("--debug", is_flag=True, help="Log every step and command; show tracebacks.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Upgrade the running kernel without losing the running programs.
+
+    seamless checkpoints every user process with CRIU into a RAM region that
+    survives kexec, boots the new kernel, and restores the processes there with
+    the same PIDs and memory.
+    """
+    setup_logging(debug)
+    ctx.obj = {"debug": debug}
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv[1:]
+    try:
+        rv = cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Interrupted", err=True)
+        sys.exit(ExitCode.INTERRUPTED)
+    except KeyboardInterrupt:
+        click.echo("Interrupted", err=True)
+        sys.exit(ExitCode.INTERRUPTED)
+    except SeamlessError as e:
+        if debug:
+            log.exception("traceback")
+        e.show()
+        sys.exit(e.status)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    sys.exit(rv if isinstance(rv, int) else ExitCode.OK)
+
+
+if __name__ == "__main__":
+    main()

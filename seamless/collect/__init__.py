@@ -1,0 +1,1 @@
+"""Choose, freeze and checkpoint process trees (CRIU over its RPC protocol)."""

@@ -1,0 +1,1 @@
+"""Validate, load (kexec_file_load) and enter the target kernel."""

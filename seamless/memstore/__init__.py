@@ -1,0 +1,1 @@
+"""The preserved RAM region (memmap=SIZE!OFFSET legacy pmem) used as a store."""

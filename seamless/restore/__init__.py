@@ -1,0 +1,1 @@
+"""Bring the checkpointed process trees back in the new kernel, and report."""

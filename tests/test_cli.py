@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from seamless import __version__
+from seamless.cli import cli, main
+from seamless.errors import ExitCode, SeamlessError
+
+
+def test_version() -> None:
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0
+    assert __version__ in result.output
+
+
+def test_help_lists_exit_codes_and_debug() -> None:
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    assert "--debug" in result.output
+    assert "Exit codes" in result.output
+
+
+def test_installed_command_runs() -> None:
+    """`pip install .` put a working entry point on the path (python -m seamless)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "seamless", "--version"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("seamless, version ")
+
+
+def test_user_error_is_one_line_with_hint_and_its_exit_code(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    @cli.command("fail-for-test")
+    def fail() -> None:
+        raise SeamlessError("no region", hint="run seamless setup", exit_code=ExitCode.CHANGED)
+
+    try:
+        monkeypatch.setattr(sys, "argv", ["seamless", "fail-for-test"])
+        with pytest.raises(SystemExit) as exc:
+            main()
+    finally:
+        cli.commands.pop("fail-for-test")
+    assert exc.value.code == ExitCode.CHANGED
+    err = capsys.readouterr().err
+    assert "seamless: error: no region" in err
+    assert "hint: run seamless setup" in err
+    assert "Traceback" not in err
+
+
+def test_usage_error_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["seamless", "no-such-command"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == ExitCode.USAGE
+
+
+def test_seamless_error_is_a_click_exception() -> None:
+    assert issubclass(SeamlessError, click.ClickException)

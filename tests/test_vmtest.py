@@ -1,0 +1,139 @@
+"""The test bed's host side: apt sources, guest specs, QEMU's command line, and the
+agent protocol (the guest agent runs here over a socket pair, running harmless commands)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vmtest import config, image, qemu
+from vmtest.channel import Channel
+from vmtest.errors import VMError
+from vmtest.guest import agent
+
+
+@pytest.fixture
+def channel() -> Iterator[Channel]:
+    ours, theirs = socket.socketpair()
+    port = agent.Port(os.dup(theirs.fileno()))
+    theirs.close()
+    threading.Thread(target=agent.serve, args=(port,), daemon=True).start()
+    ch = Channel(ours)
+    yield ch
+    ch.close()
+
+
+def test_ping_reports_this_boot(channel: Channel) -> None:
+    info = channel.ping()
+    assert info is not None
+    assert info.boot_id == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert info.release == os.uname().release
+
+
+def test_run_returns_output_and_exit_code(channel: Channel) -> None:
+    result = channel.run(["sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert (result.returncode, result.stdout, result.stderr) == (3, b"out\n", b"err\n")
+
+
+def test_stdin_is_passed_through_exactly_many_times(channel: Channel) -> None:
+    """Large and small inputs alternate: a descriptor closed twice would lose one."""
+    for size in (1 << 20, 5, 100_000, 0, 7):
+        data = os.urandom(size)
+        result = channel.run(["cat"], input=data)
+        assert result.returncode == 0
+        assert result.stdout == data
+
+
+def test_unknown_command_reports_an_error(channel: Channel) -> None:
+    result = channel.run(["/nonexistent/command"])
+    assert result.returncode == 127
+    assert b"No such file" in result.stderr
+
+
+def test_pty_gives_a_terminal(channel: Channel) -> None:
+    proc = channel.start(["sh", "-c", "read x; echo got=$x; test -t 0 && echo tty"],
+                         stdin=True, pty=True)
+    proc.write(b"abc\n")
+    result = proc.wait(timeout=10)
+    assert b"got=abc" in result.stdout
+    assert b"tty" in result.stdout.split(b"got=abc")[1]
+
+
+def test_wait_ready_skips_the_old_boot(channel: Channel) -> None:
+    info = channel.ping()
+    assert info is not None
+    with pytest.raises(TimeoutError):
+        channel.wait_ready(1.5, not_boot=info.boot_id)
+
+
+def test_host_apt_sources_keeps_only_our_distribution(tmp_path: Path) -> None:
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list").write_text(
+        "# comment\ndeb http://mirror.example/debian bookworm main contrib\n"
+        "deb http://mirror.example/debian trixie main\n"
+    )
+    (tmp_path / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\nURIs: http://mirror.example/debian-security\n"
+        "Suites: bookworm-security\nComponents: main\n\n"
+        "Types: deb\nURIs: http://other.example/x\nSuites: nodistro\nComponents: main\n"
+    )
+    (tmp_path / "sources.list.d" / "x.list.disabled").write_text(
+        "deb http://disabled.example bookworm main\n"
+    )
+    text = image.host_apt_sources(tmp_path)
+    assert "URIs: http://mirror.example/debian\nSuites: bookworm\nComponents: main contrib" in text
+    assert "bookworm-security" in text
+    assert "trixie" not in text and "nodistro" not in text and "disabled" not in text
+
+
+def test_host_apt_sources_without_debian_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "sources.list").write_text("deb http://x.example trixie main\n")
+    with pytest.raises(VMError, match="no apt source"):
+        image.host_apt_sources(tmp_path)
+
+
+def test_kernels_are_named_once_and_differ() -> None:
+    a, b = config.KERNELS["A"], config.KERNELS["B"]
+    assert a.release != b.release
+    assert a.package == f"linux-image-{a.release}"
+    assert b.vmlinuz == f"/boot/vmlinuz-{b.release}"
+
+
+def test_guest_command_line_reserves_the_region() -> None:
+    spec = qemu.GuestSpec(image="/x", region="128M!1G")
+    assert "memmap=128M!1G" in spec.cmdline().split()
+    assert "panic=-1" in spec.cmdline().split()
+
+
+@pytest.mark.parametrize(
+    ("memory", "region"), [("1G", "256M!1G"), ("2G", "4G!1G")]
+)
+def test_region_outside_guest_ram_is_refused(memory: str, region: str) -> None:
+    with pytest.raises(VMError, match="does not fit"):
+        qemu.GuestSpec(image="/x", memory=memory, region=region).validate()
+
+
+def test_qemu_argv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEAMLESS_VM_ACCEL", "tcg")
+    qemu.kvm_works.cache_clear()
+    img = image.Image(tmp_path)
+    spec = qemu.GuestSpec(image=str(tmp_path), kernel="B", forwards={22: 2222})
+    argv = qemu.qemu_argv(img, spec, tmp_path)
+    assert "-no-reboot" in argv
+    assert argv[argv.index("-accel") + 1].startswith("tcg")
+    assert argv[argv.index("-kernel") + 1] == str(img.vmlinuz(config.KERNELS["B"]))
+    assert "hostfwd=tcp:127.0.0.1:2222-:22" in argv[argv.index("-netdev") + 1]
+    assert "restrict=on" in argv[argv.index("-netdev") + 1]
+    assert f"name={config.AGENT_PORT}" in " ".join(argv)
+
+
+def test_parse_size() -> None:
+    assert qemu.parse_size("2G") == 2 << 30
+    assert qemu.parse_size("512M") == 512 << 20
+    with pytest.raises(VMError):
+        qemu.parse_size("lots")

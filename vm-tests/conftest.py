@@ -1,0 +1,82 @@
+"""pytest fixtures for QEMU tests: the image, and guests booted from it.
+
+Without the prerequisites (qemu, mmdebstrap, root) the VM tests skip with the
+reason, except under CI=true, where a missing prerequisite fails them: a VM test
+that did not run is not a pass.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from vmtest import image, qemu  # noqa: E402
+from vmtest.log import timings  # noqa: E402
+
+BootGuest = qemu.BootGuest
+
+
+def missing_prerequisites() -> list[str]:
+    missing = [
+        f"{tool} (apt-get install {pkg})"
+        for tool, pkg in (
+            ("qemu-system-x86_64", "qemu-system-x86"),
+            ("qemu-img", "qemu-utils"),
+            ("mmdebstrap", "mmdebstrap"),
+            ("mkfs.ext4", "e2fsprogs"),
+        )
+        if shutil.which(tool) is None
+    ]
+    if os.geteuid() != 0:
+        missing.append("root (the image is built with mmdebstrap --mode=root and chroot)")
+    return missing
+
+
+@pytest.fixture(scope="session")
+def vm_image() -> image.Image:
+    missing = missing_prerequisites()
+    if missing:
+        reason = "VM tests need: " + ", ".join(missing)
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason + " (CI=true: a skipped VM test is not a pass)")
+        pytest.skip(reason)
+    return image.build()
+
+
+@pytest.fixture
+def boot_guest(
+    vm_image: image.Image, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BootGuest]:
+    """Boot guests for one test: ``boot_guest(kernel="A", memory=..., region=...)``."""
+    guests: list[qemu.Guest] = []
+
+    def boot(kernel: str = "A", **kwargs: object) -> qemu.Guest:
+        spec = qemu.GuestSpec(image=str(vm_image.directory), kernel=kernel, **kwargs)  # type: ignore[arg-type]
+        run_dir = tmp_path_factory.mktemp(f"guest-{kernel}")
+        guest = qemu.boot(vm_image, spec, run_dir)
+        guests.append(guest)
+        return guest
+
+    yield boot
+    for guest in guests:
+        guest.stop()
+
+
+@pytest.fixture
+def guest_a(boot_guest: BootGuest) -> qemu.Guest:
+    return boot_guest("A")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if timings:
+        terminalreporter.section("test-bed phase timings")
+        for phase, seconds in timings:
+            terminalreporter.write_line(f"{phase:<60} {seconds:7.1f} s")
+

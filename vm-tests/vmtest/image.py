@@ -1,0 +1,333 @@
+"""Build (or reuse) the guest image.
+
+Two layers, each cached under a key made of everything that goes into it:
+
+base   mmdebstrap's Debian root (packages, both kernels, their dracut
+       initramfs), from the host's own apt sources.  Slow (about 2 minutes);
+       changes only with the package list or the kernels.
+image  the base plus this project's wheel, the guest agent and the guest's
+       configuration, as an ext4 file, with each kernel and initramfs copied
+       beside it for direct boot.  Fast (seconds); changes with the project.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmtest import config
+from vmtest.errors import VMError
+from vmtest.log import log, step
+
+HERE = Path(__file__).resolve().parent
+PROJECT = HERE.parent.parent
+GUEST = HERE / "guest"
+IMAGE_SIZE = "4G"
+KEEP = 3  # cached images and bases kept per kind
+
+DRACUT_CONF = """\
+# seamless test bed: a generic initramfs (not host-only: it is built in a chroot)
+hostonly="no"
+compress="zstd"
+add_drivers+=" virtio_blk virtio_pci virtio_console virtio_net ext4 "
+omit_dracutmodules+=" plymouth "
+"""
+
+NETWORK_CONF = """\
+[Match]
+Name=e*
+
+[Network]
+DHCP=ipv4
+"""
+
+
+@dataclass(frozen=True)
+class Image:
+    """A built guest image: the root filesystem and the kernels to boot directly."""
+
+    directory: Path
+
+    @property
+    def rootfs(self) -> Path:
+        return self.directory / "rootfs.ext4"
+
+    def vmlinuz(self, kernel: config.Kernel) -> Path:
+        return self.directory / f"vmlinuz-{kernel.release}"
+
+    def initrd(self, kernel: config.Kernel) -> Path:
+        return self.directory / f"initrd.img-{kernel.release}"
+
+    @property
+    def info(self) -> dict[str, object]:
+        data: dict[str, object] = json.loads((self.directory / "info.json").read_text())
+        return data
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    log.debug("+ %s", " ".join(argv))
+    try:
+        return subprocess.run(
+            argv, check=True, text=True, capture_output=True, stdin=subprocess.DEVNULL
+        )
+    except subprocess.CalledProcessError as e:
+        tail = "\n".join((e.stderr or e.stdout or "").strip().splitlines()[-20:])
+        raise VMError(f"{argv[0]} failed with exit code {e.returncode}:\n{tail}") from e
+    except FileNotFoundError as e:
+        raise VMError(f"{argv[0]} is not installed (apt-get install {argv[0]})") from e
+
+
+def host_apt_sources(etc: Path = Path("/etc/apt")) -> str:
+    """The host's Debian apt sources for our distribution, as one deb822 text.
+
+    Read at run time, so no mirror address is ever written into the repository.
+    """
+    stanzas: list[str] = []
+    paths = [etc / "sources.list"]
+    d = etc / "sources.list.d"
+    if d.is_dir():
+        paths += sorted(p for p in d.iterdir() if p.suffix in (".list", ".sources"))
+    for path in paths:
+        if not path.is_file():
+            continue
+        text = path.read_text()
+        if path.suffix == ".sources":
+            for stanza in re.split(r"\n\s*\n", text):
+                fields = _deb822(stanza)
+                suites = fields.get("suites", "").split()
+                enabled = fields.get("enabled", "yes").lower() != "no"
+                if enabled and "deb" in fields.get("types", "").split() and any(
+                    s.split("-")[0] == config.DISTRIBUTION for s in suites
+                ):
+                    stanzas.append("\n".join(
+                        line for line in stanza.strip().splitlines()
+                        if not line.lstrip().startswith("#")
+                    ))
+        else:
+            for line in text.splitlines():
+                m = re.match(r"^\s*deb\s+(\[[^]]*\]\s+)?(\S+)\s+(\S+)\s+(.+)$", line)
+                if m and m.group(3).split("-")[0] == config.DISTRIBUTION:
+                    stanzas.append(
+                        f"Types: deb\nURIs: {m.group(2)}\nSuites: {m.group(3)}\n"
+                        f"Components: {m.group(4).split('#')[0].strip()}"
+                    )
+    if not stanzas:
+        raise VMError(
+            f"no apt source for Debian {config.DISTRIBUTION} in /etc/apt/sources.list(.d)",
+            hint="the guest is built from the host's apt sources: add a bookworm source",
+        )
+    return "\n\n".join(stanzas) + "\n"
+
+
+def _deb822(stanza: str) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    key = None
+    for line in stanza.splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        if line[:1].isspace() and key:
+            fields[key] += " " + line.strip()
+        elif ":" in line:
+            key, value = line.split(":", 1)
+            key = key.strip().lower()
+            fields[key] = value.strip()
+    return fields
+
+
+def _digest(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()[:16]
+
+
+def packages(extra: tuple[str, ...] = ()) -> list[str]:
+    kernels = [k.package for k in config.KERNELS.values()]
+    return sorted(set(config.PACKAGES) | set(kernels) | set(extra))
+
+
+def check_kernels_available() -> None:
+    """Stop with the alternatives when the archive no longer has a kernel we name."""
+    for kernel in config.KERNELS.values():
+        shown = subprocess.run(
+            ["apt-cache", "show", "--no-all-versions", kernel.package],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        )
+        if shown.returncode == 0 and shown.stdout.strip():
+            continue
+        found = subprocess.run(
+            ["apt-cache", "search", "--names-only", r"^linux-image-[0-9.]+-[0-9]+-cloud-amd64$"],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        )
+        alternatives = sorted(line.split()[0] for line in found.stdout.splitlines() if line)
+        raise VMError(
+            f"kernel {kernel.label}: the archive has no package {kernel.package}",
+            hint=(
+                f"choose another in vm-tests/vmtest/config.py; the archive has: "
+                f"{', '.join(alternatives)}"
+                if alternatives
+                else "run apt-get update first (apt-cache knows no cloud kernel at all)"
+            ),
+        )
+
+
+def build_wheel(out: Path) -> Path:
+    """Build this project's wheel on the host."""
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(PROJECT)])
+    wheels = sorted(out.glob("seamless-*.whl"))
+    if not wheels:
+        raise VMError(f"pip built no seamless wheel in {out}")
+    return wheels[-1]
+
+
+def wheel_digest(wheel: Path) -> str:
+    """A digest of what the wheel holds (names and bytes, not zip timestamps)."""
+    with zipfile.ZipFile(wheel) as z:
+        parts: list[bytes | str] = []
+        for name in sorted(z.namelist()):
+            parts += [name, z.read(name)]
+    return _digest(*parts)
+
+
+def _prune(kind: str, keep: Path) -> None:
+    entries = sorted(
+        (p for p in config.CACHE_DIR.glob(f"{kind}-*") if p != keep and p.is_dir()),
+        key=lambda p: p.stat().st_mtime,
+    )
+    for old in entries[: max(0, len(entries) - (KEEP - 1))]:
+        log.info("removing old cached %s %s", kind, old.name)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build_base(extra: tuple[str, ...]) -> Path:
+    """mmdebstrap the Debian root, or reuse the cached one."""
+    sources = host_apt_sources()
+    pkgs = packages(extra)
+    key = _digest(config.DISTRIBUTION, "\n".join(pkgs), sources, DRACUT_CONF)
+    base = config.CACHE_DIR / f"base-{key}"
+    if (base / "done").exists():
+        log.info("reusing base root %s", base)
+        os.utime(base)
+        return base
+    if os.geteuid() != 0:
+        raise VMError("building the guest image needs root (mmdebstrap --mode=root)")
+    check_kernels_available()
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    with step(f"mmdebstrap {config.DISTRIBUTION} with {len(pkgs)} packages"):
+        (base / "debian.sources").write_text(sources)
+        hook = (
+            'mkdir -p "$1/etc/dracut.conf.d" && '
+            f'cp {base / "dracut.conf"} "$1/etc/dracut.conf.d/10-seamless-vm.conf"'
+        )
+        (base / "dracut.conf").write_text(DRACUT_CONF)
+        _run([
+            "mmdebstrap", "--variant=minbase", "--mode=root", "--format=directory",
+            "--include=" + ",".join(pkgs), f"--setup-hook={hook}",
+            config.DISTRIBUTION, str(base / "root"), str(base / "debian.sources"),
+        ])
+    (base / "done").write_text(json.dumps({"packages": pkgs, "built": time.time()}))
+    _prune("base", base)
+    return base
+
+
+def _configure(root: Path, wheel: Path) -> None:
+    """Turn the base root into the test-bed guest."""
+    agent_dir = root / "usr/local/lib/seamless-vm"
+    agent_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(GUEST / "agent.py", agent_dir / "agent.py")
+    unit = "seamless-vm-agent.service"
+    shutil.copy(GUEST / unit, root / "etc/systemd/system" / unit)
+    wants = root / "etc/systemd/system/sysinit.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    (wants / unit).unlink(missing_ok=True)
+    (wants / unit).symlink_to(f"/etc/systemd/system/{unit}")
+
+    (root / "etc/hostname").write_text("seamless-guest\n")
+    (root / "etc/hosts").write_text("127.0.0.1 localhost\n127.0.1.1 seamless-guest\n")
+    (root / "etc/fstab").write_text("/dev/vda / ext4 rw,errors=remount-ro 0 1\n")
+    (root / "etc/machine-id").write_text("")  # a new one each boot: "uninitialized"
+    net = root / "etc/systemd/network/10-user.network"
+    net.write_text(NETWORK_CONF)
+    nwants = root / "etc/systemd/system/multi-user.target.wants"
+    nwants.mkdir(parents=True, exist_ok=True)
+    link = nwants / "systemd-networkd.service"
+    link.unlink(missing_ok=True)
+    link.symlink_to("/lib/systemd/system/systemd-networkd.service")
+    # Root logs in on the serial console without a password: a throwaway test guest.
+    _run(["chroot", str(root), "passwd", "-d", "root"])
+    # The pmem drivers for the reserved region, loaded at boot.
+    (root / "etc/modules-load.d/seamless-pmem.conf").write_text(
+        "libnvdimm\nnd_btt\nnd_pmem\nnd_e820\n"
+    )
+
+    shutil.copy(wheel, root / "tmp" / wheel.name)
+    _run([
+        "chroot", str(root), "python3", "-m", "pip", "install", "--no-deps", "--no-index",
+        "--break-system-packages", "--root-user-action=ignore", "-q", f"/tmp/{wheel.name}",
+    ])
+    (root / "tmp" / wheel.name).unlink()
+
+
+def build(extra: tuple[str, ...] = (), *, force: bool = False) -> Image:
+    """Build or reuse the image; returns it ready to boot."""
+    config.CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="seamless-wheel-") as tmp:
+        with step("building the project's wheel"):
+            wheel = build_wheel(Path(tmp))
+        base = build_base(extra)
+        guest_files = [GUEST / "agent.py", GUEST / "seamless-vm-agent.service", Path(__file__)]
+        key = _digest(
+            base.name, wheel_digest(wheel), IMAGE_SIZE,
+            *(p.read_bytes() for p in guest_files),
+        )
+        image = Image(config.CACHE_DIR / f"image-{key}")
+        if (image.directory / "info.json").exists() and not force:
+            log.info("reusing image %s", image.directory)
+            os.utime(image.directory)
+            return image
+        if os.geteuid() != 0:
+            raise VMError("building the guest image needs root (chroot, mkfs.ext4 -d)")
+        shutil.rmtree(image.directory, ignore_errors=True)
+        work = config.CACHE_DIR / f"work-{key}"
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            with step("configuring the guest root"):
+                _run(["cp", "-a", "--reflink=auto", str(base / "root"), str(work)])
+                _configure(work, wheel)
+            image.directory.mkdir(parents=True)
+            for kernel in config.KERNELS.values():
+                shutil.copy(work / kernel.vmlinuz.lstrip("/"), image.vmlinuz(kernel))
+                shutil.copy(work / kernel.initrd.lstrip("/"), image.initrd(kernel))
+            with step(f"making the ext4 root filesystem ({IMAGE_SIZE})"):
+                tmp_fs = image.directory / "rootfs.ext4.tmp"
+                _run([
+                    "mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(work), str(tmp_fs),
+                    IMAGE_SIZE,
+                ])
+                tmp_fs.rename(image.rootfs)
+        except BaseException:
+            shutil.rmtree(image.directory, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        (image.directory / "info.json").write_text(json.dumps({
+            "base": base.name,
+            "wheel": wheel.name,
+            "kernels": {k.label: k.release for k in config.KERNELS.values()},
+            "built": time.time(),
+        }, indent=2))
+        _prune("image", image.directory)
+        return image

@@ -1,0 +1,351 @@
+"""Boot the guest under QEMU and keep hold of it.
+
+One guest lives in a run directory: its disk overlay (the cached image stays
+untouched), its serial console log, the agent's socket and a ``guest.json``
+saying how it was started, so another process (``vm run`` after ``vm boot``)
+can attach to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from vmtest import config
+from vmtest.channel import Channel, GuestInfo
+from vmtest.errors import LostVMError, VMError
+from vmtest.image import Image
+from vmtest.log import log, record
+
+BOOT_TIMEOUT = 300.0  # TCG on 2 cores: a boot takes 20-60 s, leave room for a loaded CI machine
+PR_SET_PDEATHSIG = 1
+
+
+@functools.cache
+def kvm_works(probe_kernel: Path | None = None) -> bool:
+    """True only where KVM really runs a guest (not the nested paravirtual /dev/kvm here).
+
+    The probe boots ``probe_kernel`` without a root under KVM: a working KVM gets
+    as far as the kernel's banner in seconds; a broken one makes QEMU abort.
+    SEAMLESS_VM_ACCEL=tcg|kvm overrides the probe.
+    """
+    forced = os.environ.get("SEAMLESS_VM_ACCEL")
+    if forced in ("tcg", "kvm"):
+        return forced == "kvm"
+    if probe_kernel is None or not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    try:
+        r = subprocess.run(
+            ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "256", "-nodefaults",
+             "-no-reboot", "-display", "none", "-serial", "stdio", "-kernel", str(probe_kernel),
+             "-append", "console=ttyS0 panic=-1 root=/dev/nonexistent"],
+            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else ""
+        return "Linux version" in out
+    except OSError:
+        return False
+    works = "Linux version" in r.stdout
+    log.info("KVM %s; using %s", "works" if works else "does not run guests here",
+             "KVM" if works else "TCG")
+    return works
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"(\d+)([KMGT]?)i?B?", text.strip(), re.IGNORECASE)
+    if not m:
+        raise VMError(f"not a size: {text!r} (for example 2G, 512M)")
+    return int(m.group(1)) << (10 * " KMGT".index(m.group(2).upper() or " "))
+
+
+@dataclass
+class GuestSpec:
+    """How a guest was started (written to guest.json in its run directory)."""
+
+    image: str
+    kernel: str = "A"
+    memory: str = config.DEFAULT_MEMORY
+    region: str = config.DEFAULT_REGION
+    smp: int = 2
+    append: str = ""
+    forwards: dict[int, int] = field(default_factory=dict)  # guest port -> host port on 127.0.0.1
+    pid: int = 0
+
+    @property
+    def memmap(self) -> str:
+        return f"memmap={self.region}"
+
+    def cmdline(self) -> str:
+        parts = [
+            "root=/dev/vda", "rw", "console=ttyS0,115200", "panic=-1", "loglevel=4",
+            "net.ifnames=0", self.memmap, self.append,
+        ]
+        return " ".join(p for p in parts if p)
+
+    def validate(self) -> None:
+        if self.kernel not in config.KERNELS:
+            raise VMError(f"no kernel {self.kernel!r}: choose one of {', '.join(config.KERNELS)}")
+        memory = parse_size(self.memory)
+        size, _, offset = self.region.partition("!")
+        if parse_size(offset) + parse_size(size) > min(memory, 3 << 30):
+            raise VMError(
+                f"memmap={self.region} does not fit in {self.memory} of guest RAM",
+                hint="give the guest more memory (--memory) or a smaller region",
+            )
+
+
+class Guest:
+    """A running QEMU guest and the channel to its agent."""
+
+    def __init__(self, run_dir: Path, spec: GuestSpec, proc: subprocess.Popen[bytes] | None):
+        self.run_dir = run_dir
+        self.spec = spec
+        self.proc = proc
+        self._channel: Channel | None = None
+        self.info: GuestInfo | None = None
+
+    # -- files of the run directory
+    @property
+    def console_log(self) -> Path:
+        return self.run_dir / "console.log"
+
+    @property
+    def socket(self) -> Path:
+        return self.run_dir / "agent.sock"
+
+    def console_tail(self, lines: int = 50) -> str:
+        try:
+            text = self.console_log.read_bytes().decode(errors="replace")
+        except OSError:
+            return "(no console log)"
+        return "\n".join(text.replace("\r", "").splitlines()[-lines:])
+
+    # -- liveness
+    def running(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        try:
+            os.kill(self.spec.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def check_alive(self) -> None:
+        if not self.running():
+            tail = self.console_tail()
+            reason = "QEMU exited"
+            if "Kernel panic" in tail:
+                reason = "the guest kernel panicked"
+            if self.proc is not None and self.proc.returncode not in (0, None):
+                reason += f" (exit code {self.proc.returncode})"
+            raise LostVMError(reason, tail)
+
+    @property
+    def channel(self) -> Channel:
+        if self._channel is None or self._channel.closed:
+            self.check_alive()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(self.socket))
+            except OSError as e:
+                sock.close()
+                self.check_alive()
+                raise VMError(f"cannot connect to the guest agent at {self.socket}: {e}",
+                              hint="only one client at a time: is another vm run active?") from e
+            self._channel = Channel(sock, alive=self.check_alive)
+        return self._channel
+
+    def wait_ready(
+        self, timeout: float = BOOT_TIMEOUT, *, not_boot: str | None = None
+    ) -> GuestInfo:
+        try:
+            self.info = self.channel.wait_ready(timeout, not_boot=not_boot)
+        except TimeoutError as e:
+            raise LostVMError(str(e), self.console_tail()) from e
+        return self.info
+
+    # -- commands
+    def run(self, *argv: str, check: bool = True, timeout: float | None = 600,
+            input: bytes | None = None) -> str:
+        """Run a command in the guest; returns its stdout, raises on failure when ``check``."""
+        result = self.channel.run(argv, input=input, timeout=timeout, check=check)
+        return result.out
+
+    def sh(self, script: str, *, check: bool = True, timeout: float | None = 600) -> str:
+        return self.run("/bin/sh", "-ec", script, check=check, timeout=timeout)
+
+    def copy_in(self, local: Path, guest_path: str) -> None:
+        self.channel.run(
+            ["/bin/sh", "-ec", 'mkdir -p "$(dirname "$1")" && cat > "$1"', "copy", guest_path],
+            input=local.read_bytes(), check=True,
+        )
+
+    def kexec(self, kernel: config.Kernel, *, append: str | None = None,
+              timeout: float = BOOT_TIMEOUT) -> GuestInfo:
+        """kexec into ``kernel`` with kexec_file_load (``kexec -s``); wait for its agent.
+
+        The new command line is the running one (``append`` replaces it if given),
+        so the ``memmap=`` region stays reserved.
+        """
+        before = self.info or self.wait_ready()
+        cmdline = append if append is not None else self.spec.cmdline()
+        self.run(
+            "kexec", "-s", "-l", kernel.vmlinuz, f"--initrd={kernel.initrd}",
+            f"--append={cmdline}",
+        )
+        start = time.monotonic()
+        # Do not wait for an answer: the command never returns.
+        self.channel.start(["/bin/sh", "-c", "sync; kexec -e"])
+        info = self.wait_ready(timeout, not_boot=before.boot_id)
+        self.spec.kernel = kernel.label
+        record(f"kexec {before.release} -> {info.release} to agent ready",
+               time.monotonic() - start)
+        return info
+
+    # -- lifetime
+    def stop(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        if self.running():
+            pid = self.proc.pid if self.proc is not None else self.spec.pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while self.running() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if self.running():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+        (self.run_dir / "guest.json").unlink(missing_ok=True)
+
+    def __enter__(self) -> Guest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _set_pdeathsig() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def qemu_argv(image: Image, spec: GuestSpec, run_dir: Path) -> list[str]:
+    kernel = config.KERNELS[spec.kernel]
+    accel = "kvm" if kvm_works(image.vmlinuz(kernel)) else "tcg,thread=multi"
+    netdev = "user,id=net0,restrict=on" + "".join(
+        f",hostfwd=tcp:127.0.0.1:{host}-:{guest}" for guest, host in spec.forwards.items()
+    )
+    return [
+        "qemu-system-x86_64",
+        "-accel", accel,
+        "-m", spec.memory,
+        "-smp", str(spec.smp),
+        "-cpu", "host" if accel == "kvm" else "max",
+        "-nodefaults", "-no-reboot", "-display", "none",
+        "-kernel", str(image.vmlinuz(kernel)),
+        "-initrd", str(image.initrd(kernel)),
+        "-append", spec.cmdline(),
+        "-drive", f"file={run_dir / 'disk.qcow2'},if=virtio,format=qcow2,cache=unsafe",
+        "-serial", f"file:{run_dir / 'console.log'}",
+        "-device", "virtio-serial-pci",
+        "-chardev", f"socket,id=agent,path={run_dir / 'agent.sock'},server=on,wait=off",
+        "-device", f"virtserialport,chardev=agent,name={config.AGENT_PORT}",
+        "-netdev", netdev,
+        "-device", "virtio-net-pci,netdev=net0",
+        "-device", "virtio-rng-pci",
+    ]
+
+
+def boot(image: Image, spec: GuestSpec, run_dir: Path, *, detach: bool = False,
+         timeout: float = BOOT_TIMEOUT) -> Guest:
+    """Boot a guest from a fresh overlay on ``image``; returns once its agent answers.
+
+    With ``detach`` QEMU outlives this process (``vm boot``); otherwise it dies
+    with it.
+    """
+    spec.validate()
+    if shutil.which("qemu-system-x86_64") is None:
+        raise VMError("qemu-system-x86_64 is not installed", hint="apt-get install qemu-system-x86")
+    existing = attach(run_dir)
+    if existing is not None:
+        raise VMError(f"a guest is already running from {run_dir} (pid {existing.spec.pid})",
+                      hint="stop it first (vm stop)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("disk.qcow2", "console.log", "agent.sock"):
+        (run_dir / name).unlink(missing_ok=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image.rootfs),
+         str(run_dir / "disk.qcow2")],
+        check=True, stdin=subprocess.DEVNULL,
+    )
+    argv = qemu_argv(image, spec, run_dir)
+    log.debug("+ %s", " ".join(argv))
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=open(run_dir / "qemu.log", "wb"),  # noqa: SIM115 - QEMU owns it from here
+        start_new_session=True, preexec_fn=None if detach else _set_pdeathsig,
+    )
+    spec.pid = proc.pid
+    guest = Guest(run_dir, spec, proc)
+    try:
+        deadline = time.monotonic() + 30
+        while not guest.socket.exists():
+            if not guest.running():
+                qemu_err = (run_dir / "qemu.log").read_text(errors="replace").strip()
+                raise VMError(f"QEMU did not start: {qemu_err[-2000:]}")
+            if time.monotonic() > deadline:
+                raise VMError("QEMU did not create the agent socket within 30 s")
+            time.sleep(0.05)
+        (run_dir / "guest.json").write_text(json.dumps(asdict(spec), indent=2))
+        info = guest.wait_ready(timeout)
+        record(f"boot {info.release} to agent ready", time.monotonic() - start)
+    except BaseException:
+        guest.stop()
+        raise
+    return guest
+
+
+def attach(run_dir: Path) -> Guest | None:
+    """The guest running from ``run_dir`` (started by another process), if any."""
+    try:
+        data = json.loads((run_dir / "guest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    data["forwards"] = {int(k): int(v) for k, v in data.get("forwards", {}).items()}
+    guest = Guest(run_dir, GuestSpec(**data), None)
+    if not guest.running():
+        (run_dir / "guest.json").unlink(missing_ok=True)
+        return None
+    return guest
+
+
+@contextlib.contextmanager
+def booted(image: Image, spec: GuestSpec, run_dir: Path) -> Iterator[Guest]:
+    guest = boot(image, spec, run_dir)
+    try:
+        yield guest
+    finally:
+        guest.stop()
+
+
+#: The pytest fixture's type: ``boot_guest("A", memory="4G")`` boots and returns a guest.
+BootGuest = Callable[..., Guest]
