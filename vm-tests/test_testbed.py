@@ -40,3 +40,13 @@ def test_region_survives_kexec_file_load(
     assert guest.run("uname", "-r").strip() == target.release
     assert guest.spec.memmap in guest.run("cat", "/proc/cmdline").split()
     assert pmem.read_sha256(guest, 64) == written
+
+
+def test_firmware_reset_reboots_the_same_guest(guest_a: qemu.Guest) -> None:
+    """The baseline later compared with kexec: a QEMU reset boots kernel A again."""
+    before = guest_a.info
+    assert before is not None
+    guest_a.run("sync")
+    after = guest_a.reset()
+    assert after.boot_id != before.boot_id
+    assert guest_a.run("uname", "-r").strip() == A.release

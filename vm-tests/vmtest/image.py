@@ -12,6 +12,7 @@ image  the base plus this project's wheel, the guest agent and the guest's
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from vmtest import config
 from vmtest.errors import VMError
@@ -282,8 +284,27 @@ def _configure(root: Path, wheel: Path) -> None:
 
 
 def build(extra: tuple[str, ...] = (), *, force: bool = False) -> Image:
-    """Build or reuse the image; returns it ready to boot."""
+    """Build or reuse the image; returns it ready to boot.
+
+    Holds a lock on the cache, so concurrent test runs build each layer once.
+    """
     config.CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(config.CACHE_DIR / "lock", "w") as lock:
+        if not _try_lock(lock):
+            log.info("waiting for another build of the guest image to finish")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build(extra, force)
+
+
+def _try_lock(lock: IO[str]) -> bool:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _build(extra: tuple[str, ...], force: bool) -> Image:
     with tempfile.TemporaryDirectory(prefix="seamless-wheel-") as tmp:
         with step("building the project's wheel"):
             wheel = build_wheel(Path(tmp))

@@ -210,9 +210,44 @@ class Guest:
         # Do not wait for an answer: the command never returns.
         self.channel.start(["/bin/sh", "-c", "sync; kexec -e"])
         info = self.wait_ready(timeout, not_boot=before.boot_id)
-        self.spec.kernel = kernel.label
         record(f"kexec {before.release} -> {info.release} to agent ready",
                time.monotonic() - start)
+        return info
+
+    # -- QEMU's monitor
+    def qmp(self, command: str, **arguments: object) -> object:
+        """Run one QMP command on this guest's QEMU; returns its "return" value."""
+        self.check_alive()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(30)
+            sock.connect(str(self.run_dir / "qmp.sock"))
+            stream = sock.makefile("rwb")
+            stream.readline()  # the greeting
+            answer: dict[str, object] = {}
+            for cmd, args in (("qmp_capabilities", {}), (command, arguments)):
+                stream.write(json.dumps({"execute": cmd, "arguments": args}).encode() + b"\n")
+                stream.flush()
+                while True:  # skip asynchronous events
+                    answer = json.loads(stream.readline())
+                    if "return" in answer or "error" in answer:
+                        break
+                if "error" in answer:
+                    raise VMError(f"QMP {cmd} failed: {answer['error']}")
+            return answer["return"]
+
+    def reset(self, timeout: float = BOOT_TIMEOUT) -> GuestInfo:
+        """A full reboot through the firmware (QEMU reset), for comparison with kexec."""
+        before = self.info or self.wait_ready()
+        start = time.monotonic()
+        # -no-reboot turns every reset into an exit; allow this one.
+        self.qmp("set-action", reboot="reset")
+        try:
+            self.qmp("system_reset")
+            info = self.wait_ready(timeout, not_boot=before.boot_id)
+        finally:
+            if self.running():
+                self.qmp("set-action", reboot="shutdown")
+        record(f"firmware reboot {info.release} to agent ready", time.monotonic() - start)
         return info
 
     # -- lifetime
@@ -267,6 +302,7 @@ def qemu_argv(image: Image, spec: GuestSpec, run_dir: Path) -> list[str]:
         "-serial", f"file:{run_dir / 'console.log'}",
         "-device", "virtio-serial-pci",
         "-chardev", f"socket,id=agent,path={run_dir / 'agent.sock'},server=on,wait=off",
+        "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent,name={config.AGENT_PORT}",
         "-netdev", netdev,
         "-device", "virtio-net-pci,netdev=net0",
@@ -289,7 +325,7 @@ def boot(image: Image, spec: GuestSpec, run_dir: Path, *, detach: bool = False,
         raise VMError(f"a guest is already running from {run_dir} (pid {existing.spec.pid})",
                       hint="stop it first (vm stop)")
     run_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("disk.qcow2", "console.log", "agent.sock"):
+    for name in ("disk.qcow2", "console.log", "agent.sock", "qmp.sock"):
         (run_dir / name).unlink(missing_ok=True)
     subprocess.run(
         ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image.rootfs),
