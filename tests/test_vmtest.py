@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from vmtest import config, image, qemu
 from vmtest.channel import Channel
-from vmtest.errors import VMError
+from vmtest.errors import LostVMError, VMError
 from vmtest.guest import agent
 
 
@@ -137,3 +138,18 @@ def test_parse_size() -> None:
     assert qemu.parse_size("512M") == 512 << 20
     with pytest.raises(VMError):
         qemu.parse_size("lots")
+
+
+def test_lost_guest_raises_with_the_console_tail(tmp_path: Path) -> None:
+    """When QEMU is gone, every call says so and carries the last console lines."""
+    (tmp_path / "console.log").write_text("".join(f"line {i}\r\n" for i in range(80))
+                                          + "Kernel panic - not syncing: test\r\n")
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    guest = qemu.Guest(tmp_path, qemu.GuestSpec(image=str(tmp_path)), proc)
+    with pytest.raises(LostVMError) as exc:
+        guest.run("uname", "-r")
+    assert exc.value.reason.startswith("the guest kernel panicked")
+    lines = exc.value.console_tail.splitlines()
+    assert len(lines) == 50
+    assert lines[0] == "line 31" and lines[-1].startswith("Kernel panic")
