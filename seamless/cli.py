@@ -35,6 +35,12 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
+# The stages' commands (each stage keeps its own in its package).
+from seamless.collect.cli import plan_command  # noqa: E402
+
+cli.add_command(plan_command)
+
+
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
     try:

@@ -1,0 +1,126 @@
+"""The checkpoint plan: which trees, which not and why, what blocks, and does it fit."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from seamless.collect.processes import ProcessInfo, ProcessTree
+from seamless.collect.resources import Finding, inspect
+from seamless.collect.select import Choice, Selection, choose
+
+#: Images are larger than the resident memory (page maps, metadata): plan with a margin.
+IMAGE_OVERHEAD = 1.10
+IMAGE_SLACK = 16 << 20
+
+
+@dataclass
+class StoreSpace:
+    """What the store can take, as the planner sees it."""
+
+    device: str | None
+    free: int | None  # bytes; None when there is no usable store
+    problem: str | None = None
+
+
+@dataclass
+class CheckpointPlan:
+    choice: Choice
+    findings: list[Finding]
+    store: StoreSpace
+    needed: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def trees(self) -> list[ProcessTree]:
+        return self.choice.trees
+
+    @property
+    def blocking(self) -> list[Finding]:
+        return [f for f in self.findings if f.blocking]
+
+    @property
+    def ok(self) -> bool:
+        return not self.blocking and not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "trees": [
+                {
+                    "root": t.root.pid,
+                    "unit": t.root.unit,
+                    "command": t.root.command,
+                    "user": t.root.user,
+                    "processes": len(t.members),
+                    "pids": t.pids,
+                    "memory": t.rss,
+                }
+                for t in self.trees
+            ],
+            "excluded": [asdict(e) for e in self.choice.excluded],
+            "findings": [asdict(f) for f in self.findings],
+            "memory": sum(t.rss for t in self.trees),
+            "needed": self.needed,
+            "store": asdict(self.store),
+            "problems": self.problems,
+        }
+
+
+def make_plan(
+    table: list[ProcessInfo],
+    selection: Selection,
+    store: StoreSpace,
+    *,
+    coordinator: int | None = None,
+) -> CheckpointPlan:
+    """Plan a checkpoint of the process table; freezes nothing."""
+    choice = choose(table, selection, coordinator=coordinator)
+    findings = inspect(choice.trees, table)
+    memory = sum(t.rss for t in choice.trees)
+    needed = int(memory * IMAGE_OVERHEAD) + IMAGE_SLACK
+    plan = CheckpointPlan(choice, findings, store, needed=needed)
+    if not choice.trees:
+        plan.problems.append("no process tree is selected for the checkpoint")
+    if store.free is None:
+        plan.problems.append(store.problem or "no store to checkpoint into")
+    elif plan.needed > store.free:
+        plan.problems.append(
+            f"the checkpoint needs about {_mib(plan.needed)} but the store has "
+            f"{_mib(store.free)} free: reserve a larger region (seamless setup --region) "
+            "or exclude trees"
+        )
+    return plan
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB"
+
+
+def render(plan: CheckpointPlan) -> str:
+    lines = [f"checkpoint {len(plan.trees)} process trees:"]
+    lines.append(f"  {'ROOT':>7} {'PROCS':>5} {'MEMORY':>9}  {'UNIT':<28} COMMAND")
+    for t in plan.trees:
+        lines.append(
+            f"  {t.root.pid:>7} {len(t.members):>5} {_mib(t.rss):>9}  "
+            f"{(t.root.unit or '-')[:28]:<28} {t.root.command[:60]}"
+        )
+    lines.append(f"left out ({len(plan.choice.excluded)}):")
+    for e in plan.choice.excluded:
+        lines.append(f"  {e.pid:>7}  {e.command[:40]:<40}  {e.reason}")
+    if plan.findings:
+        lines.append("resources:")
+        for f in plan.findings:
+            mark = "BLOCKS" if f.blocking else "ok"
+            lines.append(f"  [{mark}] pid {f.pid}: {f.resource}: {f.problem}")
+            lines.append(f"           -> {f.hint}")
+    store = plan.store
+    free = _mib(store.free) if store.free is not None else "-"
+    lines.append(
+        f"memory: {_mib(sum(t.rss for t in plan.trees))} resident, about {_mib(plan.needed)} "
+        f"of images; store {store.device or '-'}: {free} free"
+    )
+    for problem in plan.problems:
+        lines.append(f"problem: {problem}")
+    lines.append("ready to checkpoint" if plan.ok else "NOT ready: see the problems above")
+    return "\n".join(lines)

@@ -1,0 +1,182 @@
+"""Resources of the chosen processes that CRIU cannot carry across the kexec as they are.
+
+Read-only inspection of /proc (and ``ss`` for unix socket peers): what would
+block a checkpoint, and what is handed over specially (journald's stdout
+streams).  Each finding says what to do about it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from seamless.collect.processes import ProcessInfo, ProcessTree
+from seamless.run import CommandError, run
+
+#: Character devices CRIU restores without help.
+HARMLESS_DEVICES = re.compile(
+    r"^/dev/(null|zero|full|random|urandom|tty|ptmx|console|pts/\d+|tty\d*|ttyS\d+|net/tun)$"
+)
+#: Unix sockets of journald that a service's stdout/stderr stream into.
+JOURNALD_STDOUT = "/run/systemd/journal/stdout"
+VOLATILE_FS = {"tmpfs", "ramfs", "devtmpfs"}
+
+
+@dataclass(frozen=True)
+class Finding:
+    pid: int
+    resource: str
+    problem: str
+    hint: str
+    blocking: bool  # False: handled by seamless (reported for the record)
+
+
+@dataclass(frozen=True)
+class UnixPeer:
+    inode: int
+    peer: int
+    path: str
+    stream: bool
+    owners: tuple[int, ...]
+
+
+def unix_sockets() -> dict[int, UnixPeer] | None:
+    """Unix sockets by inode, with their peer and owning pids (from ``ss -xapn``)."""
+    try:
+        out = run(["ss", "-x", "-a", "-p", "-n", "-H"]).stdout.decode(errors="replace")
+    except CommandError:
+        return None
+    sockets: dict[int, UnixPeer] = {}
+    for line in out.splitlines():
+        fields = line.split()
+        # Netid State Recv-Q Send-Q Local-path Local-inode Peer-path Peer-inode [users:(...)]
+        if len(fields) < 8 or fields[0] not in ("u_str", "u_seq", "u_dgr"):
+            continue
+        try:
+            inode, peer = int(fields[5]), int(fields[7])
+        except ValueError:
+            continue
+        owners = tuple(int(pid) for pid in re.findall(r"pid=(\d+)", line))
+        sockets[inode] = UnixPeer(inode, peer, fields[4], fields[0] != "u_dgr", owners)
+    return sockets
+
+
+def mounts(path: Path = Path("/proc/self/mountinfo")) -> list[tuple[str, str]]:
+    """(mount point, filesystem type), longest mount point first."""
+    result = []
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) >= 5 and right:
+            result.append((fields[4].replace("\\040", " "), right.split()[0]))
+    return sorted(result, key=lambda m: len(m[0]), reverse=True)
+
+
+def fs_type(path: str, table: list[tuple[str, str]]) -> str:
+    for point, fstype in table:
+        if path == point or path.startswith(point.rstrip("/") + "/"):
+            return fstype
+    return "?"
+
+
+def _fds(pid: int) -> Iterable[tuple[str, str]]:
+    base = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        try:
+            yield name, os.readlink(f"{base}/{name}")
+        except OSError:
+            continue
+
+
+def _mapped_files(pid: int) -> set[str]:
+    files = set()
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].startswith("/"):
+                    files.add(parts[5].strip())
+    except OSError:
+        pass
+    return files
+
+
+def inspect(
+    trees: Iterable[ProcessTree],
+    everyone: Iterable[ProcessInfo],
+) -> list[Finding]:
+    """What would stop these trees from being checkpointed and restored."""
+    trees = list(trees)
+    chosen = {pid for tree in trees for pid in tree.pids}
+    names = {p.pid: p.name for p in everyone}
+    sockets = unix_sockets()
+    table = mounts()
+    findings: list[Finding] = []
+    if sockets is None:
+        findings.append(Finding(0, "unix sockets", "could not list unix socket peers (ss)",
+                                "install iproute2", blocking=True))
+    for pid in sorted(chosen):
+        for fd, target in _fds(pid):
+            m = re.fullmatch(r"socket:\[(\d+)\]", target)
+            if m and sockets is not None:
+                finding = _unix_finding(pid, fd, int(m.group(1)), sockets, chosen, names)
+                if finding:
+                    findings.append(finding)
+                continue
+            if target.startswith("/dev/") and not HARMLESS_DEVICES.match(target):
+                try:
+                    is_char = stat.S_ISCHR(os.stat(f"/proc/{pid}/fd/{fd}").st_mode)
+                except OSError:
+                    is_char = False
+                if is_char:
+                    findings.append(Finding(
+                        pid, f"fd {fd} -> {target}", "an open device CRIU cannot restore",
+                        f"exclude the process (--exclude pid:{pid}) or stop it first",
+                        blocking=True))
+                    continue
+        for path in sorted({t for _, t in _fds(pid) if t.startswith("/")} | _mapped_files(pid)):
+            if path.endswith(" (deleted)") or path.startswith(("/dev/", "/proc/", "/sys/")):
+                continue  # deleted files travel as ghost files; devices handled above
+            if fs_type(path, table) in VOLATILE_FS:
+                findings.append(Finding(
+                    pid, path, "a file on tmpfs: it does not survive the kexec and CRIU "
+                    "does not copy it into the images",
+                    f"move it to a disk-backed path, or exclude the process (--exclude pid:{pid})",
+                    blocking=True))
+    return findings
+
+
+def _unix_finding(
+    pid: int, fd: str, inode: int, sockets: dict[int, UnixPeer],
+    chosen: set[int], names: dict[int, str],
+) -> Finding | None:
+    sock = sockets.get(inode)
+    if sock is None or not sock.stream or sock.peer == 0:
+        return None
+    peer = sockets.get(sock.peer)
+    if peer is None or not peer.owners or any(o in chosen for o in peer.owners):
+        return None  # both ends are checkpointed together (or the peer is gone)
+    outside = ", ".join(f"{o} ({names.get(o, '?')})" for o in peer.owners)
+    if peer.path == JOURNALD_STDOUT:
+        return Finding(pid, f"fd {fd} -> journald stdout stream",
+                       "a stream to journald, which is restarted rather than preserved",
+                       "handed over as an external socket and reconnected at restore",
+                       blocking=False)
+    return Finding(
+        pid, f"fd {fd} -> unix stream socket to {outside}",
+        "a stream unix socket to a process that is not checkpointed "
+        "(CRIU can't dump half of a stream connection)",
+        "include the peer in the checkpoint, or exclude this process "
+        f"(--exclude pid:{pid})", blocking=True)

@@ -1,0 +1,141 @@
+"""Choosing trees: on a made-up process table, and read-only on this host's own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from seamless.collect.plan import StoreSpace, make_plan
+from seamless.collect.processes import ProcessInfo, read_table
+from seamless.collect.select import Rule, Selection, choose, load_config
+from seamless.errors import SeamlessError
+
+
+def proc(pid: int, ppid: int, name: str, cgroup: str = "", user: str = "root",
+         rss: int = 1 << 20, kthread: bool = False) -> ProcessInfo:
+    return ProcessInfo(pid, ppid, name, (name,), user, cgroup, rss, kthread)
+
+
+TABLE = [
+    proc(1, 0, "systemd", "/init.scope"),
+    proc(2, 0, "kthreadd", kthread=True),
+    proc(3, 2, "rcu_gp", kthread=True),
+    proc(100, 1, "systemd-journal", "/system.slice/systemd-journald.service"),
+    proc(110, 1, "dbus-daemon", "/system.slice/dbus.service"),
+    proc(200, 1, "redis-server", "/system.slice/redis-server.service", user="redis",
+         rss=100 << 20),
+    proc(300, 1, "sshd", "/system.slice/ssh.service"),
+    proc(301, 300, "sshd", "/user.slice/user-0.slice/session-1.scope"),
+    proc(302, 301, "bash", "/user.slice/user-0.slice/session-1.scope"),
+    proc(303, 302, "seamless", "/user.slice/user-0.slice/session-1.scope"),
+    proc(304, 303, "criu", "/user.slice/user-0.slice/session-1.scope"),
+    proc(310, 300, "sshd", "/user.slice/user-1000.slice/session-2.scope", user="alice"),
+    proc(311, 310, "tmux", "/user.slice/user-1000.slice/session-2.scope", user="alice"),
+    proc(400, 1, "systemd", "/user.slice/user-1000.slice/user@1000.service/init.scope",
+         user="alice"),
+    proc(401, 400, "pipewire",
+         "/user.slice/user-1000.slice/user@1000.service/session.slice/pipewire.service",
+         user="alice"),
+    proc(500, 1, "python3", "/system.slice/app.service"),
+    proc(501, 500, "python3", "/system.slice/app.service"),
+]
+
+
+def roots(selection: Selection | None = None, coordinator: int = 303) -> dict[int, list[int]]:
+    choice = choose(TABLE, selection, coordinator=coordinator)
+    return {t.root.pid: t.pids for t in choice.trees}
+
+
+def reasons(selection: Selection | None = None) -> dict[int, str]:
+    return {e.pid: e.reason for e in choose(TABLE, selection, coordinator=303).excluded}
+
+
+def test_default_preserves_user_trees_and_leaves_out_the_rest() -> None:
+    assert roots() == {200: [200], 310: [310, 311], 401: [401], 500: [500, 501]}
+    why = reasons()
+    assert "PID 1" in why[1]
+    assert "journal" in why[100] and "dbus" not in why[100]
+    assert "system bus" in why[110]
+    assert "user service manager" in why[400]
+    assert "this seamless command" in why[303]
+    # The coordinator's own ancestors can't be dumped while it runs.
+    assert {300, 301, 302} <= set(why)
+    # Kernel threads are neither preserved nor listed.
+    assert 2 not in why and 3 not in why
+
+
+def test_plumbing_is_marked_restarted() -> None:
+    choice = choose(TABLE, coordinator=303)
+    restarted = {e.pid for e in choice.excluded if e.restarted}
+    assert restarted == {100, 110, 400}
+
+
+def test_exclude_rules_win_and_say_which_rule() -> None:
+    sel = Selection.from_texts([], ["unit:redis-server.service", "user:alice"])
+    assert set(roots(sel)) == {500}
+    assert reasons(sel)[200] == "excluded by rule unit:redis-server.service"
+    assert reasons(sel)[310] == "excluded by rule user:alice"
+
+
+def test_include_rules_select_only_matching_trees() -> None:
+    sel = Selection.from_texts(["cgroup:/system.slice", "comm:tmux"], [])
+    assert set(roots(sel)) == {200, 500}  # tmux is not a tree root: sshd 310 is
+    sel = Selection.from_texts(["pid:310"], [])
+    assert roots(sel) == {310: [310, 311]}
+
+
+def test_include_brings_back_plumbing_but_never_pid1_or_kernel_threads() -> None:
+    sel = Selection.from_texts(["unit:dbus.service", "pid:1", "pid:2"], [])
+    assert set(roots(sel)) == {110}
+
+
+def test_rules_parse_or_say_what_is_wrong() -> None:
+    assert Rule.parse("unit:a.service") == Rule("unit", "a.service")
+    for bad in ("a.service", "colour:red", "pid:abc", "unit:"):
+        with pytest.raises(SeamlessError):
+            Rule.parse(bad)
+
+
+def test_config_file_rules(tmp_path: Path) -> None:
+    config = tmp_path / "seamless.toml"
+    config.write_text('[select]\nexclude = ["comm:python3"]\ninclude = []\n')
+    assert set(roots(load_config(config))) == {200, 310, 401}
+    config.write_text("[select\n")
+    with pytest.raises(SeamlessError, match="cannot read"):
+        load_config(config)
+    assert load_config(tmp_path / "missing.toml") == Selection()
+
+
+def test_plan_refuses_a_store_too_small_and_a_missing_store() -> None:
+    small = make_plan(TABLE, Selection(), StoreSpace("/dev/pmem0", 50 << 20), coordinator=303)
+    assert not small.ok
+    assert any("store has" in p for p in small.problems)
+    missing = make_plan(TABLE, Selection(), StoreSpace(None, None, "no store"), coordinator=303)
+    assert missing.problems == ["no store"]
+    enough = make_plan(TABLE, Selection(), StoreSpace("/dev/pmem0", 1 << 30), coordinator=303)
+    assert enough.needed > sum(t.rss for t in enough.trees)
+    assert not enough.problems
+
+
+def test_reads_this_hosts_table_without_touching_it() -> None:
+    table = read_table()
+    mine = next(p for p in table if p.pid == os.getpid())
+    assert mine.ppid == os.getppid()
+    choice = choose(table)
+    assert os.getpid() not in {pid for t in choice.trees for pid in t.pids}
+    assert all(not p.kthread for t in choice.trees for p in t.members)
+
+
+def test_plan_command_json_on_this_host() -> None:
+    """`seamless plan --json` runs read-only here and exits 4 (no store on this host)."""
+    out = subprocess.run([sys.executable, "-m", "seamless", "plan", "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 4, out.stderr
+    data = json.loads(out.stdout)
+    assert data["ok"] is False
+    assert any(e["pid"] == 1 for e in data["excluded"]) or os.getpid() != 1
