@@ -139,3 +139,30 @@ def test_plan_command_json_on_this_host() -> None:
     data = json.loads(out.stdout)
     assert data["ok"] is False
     assert any(e["pid"] == 1 for e in data["excluded"]) or os.getpid() != 1
+
+
+def test_unix_stream_peers_same_tree_other_tree_outside_and_journald() -> None:
+    from seamless.collect.resources import JOURNALD_STDOUT, Finding, UnixPeer, _unix_finding
+
+    sockets = {
+        10: UnixPeer(10, 11, "*", True, (500,)), 11: UnixPeer(11, 10, "*", True, (501,)),
+        20: UnixPeer(20, 21, "*", True, (500,)), 21: UnixPeer(21, 20, "*", True, (200,)),
+        30: UnixPeer(30, 31, "*", True, (500,)), 31: UnixPeer(31, 30, "*", True, (110,)),
+        40: UnixPeer(40, 41, "*", True, (500,)),
+        41: UnixPeer(41, 40, JOURNALD_STDOUT, True, (100,)),
+        50: UnixPeer(50, 51, "*", False, (500,)), 51: UnixPeer(51, 50, "*", False, (110,)),
+    }
+    tree_of = {500: 500, 501: 500, 200: 200}
+    names = {110: "dbus-daemon", 200: "redis-server"}
+
+    def finding(inode: int) -> Finding | None:
+        return _unix_finding(500, "3", inode, sockets, tree_of, names)
+
+    assert finding(10) is None  # both ends in one tree
+    other = finding(20)
+    assert other is not None and other.blocking and "another tree" in other.resource
+    outside = finding(30)
+    assert outside is not None and outside.blocking and "dbus-daemon" in outside.resource
+    journald = finding(40)
+    assert journald is not None and not journald.blocking
+    assert finding(50) is None  # datagram sockets are not half connections

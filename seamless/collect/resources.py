@@ -119,7 +119,8 @@ def inspect(
 ) -> list[Finding]:
     """What would stop these trees from being checkpointed and restored."""
     trees = list(trees)
-    chosen = {pid for tree in trees for pid in tree.pids}
+    tree_of = {pid: tree.root.pid for tree in trees for pid in tree.pids}
+    chosen = set(tree_of)
     names = {p.pid: p.name for p in everyone}
     sockets = unix_sockets()
     table = mounts()
@@ -131,7 +132,7 @@ def inspect(
         for fd, target in _fds(pid):
             m = re.fullmatch(r"socket:\[(\d+)\]", target)
             if m and sockets is not None:
-                finding = _unix_finding(pid, fd, int(m.group(1)), sockets, chosen, names)
+                finding = _unix_finding(pid, fd, int(m.group(1)), sockets, tree_of, names)
                 if finding:
                     findings.append(finding)
                 continue
@@ -160,15 +161,21 @@ def inspect(
 
 def _unix_finding(
     pid: int, fd: str, inode: int, sockets: dict[int, UnixPeer],
-    chosen: set[int], names: dict[int, str],
+    tree_of: dict[int, int], names: dict[int, str],
 ) -> Finding | None:
     sock = sockets.get(inode)
     if sock is None or not sock.stream or sock.peer == 0:
         return None
     peer = sockets.get(sock.peer)
-    if peer is None or not peer.owners or any(o in chosen for o in peer.owners):
-        return None  # both ends are checkpointed together (or the peer is gone)
+    if peer is None or not peer.owners or any(tree_of.get(o) == tree_of[pid] for o in peer.owners):
+        return None  # both ends are in one tree, dumped together (or the peer is gone)
     outside = ", ".join(f"{o} ({names.get(o, '?')})" for o in peer.owners)
+    if any(o in tree_of for o in peer.owners):
+        return Finding(
+            pid, f"fd {fd} -> unix stream socket to {outside} in another tree",
+            "a stream unix socket between two trees, which CRIU dumps separately",
+            "checkpoint only one of the two trees (--exclude), or run both under "
+            "one parent", blocking=True)
     if peer.path == JOURNALD_STDOUT:
         return Finding(pid, f"fd {fd} -> journald stdout stream",
                        "a stream to journald, which is restarted rather than preserved",
