@@ -153,3 +153,26 @@ def test_lost_guest_raises_with_the_console_tail(tmp_path: Path) -> None:
     lines = exc.value.console_tail.splitlines()
     assert len(lines) == 50
     assert lines[0] == "line 31" and lines[-1].startswith("Kernel panic")
+
+
+def test_missing_kernel_package_names_the_alternatives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the archive dropped kernel A, the build stops naming it and what the archive has."""
+    fake = tmp_path / "apt-cache"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'case "$1 $3" in\n'
+        f'  "show {config.KERNELS["A"].package}") exit 100 ;;\n'
+        '  "show "*) echo "Package: $3" ;;\n'
+        "  search*) printf '%s - k\\n' linux-image-6.1.0-60-cloud-amd64 "
+        "linux-image-6.1.0-58-cloud-amd64 ;;\n"
+        "esac\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with pytest.raises(VMError) as exc:
+        image.check_kernels_available()
+    text = str(exc.value)
+    assert config.KERNELS["A"].package in text
+    assert "linux-image-6.1.0-58-cloud-amd64, linux-image-6.1.0-60-cloud-amd64" in text
