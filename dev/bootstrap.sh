@@ -9,7 +9,7 @@ export PATH="$ROOT/.venv/bin:$PATH"
 APT_PACKAGES=(
     qemu-system-x86 qemu-utils mmdebstrap e2fsprogs
     python3 python3-venv python3-pip git ca-certificates
-    protobuf-compiler python3-protobuf
+    protobuf-compiler python3-protobuf shellcheck
 )
 
 phase() { printf '\n=== %s (%s)\n' "$*" "$(date +%T)" >&2; }
@@ -46,7 +46,7 @@ install_venv() {
         /usr/bin/python3 -m venv "$ROOT/.venv"
     fi
     "$ROOT/.venv/bin/python" -m pip install -q --upgrade pip
-    "$ROOT/.venv/bin/python" -m pip install -q -e "$ROOT[test]"
+    "$ROOT/.venv/bin/python" -m pip install -q -e "${ROOT}[test]"
 }
 
 bootstrap() {

@@ -1,0 +1,34 @@
+#!/bin/bash
+# dracut module of seamless: restores checkpointed processes at boot, after the
+# real root is mounted and before switch_root, when the kernel command line
+# carries seamless.restore=GENERATION.  Included only when asked for
+# (dracut --add seamless), as `seamless kexec` does.
+
+# called by dracut
+check() {
+    require_binaries chroot modprobe mount umount || return 1
+    return 255
+}
+
+# called by dracut
+depends() {
+    echo base
+    return 0
+}
+
+# called by dracut
+installkernel() {
+    # The preserved region (legacy pmem), and what CRIU needs to restore sockets.
+    hostonly='' instmods libnvdimm nd_btt nd_pmem nd_e820 \
+        inet_diag tcp_diag udp_diag raw_diag unix_diag netlink_diag af_packet_diag \
+        nfnetlink nf_tables tun veth
+}
+
+# called by dracut
+# shellcheck disable=SC2154 # moddir is set by dracut
+install() {
+    inst_multiple chroot modprobe mount umount
+    inst_multiple -o ip
+    inst_simple "$moddir/seamless-lib.sh" /lib/seamless/seamless-lib.sh
+    inst_hook pre-pivot 90 "$moddir/seamless-restore.sh"
+}

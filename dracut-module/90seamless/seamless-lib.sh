@@ -1,0 +1,39 @@
+#!/bin/sh
+# seamless boot-time restore, shared by the dracut module and the initramfs-tools
+# script.  The work is done by the real root's seamless (and its python3 and
+# criu), run chrooted into the real root: nothing of them is copied into the
+# initramfs.
+
+SEAMLESS_MODULES="libnvdimm nd_btt nd_pmem nd_e820 inet_diag tcp_diag udp_diag raw_diag unix_diag netlink_diag af_packet_diag nfnetlink nf_tables tun veth"
+
+seamless_log() {
+    echo "seamless: $*" >/dev/kmsg 2>/dev/null || echo "seamless: $*" >&2
+}
+
+# seamless_restore ROOT GENERATION
+seamless_restore() {
+    _root=$1
+    _gen=$2
+    if [ ! -x "$_root/usr/bin/seamless" ] && [ ! -x "$_root/usr/local/bin/seamless" ]; then
+        seamless_log "no seamless on the real root at $_root: nothing restored"
+        return 1
+    fi
+    # shellcheck disable=SC2086 # a list of module names
+    modprobe -a $SEAMLESS_MODULES 2>/dev/null
+    ip link set lo up 2>/dev/null
+    _mounted=""
+    for _d in proc sys dev run; do
+        if mount --bind "/$_d" "$_root/$_d"; then
+            _mounted="$_d $_mounted"
+        fi
+    done
+    seamless_log "restoring generation $_gen"
+    # shellcheck disable=SC2016 # $1 expands in the chrooted shell
+    chroot "$_root" /bin/sh -c 'PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin exec seamless restore --boot --generation "$1"' seamless "$_gen"
+    _rc=$?
+    for _d in $_mounted; do
+        umount -l "$_root/$_d"
+    done
+    seamless_log "restore finished with exit code $_rc"
+    return $_rc
+}
