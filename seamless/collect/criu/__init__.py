@@ -1,0 +1,32 @@
+"""CRIU as the engine: its RPC protocol, spoken by one client (see client.py)."""
+
+from seamless.collect.criu.client import (
+    Criu,
+    CriuResult,
+    Notification,
+    NotifyHandler,
+    Peer,
+    SpawnPeer,
+    swrk,
+)
+from seamless.collect.criu.errors import (
+    CriuDiedError,
+    CriuError,
+    CriuNotifyError,
+    CriuProtocolError,
+)
+from seamless.collect.criu.options import (
+    CgroupMode,
+    CgroupRoot,
+    CriuOptions,
+    InheritFd,
+    NetworkLock,
+    PreDumpMode,
+)
+from seamless.collect.criu.wire import ReqType, Version
+
+__all__ = [
+    "CgroupMode", "CgroupRoot", "Criu", "CriuDiedError", "CriuError", "CriuNotifyError",
+    "CriuOptions", "CriuProtocolError", "CriuResult", "InheritFd", "NetworkLock", "Notification",
+    "NotifyHandler", "Peer", "PreDumpMode", "ReqType", "SpawnPeer", "Version", "swrk",
+]
