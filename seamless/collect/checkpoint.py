@@ -1,0 +1,176 @@
+"""Checkpoint the chosen trees: dump each with CRIU and hold them all frozen together.
+
+Each tree is dumped by its own CRIU with ``leave_running``.  When CRIU has
+written a tree's images it announces ``post-dump`` and waits for our answer
+with the tree still frozen: we hold that answer.  So after the last tree is
+dumped every tree is frozen at once, and nothing they share (a pipe, a file)
+moves while the generation is verified.  Then either:
+
+- :meth:`HeldTrees.release` answers every CRIU, which thaws its tree (the
+  processes never notice; this is ``checkpoint --leave-running``, and what any
+  failure before the kexec does), or
+- the kexec happens while they are held: the trees stop with the old kernel,
+  and their images are in the store.
+
+If this process dies while holding, each CRIU sees its socket close and thaws
+its tree by itself.  Nothing here is ever left frozen by a failure.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from seamless.collect.criu import CriuError, CriuOptions, CriuResult, Notification, NotifyHandler
+from seamless.collect.processes import ProcessTree
+from seamless.errors import ExitCode, SeamlessError
+from seamless.log import log
+
+#: Deleted-but-mapped files (libraries replaced by the upgrade) travel as ghost files.
+GHOST_LIMIT = 512 << 20
+#: How long a dump may take before we give up on it (CRIU is then killed and thaws it).
+DUMP_TIMEOUT = 600.0
+
+
+class Dumper(Protocol):
+    """What dumps a tree (:class:`seamless.collect.criu.Criu` does)."""
+
+    def dump(
+        self, images_dir: Path, options: CriuOptions,
+        on_notify: Mapping[str, NotifyHandler] | None = None,
+    ) -> CriuResult: ...
+
+
+def dump_options(tree: ProcessTree) -> CriuOptions:
+    """How every tree is dumped: what a real host has must come along."""
+    return CriuOptions(
+        pid=tree.root.pid,
+        leave_running=True,  # thawed when we answer post-dump (or never: the kexec)
+        shell_job=True,  # terminals and sessions of interactive programs
+        tcp_established=True,
+        file_locks=True,
+        ghost_limit=GHOST_LIMIT,
+    )
+
+
+@dataclass
+class TreeDump:
+    """One tree's dump: where, how long, how much."""
+
+    tree: ProcessTree
+    images_dir: Path
+    started: float = 0.0  # monotonic
+    frozen_at: float | None = None  # post-dump reached: images written, tree frozen
+    thawed_at: float | None = None
+    bytes_written: int = 0
+    error: BaseException | None = None
+    _dumped: threading.Event = field(default_factory=threading.Event)
+    _release: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    @property
+    def dump_seconds(self) -> float | None:
+        return None if self.frozen_at is None else self.frozen_at - self.started
+
+    @property
+    def freeze_seconds(self) -> float | None:
+        """From the start of its dump (CRIU freezes first) to its thaw."""
+        return None if self.thawed_at is None else self.thawed_at - self.started
+
+
+class HeldTrees:
+    """Every dumped tree, frozen until :meth:`release`."""
+
+    def __init__(self, dumps: list[TreeDump]) -> None:
+        self.dumps = dumps
+
+    def release(self, timeout: float = DUMP_TIMEOUT) -> None:
+        """Thaw every tree (answer every post-dump) and wait for its CRIU to finish."""
+        for d in self.dumps:
+            d._release.set()
+        for d in self.dumps:
+            if d._thread is not None:
+                d._thread.join(timeout)
+        failed = [d for d in self.dumps if d.error is not None]
+        if failed:
+            raise SeamlessError(
+                "CRIU failed after dumping: "
+                + "; ".join(f"tree {d.tree.root.pid}: {d.error}" for d in failed),
+                hint="the processes were thawed; the images may be incomplete",
+            )
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(d.bytes_written for d in self.dumps)
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def dump_all(
+    trees: Sequence[ProcessTree],
+    images_root: Path,
+    criu: Dumper,
+    *,
+    options: Callable[[ProcessTree], CriuOptions] = dump_options,
+    progress: Callable[[str], None] = log.info,
+) -> HeldTrees:
+    """Dump every tree into ``images_root/<root pid>/`` and hold them all frozen.
+
+    On any failure every tree dumped so far is thawed before the error is raised
+    (exit code: nothing changed).
+    """
+    dumps: list[TreeDump] = []
+    held = HeldTrees(dumps)
+    try:
+        for tree in trees:
+            d = TreeDump(tree, images_root / str(tree.root.pid))
+            d.images_dir.mkdir(mode=0o700, parents=True)
+            dumps.append(d)
+            _start(d, criu, options(tree))
+            while not d._dumped.wait(0.2):
+                thread = d._thread
+                if thread is not None and not thread.is_alive():
+                    break
+            if d.error is not None or d.frozen_at is None:
+                raise d.error or SeamlessError(f"CRIU ended without dumping tree {tree.root.pid}")
+            d.bytes_written = _size(d.images_dir)
+            progress(
+                f"dumped tree {tree.root.pid} ({tree.root.command[:50]}): "
+                f"{len(tree.members)} processes, {d.bytes_written / (1 << 20):.1f} MiB "
+                f"in {d.dump_seconds or 0:.2f} s; held frozen"
+            )
+    except BaseException as e:
+        try:
+            held.release()
+        except SeamlessError as thaw_error:
+            log.warning("while thawing after a failure: %s", thaw_error)
+        if isinstance(e, CriuError):
+            e.status = ExitCode.UNCHANGED
+        raise
+    return held
+
+
+def _start(d: TreeDump, criu: Dumper, opts: CriuOptions) -> None:
+    def post_dump(note: Notification) -> None:
+        d.frozen_at = time.monotonic()
+        d._dumped.set()
+        d._release.wait()  # CRIU keeps the tree frozen until we answer
+
+    def run() -> None:
+        try:
+            criu.dump(d.images_dir, opts, {"post-dump": post_dump})
+        except BaseException as e:  # reported through d.error to the waiting thread
+            d.error = e
+        finally:
+            d.thawed_at = time.monotonic()
+            d._dumped.set()
+
+    d.started = time.monotonic()
+    d._thread = threading.Thread(target=run, name=f"dump-{d.tree.root.pid}", daemon=True)
+    d._thread.start()

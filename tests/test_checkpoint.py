@@ -1,0 +1,80 @@
+"""Holding dumped trees frozen together, and thawing them on any failure (fake CRIU)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+
+from seamless.collect.checkpoint import dump_all, dump_options
+from seamless.collect.criu import (
+    CriuError,
+    CriuOptions,
+    CriuResult,
+    Notification,
+    NotifyHandler,
+)
+from seamless.collect.processes import ProcessInfo, ProcessTree
+from seamless.errors import ExitCode
+
+
+def tree(pid: int) -> ProcessTree:
+    p = ProcessInfo(pid, 1, "app", ("app",), "root", "/system.slice/app.service", 1 << 20)
+    return ProcessTree(p, [p])
+
+
+class FakeCriu:
+    """Writes an image, announces post-dump and waits for the answer, like CRIU."""
+
+    def __init__(self, fail_pid: int | None = None) -> None:
+        self.fail_pid = fail_pid
+        self.returned: list[int] = []
+        self.lock = threading.Lock()
+
+    def dump(self, images_dir: Path, options: CriuOptions,
+             on_notify: Mapping[str, NotifyHandler] | None = None) -> CriuResult:
+        assert options.pid is not None and options.leave_running
+        if options.pid == self.fail_pid:
+            raise CriuError("dump", "CRIU reported failure; errno 3 ESRCH")
+        (images_dir / "pages-1.img").write_bytes(b"x" * 8192)
+        assert on_notify is not None
+        on_notify["post-dump"](Notification("post-dump", None, 0.01))
+        with self.lock:
+            self.returned.append(options.pid)
+        return CriuResult("dump", 0.01, images_dir=images_dir)
+
+
+def test_every_tree_is_held_until_released(tmp_path: Path) -> None:
+    criu = FakeCriu()
+    held = dump_all([tree(10), tree(20)], tmp_path, criu)
+    time.sleep(0.1)
+    assert criu.returned == []  # both CRIUs still wait in post-dump: trees frozen
+    assert held.total_bytes == 2 * 8192
+    held.release()
+    assert sorted(criu.returned) == [10, 20]
+    for d in held.dumps:
+        assert d.dump_seconds is not None and d.freeze_seconds is not None
+        assert d.freeze_seconds >= d.dump_seconds
+    # The first tree was frozen while the second was dumped.
+    first, second = held.dumps
+    assert first.thawed_at is not None and second.frozen_at is not None
+    assert first.thawed_at >= second.frozen_at
+
+
+def test_a_failing_dump_thaws_the_trees_already_dumped(tmp_path: Path) -> None:
+    criu = FakeCriu(fail_pid=20)
+    with pytest.raises(CriuError) as exc:
+        dump_all([tree(10), tree(20), tree(30)], tmp_path, criu)
+    assert exc.value.status == ExitCode.UNCHANGED
+    assert criu.returned == [10]  # released, so CRIU thawed it
+    assert not (tmp_path / "30").exists()  # never started
+
+
+def test_dump_options_bring_what_a_real_host_has() -> None:
+    opts = dump_options(tree(42))
+    assert opts.pid == 42
+    assert opts.leave_running and opts.shell_job and opts.tcp_established and opts.file_locks
+    assert opts.ghost_limit is not None and opts.ghost_limit > 1 << 20
