@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Mapping
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from seamless.collect.checkpoint import dump_all, dump_options
+from seamless.collect.checkpoint import TREE_INFO, dump_all, dump_options
 from seamless.collect.criu import (
     CriuError,
     CriuOptions,
@@ -52,7 +53,9 @@ def test_every_tree_is_held_until_released(tmp_path: Path) -> None:
     held = dump_all([tree(10), tree(20)], tmp_path, criu)
     time.sleep(0.1)
     assert criu.returned == []  # both CRIUs still wait in post-dump: trees frozen
-    assert held.total_bytes == 2 * 8192
+    assert all(d.bytes_written > 8192 for d in held.dumps)  # images and the tree's info
+    info = json.loads((tmp_path / "10" / TREE_INFO).read_text())
+    assert info["root"] == 10 and info["unit"] == "app.service"
     held.release()
     assert sorted(criu.returned) == [10, 20]
     for d in held.dumps:
@@ -78,3 +81,6 @@ def test_dump_options_bring_what_a_real_host_has() -> None:
     assert opts.pid == 42
     assert opts.leave_running and opts.shell_job and opts.tcp_established and opts.file_locks
     assert opts.ghost_limit is not None and opts.ghost_limit > 1 << 20
+    assert not opts.ext_unix_sk and opts.external == ()
+    journald = dump_options(tree(42), [1234, 5678])
+    assert journald.ext_unix_sk and journald.external == ("unix[1234]", "unix[5678]")

@@ -18,6 +18,7 @@ its tree by itself.  Nothing here is ever left frozen by a failure.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,6 +28,7 @@ from typing import Protocol
 
 from seamless.collect.criu import CriuError, CriuOptions, CriuResult, Notification, NotifyHandler
 from seamless.collect.processes import ProcessTree
+from seamless.collect.resources import journald_streams, unix_sockets
 from seamless.errors import ExitCode, SeamlessError
 from seamless.log import log
 
@@ -34,6 +36,22 @@ from seamless.log import log
 GHOST_LIMIT = 512 << 20
 #: How long a dump may take before we give up on it (CRIU is then killed and thaws it).
 DUMP_TIMEOUT = 600.0
+
+
+#: Beside each tree's images: what the restore needs to know about the tree.
+TREE_INFO = "seamless-tree.json"
+
+
+def tree_info(tree: ProcessTree, options: CriuOptions) -> dict[str, object]:
+    return {
+        "root": tree.root.pid,
+        "pids": tree.pids,
+        "unit": tree.root.unit,
+        "cgroup": tree.root.cgroup,
+        "command": tree.root.command,
+        "user": tree.root.user,
+        "external": list(options.external),
+    }
 
 
 class Dumper(Protocol):
@@ -45,10 +63,16 @@ class Dumper(Protocol):
     ) -> CriuResult: ...
 
 
-def dump_options(tree: ProcessTree) -> CriuOptions:
-    """How every tree is dumped: what a real host has must come along."""
+def dump_options(tree: ProcessTree, journald: Sequence[int] = ()) -> CriuOptions:
+    """How every tree is dumped: what a real host has must come along.
+
+    ``journald``: inodes of the tree's stdout/stderr streams to journald, dumped
+    as external sockets (the restore hands each a new stream).
+    """
     return CriuOptions(
         pid=tree.root.pid,
+        ext_unix_sk=bool(journald),
+        external=tuple(f"unix[{inode}]" for inode in journald),
         leave_running=True,  # thawed when we answer post-dump (or never: the kexec)
         shell_job=True,  # terminals and sessions of interactive programs
         tcp_established=True,
@@ -117,7 +141,7 @@ def dump_all(
     images_root: Path,
     criu: Dumper,
     *,
-    options: Callable[[ProcessTree], CriuOptions] = dump_options,
+    options: Callable[[ProcessTree], CriuOptions] | None = None,
     progress: Callable[[str], None] = log.info,
 ) -> HeldTrees:
     """Dump every tree into ``images_root/<root pid>/`` and hold them all frozen.
@@ -127,12 +151,20 @@ def dump_all(
     """
     dumps: list[TreeDump] = []
     held = HeldTrees(dumps)
+    if options is None:
+        sockets = unix_sockets() or {}
+
+        def options(tree: ProcessTree) -> CriuOptions:
+            return dump_options(tree, journald_streams(tree.pids, sockets))
+
     try:
         for tree in trees:
             d = TreeDump(tree, images_root / str(tree.root.pid))
             d.images_dir.mkdir(mode=0o700, parents=True)
             dumps.append(d)
-            _start(d, criu, options(tree))
+            opts = options(tree)
+            (d.images_dir / TREE_INFO).write_text(json.dumps(tree_info(tree, opts), indent=2))
+            _start(d, criu, opts)
             while not d._dumped.wait(0.2):
                 thread = d._thread
                 if thread is not None and not thread.is_alive():

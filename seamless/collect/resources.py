@@ -65,6 +65,27 @@ def unix_sockets() -> dict[int, UnixPeer] | None:
     return sockets
 
 
+def journald_streams(pids: Iterable[int], sockets: dict[int, UnixPeer]) -> list[int]:
+    """Inodes of these processes' stream sockets whose peer is journald's stdout.
+
+    They are dumped as external (``unix[INODE]``) and replaced at restore by a
+    new stream to the journal (``inherit_fd`` with key ``socket:[INODE]``).
+    """
+    found: set[int] = set()
+    for pid in pids:
+        for _, target in _fds(pid):
+            m = re.fullmatch(r"socket:\[(\d+)\]", target)
+            if not m:
+                continue
+            sock = sockets.get(int(m.group(1)))
+            peer = sockets.get(sock.peer) if sock is not None else None
+            if sock is not None and sock.stream and peer is not None and (
+                peer.path == JOURNALD_STDOUT
+            ):
+                found.add(sock.inode)
+    return sorted(found)
+
+
 def mounts(path: Path = Path("/proc/self/mountinfo")) -> list[tuple[str, str]]:
     """(mount point, filesystem type), longest mount point first."""
     result = []
