@@ -112,14 +112,19 @@ class HeldTrees:
     def __init__(self, dumps: list[TreeDump]) -> None:
         self.dumps = dumps
 
-    def release(self, timeout: float = DUMP_TIMEOUT) -> None:
-        """Thaw every tree (answer every post-dump) and wait for its CRIU to finish."""
+    def release(self, timeout: float = DUMP_TIMEOUT, *, check: bool = True) -> None:
+        """Thaw every tree (answer every post-dump) and wait for its CRIU to finish.
+
+        With ``check``, a CRIU that failed after its dump is an error.
+        """
         for d in self.dumps:
             d._release.set()
         for d in self.dumps:
             if d._thread is not None:
                 d._thread.join(timeout)
         failed = [d for d in self.dumps if d.error is not None]
+        if not check:
+            return
         if failed:
             raise SeamlessError(
                 "CRIU failed after dumping: "
@@ -178,10 +183,10 @@ def dump_all(
                 f"in {d.dump_seconds or 0:.2f} s; held frozen"
             )
     except BaseException as e:
-        try:
-            held.release()
-        except SeamlessError as thaw_error:
-            log.warning("while thawing after a failure: %s", thaw_error)
+        held.release(check=False)  # thaws every tree dumped so far
+        for d in dumps:
+            if d.error is not None and d.error is not e:
+                log.warning("tree %d: also: %s", d.tree.root.pid, d.error)
         if isinstance(e, CriuError):
             e.status = ExitCode.UNCHANGED
         raise
