@@ -42,8 +42,9 @@ DUMP_TIMEOUT = 600.0
 TREE_INFO = "seamless-tree.json"
 
 
-def tree_info(tree: ProcessTree, options: CriuOptions) -> dict[str, object]:
+def tree_info(tree: ProcessTree, options: CriuOptions, order: int) -> dict[str, object]:
     return {
+        "order": order,  # the restore goes in the same order
         "root": tree.root.pid,
         "pids": tree.pids,
         "unit": tree.root.unit,
@@ -163,12 +164,13 @@ def dump_all(
             return dump_options(tree, journald_streams(tree.pids, sockets))
 
     try:
-        for tree in trees:
+        for order, tree in enumerate(trees):
             d = TreeDump(tree, images_root / str(tree.root.pid))
             d.images_dir.mkdir(mode=0o700, parents=True)
             dumps.append(d)
             opts = options(tree)
-            (d.images_dir / TREE_INFO).write_text(json.dumps(tree_info(tree, opts), indent=2))
+            info = tree_info(tree, opts, order)
+            (d.images_dir / TREE_INFO).write_text(json.dumps(info, indent=2))
             _start(d, criu, opts)
             while not d._dumped.wait(0.2):
                 thread = d._thread

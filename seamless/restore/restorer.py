@@ -1,0 +1,156 @@
+"""Bring the checkpointed trees back: one CRIU restore per tree, in the recorded order.
+
+Each tree comes back with its PIDs, in its own cgroup (so systemd finds a
+service's processes where it left them).  A tree that fails does not stop the
+others; the report says which failed and why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from seamless.collect.checkpoint import TREE_INFO
+from seamless.collect.criu import (
+    CgroupMode,
+    CriuError,
+    CriuOptions,
+    CriuResult,
+    InheritFd,
+    NotifyHandler,
+)
+from seamless.collect.resources import JOURNALD_STDOUT
+from seamless.log import log
+
+
+class Restorer(Protocol):
+    """What restores a tree (:class:`seamless.collect.criu.Criu` does)."""
+
+    def restore(
+        self, images_dir: Path, options: CriuOptions | None = None,
+        on_notify: Mapping[str, NotifyHandler] | None = None,
+    ) -> CriuResult: ...
+
+
+@dataclass
+class TreeRestore:
+    root: int
+    unit: str | None
+    command: str
+    restored: bool
+    pid: int | None = None
+    seconds: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class RestoreReport:
+    trees: list[TreeRestore] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(t.restored for t in self.trees)
+
+    @property
+    def failed(self) -> list[TreeRestore]:
+        return [t for t in self.trees if not t.restored]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "seconds": self.seconds, "trees": [asdict(t) for t in self.trees]}
+
+
+def journal_stream(identifier: str, unit: str | None = None) -> int:
+    """A new stdout stream to journald, as systemd gives a service (its header first)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(JOURNALD_STDOUT)
+        sock.shutdown(socket.SHUT_RD)
+        # identifier, unit, priority, level prefix, to syslog, to kmsg, to console
+        header = f"{identifier}\n{unit or ''}\n6\n1\n0\n0\n0\n"
+        sock.sendall(header.encode())
+    except OSError:
+        sock.close()
+        raise
+    return sock.detach()
+
+
+def null_stream() -> int:
+    return os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
+
+
+def restore_options(inherit: tuple[InheritFd, ...]) -> CriuOptions:
+    return CriuOptions(
+        shell_job=True,
+        tcp_established=True,
+        file_locks=True,
+        ext_unix_sk=bool(inherit),
+        inherit_fd=inherit,
+        manage_cgroups=CgroupMode.SOFT,  # back into the unit's cgroup, created if missing
+    )
+
+
+def trees_in(images_root: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The trees of a checkpoint, in restore order (the order they were dumped in)."""
+    found = []
+    for info_file in images_root.glob(f"*/{TREE_INFO}"):
+        info: dict[str, Any] = json.loads(info_file.read_text())
+        found.append((info_file.parent, info))
+    return sorted(found, key=lambda t: int(t[1].get("order", t[1]["root"])))
+
+
+def restore_all(
+    images_root: Path,
+    criu: Restorer,
+    *,
+    stream: Callable[[str, str | None], int] | None = None,
+    progress: Callable[[str], None] = log.info,
+) -> RestoreReport:
+    """Restore every tree under ``images_root``; failures are reported, not raised.
+
+    ``stream(identifier, unit)`` opens what replaces a tree's journald streams
+    (default: a new journal stream, or /dev/null when journald does not answer).
+    """
+    report = RestoreReport()
+    start = time.monotonic()
+    for images_dir, info in trees_in(images_root):
+        tree = TreeRestore(int(info["root"]), info.get("unit"), str(info.get("command", "")),
+                           restored=False)
+        report.trees.append(tree)
+        fds: list[int] = []
+        try:
+            inherit = []
+            for external in info.get("external", []):
+                inode = external.removeprefix("unix[").removesuffix("]")
+                fd = _open_stream(stream, tree)
+                fds.append(fd)
+                inherit.append(InheritFd(f"socket:[{inode}]", fd))
+            result = criu.restore(images_dir, restore_options(tuple(inherit)))
+            tree.restored = True
+            tree.pid = result.pid
+            tree.seconds = result.seconds
+            progress(f"restored tree {tree.root} ({tree.command[:50]}) in {result.seconds:.2f} s")
+        except (CriuError, OSError, ValueError) as e:
+            tree.error = str(e)
+            progress(f"FAILED to restore tree {tree.root} ({tree.command[:50]}): "
+                     f"{tree.error.splitlines()[0]}")
+        finally:
+            for fd in fds:
+                os.close(fd)
+    report.seconds = time.monotonic() - start
+    return report
+
+
+def _open_stream(stream: Callable[[str, str | None], int] | None, tree: TreeRestore) -> int:
+    if stream is not None:
+        return stream(tree.command.split(" ")[0].rsplit("/", 1)[-1], tree.unit)
+    try:
+        return journal_stream(tree.command.split(" ")[0].rsplit("/", 1)[-1], tree.unit)
+    except OSError:
+        return null_stream()

@@ -1,0 +1,78 @@
+"""Restoring the trees of a checkpoint, in order, one failure not stopping the others."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from seamless.collect.checkpoint import TREE_INFO
+from seamless.collect.criu import (
+    CgroupMode,
+    CriuError,
+    CriuOptions,
+    CriuResult,
+    NotifyHandler,
+)
+from seamless.restore.restorer import restore_all
+
+
+class FakeCriu:
+    def __init__(self, fail: set[str]) -> None:
+        self.fail = fail
+        self.calls: list[tuple[str, CriuOptions]] = []
+
+    def restore(self, images_dir: Path, options: CriuOptions | None = None,
+                on_notify: Mapping[str, NotifyHandler] | None = None) -> CriuResult:
+        assert options is not None
+        for inherit in options.inherit_fd:
+            os.fstat(inherit.fd)  # open while CRIU runs
+        self.calls.append((images_dir.name, options))
+        if images_dir.name in self.fail:
+            raise CriuError("restore", "CRIU reported failure; errno 17 EEXIST")
+        return CriuResult("restore", 0.1, pid=int(images_dir.name))
+
+
+def write_tree(root: Path, pid: int, order: int, external: list[str]) -> None:
+    d = root / str(pid)
+    d.mkdir()
+    (d / TREE_INFO).write_text(json.dumps({
+        "order": order, "root": pid, "pids": [pid], "unit": f"app{pid}.service",
+        "cgroup": f"/system.slice/app{pid}.service", "command": f"/usr/bin/app{pid} --x",
+        "user": "root", "external": external,
+    }))
+
+
+def test_trees_come_back_in_order_and_a_failure_stops_none(tmp_path: Path) -> None:
+    write_tree(tmp_path, 300, 0, [])
+    write_tree(tmp_path, 100, 2, ["unix[555]"])
+    write_tree(tmp_path, 200, 1, [])
+    criu = FakeCriu(fail={"200"})
+    opened: list[int] = []
+
+    def stream(identifier: str, unit: str | None) -> int:
+        assert identifier == "app100" and unit == "app100.service"
+        r, w = os.pipe()
+        os.close(r)
+        opened.append(w)
+        return w
+
+    report = restore_all(tmp_path, criu, stream=stream)
+
+    assert [name for name, _ in criu.calls] == ["300", "200", "100"]
+    assert not report.ok
+    assert [t.root for t in report.failed] == [200]
+    assert "EEXIST" in (report.failed[0].error or "")
+    restored = {t.root: t.pid for t in report.trees if t.restored}
+    assert restored == {300: 300, 100: 100}
+    options = dict(criu.calls)["100"]
+    assert options.ext_unix_sk and options.inherit_fd[0].key == "socket:[555]"
+    assert options.manage_cgroups == CgroupMode.SOFT and options.shell_job
+    for fd in opened:  # our copies are closed once CRIU is done
+        try:
+            os.fstat(fd)
+            raise AssertionError("fd left open")
+        except OSError:
+            pass
+    assert report.to_json()["trees"][1]["restored"] is False
