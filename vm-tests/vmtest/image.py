@@ -12,6 +12,7 @@ image  the base plus this project's wheel, the guest agent and the guest's
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -210,7 +212,7 @@ def _prune(kind: str, keep: Path) -> None:
     )
     for old in entries[: max(0, len(entries) - (KEEP - 1))]:
         log.info("removing old cached %s %s", kind, old.name)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_tree(old)
 
 
 def build_base(extra: tuple[str, ...]) -> Path:
@@ -226,7 +228,7 @@ def build_base(extra: tuple[str, ...]) -> Path:
     if os.geteuid() != 0:
         raise VMError("building the guest image needs root (mmdebstrap --mode=root)")
     check_kernels_available()
-    shutil.rmtree(base, ignore_errors=True)
+    _remove_tree(base)
     base.mkdir(parents=True)
     with step(f"mmdebstrap {config.DISTRIBUTION} with {len(pkgs)} packages"):
         (base / "debian.sources").write_text(sources)
@@ -281,6 +283,44 @@ def _configure(root: Path, wheel: Path) -> None:
         "--break-system-packages", "--root-user-action=ignore", "-q", f"/tmp/{wheel.name}",
     ])
     (root / "tmp" / wheel.name).unlink()
+    # As an operator would: install the boot-time restorer, so every initramfs has it.
+    with _chroot_mounts(root):
+        _run(["chroot", str(root), "seamless", "install-restorer"])
+        for kernel in config.KERNELS.values():
+            _run(["chroot", str(root), "dracut", "--force", "--quiet", kernel.initrd,
+                  kernel.release])
+
+
+@contextlib.contextmanager
+def _chroot_mounts(root: Path) -> Iterator[None]:
+    """/proc, /sys and /dev in the chroot while dracut runs there."""
+    mounted: list[Path] = []
+    try:
+        for d in ("proc", "sys", "dev"):
+            _run(["mount", "--bind", f"/{d}", str(root / d)])
+            mounted.append(root / d)
+        yield
+    finally:
+        for m in reversed(mounted):
+            subprocess.run(["umount", "-l", str(m)], check=False)
+
+
+def _mounts_under(path: Path) -> list[str]:
+    prefix = str(path.resolve()).rstrip("/") + "/"
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    return [p for p in points if p.startswith(prefix)]
+
+
+def _remove_tree(path: Path) -> None:
+    """rmtree, but never through a mount (a bind of the host's /dev, say)."""
+    if not path.exists():
+        return
+    left = _mounts_under(path)
+    if left:
+        raise VMError(f"refusing to delete {path}: still mounted there: {', '.join(left)}",
+                      hint="unmount them (umount -l) and delete it by hand")
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def build(extra: tuple[str, ...] = (), *, force: bool = False) -> Image:
@@ -323,7 +363,7 @@ def _build(extra: tuple[str, ...], force: bool) -> Image:
             raise VMError("building the guest image needs root (chroot, mkfs.ext4 -d)")
         shutil.rmtree(image.directory, ignore_errors=True)
         work = config.CACHE_DIR / f"work-{key}"
-        shutil.rmtree(work, ignore_errors=True)
+        _remove_tree(work)
         try:
             with step("configuring the guest root"):
                 _run(["cp", "-a", "--reflink=auto", str(base / "root"), str(work)])
@@ -343,7 +383,7 @@ def _build(extra: tuple[str, ...], force: bool) -> Image:
             shutil.rmtree(image.directory, ignore_errors=True)
             raise
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            _remove_tree(work)
         (image.directory / "info.json").write_text(json.dumps({
             "base": base.name,
             "wheel": wheel.name,
