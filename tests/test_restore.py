@@ -76,3 +76,15 @@ def test_trees_come_back_in_order_and_a_failure_stops_none(tmp_path: Path) -> No
         except OSError:
             pass
     assert report.to_json()["trees"][1]["restored"] is False
+
+
+def test_restore_command_refuses_a_directory_without_trees(tmp_path: Path) -> None:
+    """Bad input: a clear error, exit 1, and no CRIU started (safe on this host)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "seamless", "restore", "--images",
+                          str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode in (1,), out.stderr
+    assert "no checkpointed tree" in out.stderr or "needs root" in out.stderr
+    assert "Traceback" not in out.stderr

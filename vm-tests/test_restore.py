@@ -41,14 +41,6 @@ held.release()
 print(json.dumps([d.dump_seconds for d in held.dumps]))
 """
 
-RESTORE = r"""
-import json, sys
-from pathlib import Path
-from seamless.collect.criu import Criu
-from seamless.restore.restorer import restore_all
-print(json.dumps(restore_all(Path(sys.argv[1]), Criu(timeout=600)).to_json()))
-"""
-
 
 def test_trees_come_back_with_their_pids_state_and_cgroups(guest_a: qemu.Guest) -> None:
     guest_a.sh(f"modprobe -a {CRIU_MODULES}; ip link set lo up")
@@ -64,7 +56,7 @@ def test_trees_come_back_with_their_pids_state_and_cgroups(guest_a: qemu.Guest) 
         assert guest_a.channel.run(["kill", "-0", str(pid)]).returncode != 0, "still running"
     at_dump = [int(guest_a.run("cat", f"/root/counter{i}")) for i in range(2)]
 
-    report = json.loads(guest_a.run("python3", "-c", RESTORE, "/root/gen"))
+    report = json.loads(guest_a.run("seamless", "restore", "--images", "/root/gen", "--json"))
 
     assert report["ok"], report
     assert [t["pid"] for t in report["trees"]] == pids

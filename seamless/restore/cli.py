@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import click
 
-from seamless.errors import SeamlessError
+from seamless.collect.checkpoint import TREE_INFO
+from seamless.collect.criu import Criu
+from seamless.errors import ExitCode, SeamlessError
 from seamless.log import complete_step
 from seamless.restore import boothooks
+from seamless.restore.restorer import restore_all
 
 
 @click.command("install-restorer")
@@ -44,3 +48,34 @@ def install_restorer_command(releases: tuple[str, ...], as_json: bool) -> None:
             click.echo(f"initramfs-tools: {p}")
         for r in rebuilt:
             click.echo(f"rebuilt: {r}")
+
+
+@click.command("restore")
+@click.option("--images", "images_dir", type=click.Path(path_type=Path, file_okay=False),
+              required=True, help="A checkpoint's directory: one subdirectory per tree.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def restore_command(images_dir: Path, as_json: bool) -> None:
+    """Restore every process tree of a checkpoint, with the same PIDs.
+
+    Trees come back in the order they were dumped; one that fails does not stop
+    the others. Exits 3 when any tree failed (the others run again).
+    """
+    if os.geteuid() != 0:
+        raise SeamlessError("restoring processes needs root", hint="run it with sudo")
+    if not any(images_dir.glob(f"*/{TREE_INFO}")):
+        raise SeamlessError(f"{images_dir} holds no checkpointed tree",
+                            hint="give the directory a checkpoint wrote its trees into")
+    with complete_step(f"restoring the trees of {images_dir}"):
+        report = restore_all(images_dir, Criu())
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        for t in report.trees:
+            state = f"restored as {t.pid}" if t.restored else f"FAILED: {t.error}"
+            click.echo(f"{t.root:>7}  {t.command[:50]:<50}  {state}")
+    if not report.ok:
+        raise SeamlessError(
+            f"{len(report.failed)} of {len(report.trees)} trees were not restored",
+            hint="the others run again; see each tree's restore.log beside its images",
+            exit_code=ExitCode.CHANGED,
+        )
