@@ -9,16 +9,10 @@ import pytest
 
 from vmtest import qemu
 from vmtest.log import record
+from vmtest.workloads import prepare_for_criu, read_counter, start_counter
 
 pytestmark = pytest.mark.vm
 
-CRIU_MODULES = ("inet_diag tcp_diag udp_diag raw_diag unix_diag netlink_diag af_packet_diag "
-                "nf_tables tun veth")
-
-#: A process that writes a counter to FILE ten times a second.
-COUNTER = "import itertools, sys, time\n" \
-    "for i in itertools.count():\n" \
-    "    open(sys.argv[1], 'w').write(str(i)); time.sleep(0.1)\n"
 
 #: Dump the trees of the PIDs given, report, hold until a line on stdin, release.
 HOLD = r"""
@@ -43,19 +37,14 @@ print(json.dumps([{"pid": d.tree.root.pid, "freeze": d.freeze_seconds} for d in 
 
 
 def counters(guest: qemu.Guest, n: int) -> list[int]:
-    return [int(guest.run("cat", f"/root/counter{i}")) for i in range(n)]
+    return [read_counter(guest, f"/root/counter{i}") for i in range(n)]
 
 
 def test_dumped_trees_stay_frozen_together_until_released(guest_a: qemu.Guest) -> None:
     """Two running counters are dumped one after the other; while held neither counts;
     released, both count on with the same PIDs, and their images are on disk."""
-    guest_a.sh(f"modprobe -a {CRIU_MODULES}; ip link set lo up")
-    pids = []
-    for i in range(2):
-        guest_a.run("systemd-run", f"--unit=counter{i}", "python3", "-c", COUNTER,
-                    f"/root/counter{i}")
-        guest_a.sh(f"for i in $(seq 50); do test -s /root/counter{i} && exit 0; sleep 0.1; done")
-        pids.append(int(guest_a.run("systemctl", "show", "-P", "MainPID", f"counter{i}")))
+    prepare_for_criu(guest_a)
+    pids = [start_counter(guest_a, f"counter{i}", f"/root/counter{i}") for i in range(2)]
 
     proc = guest_a.channel.start(["python3", "-c", HOLD, "/root/gen", *map(str, pids)],
                                  stdin=True)

@@ -10,6 +10,7 @@ import pytest
 
 from vmtest import qemu
 from vmtest.log import log, record
+from vmtest.workloads import prepare_for_criu
 
 pytestmark = pytest.mark.vm
 
@@ -67,8 +68,6 @@ while True:
     signal.pause()
 """
 
-CRIU_MODULES = ("inet_diag tcp_diag udp_diag raw_diag unix_diag netlink_diag af_packet_diag "
-                "nf_tables tun veth")
 
 
 def client(guest: qemu.Guest, *args: str, **options: object) -> dict[str, Any]:
@@ -81,7 +80,7 @@ def client(guest: qemu.Guest, *args: str, **options: object) -> dict[str, Any]:
 
 def start_workload(guest: qemu.Guest, state: str) -> tuple[int, str]:
     """Start WORKLOAD in its own session, stdio on /dev/null; its PID and checksum."""
-    guest.sh(f"modprobe -a {CRIU_MODULES}; ip link set lo up")
+    prepare_for_criu(guest)
     guest.run(
         "/bin/sh", "-ec",
         'mkdir -p "$2"; setsid -f python3 -c "$1" "$2" </dev/null >/dev/null 2>&1',
@@ -108,7 +107,7 @@ def test_criu_dumps_and_restores_a_64mib_process_with_its_pid_and_memory(
     """criu check passes; a process holding 64 MiB of known memory is dumped by
     our client (post-dump notification handled, the process gone), restored with
     the same PID, and it runs again with its memory's checksum unchanged."""
-    guest_a.sh(f"modprobe -a {CRIU_MODULES}; ip link set lo up")
+    prepare_for_criu(guest_a)
     check = client(guest_a, "check", "/root/criu-check")
     log.info("CRIU %s in the guest; check took %.2f s", check["version"], check["seconds"])
     assert check["version"].startswith("3.")

@@ -8,16 +8,10 @@ import pytest
 
 from vmtest import qemu
 from vmtest.log import record
+from vmtest.workloads import prepare_for_criu, read_counter, start_counter
 
 pytestmark = pytest.mark.vm
 
-CRIU_MODULES = ("inet_diag tcp_diag udp_diag raw_diag unix_diag netlink_diag af_packet_diag "
-                "nf_tables tun veth")
-
-#: Counts in memory, writes the count to FILE and says it on stdout (to journald).
-COUNTER = "import itertools, sys, time\n" \
-    "for i in itertools.count():\n" \
-    "    open(sys.argv[1], 'w').write(str(i)); print('count', i, flush=True); time.sleep(0.2)\n"
 
 #: Dump the trees of the given PIDs and let CRIU end them (as a kexec would).
 DUMP = r"""
@@ -43,18 +37,13 @@ print(json.dumps([d.dump_seconds for d in held.dumps]))
 
 
 def test_trees_come_back_with_their_pids_state_and_cgroups(guest_a: qemu.Guest) -> None:
-    guest_a.sh(f"modprobe -a {CRIU_MODULES}; ip link set lo up")
-    pids = []
-    for i in range(2):
-        guest_a.run("systemd-run", f"--unit=counter{i}", "python3", "-c", COUNTER,
-                    f"/root/counter{i}")
-        guest_a.sh(f"for i in $(seq 50); do test -s /root/counter{i} && exit 0; sleep 0.1; done")
-        pids.append(int(guest_a.run("systemctl", "show", "-P", "MainPID", f"counter{i}")))
+    prepare_for_criu(guest_a)
+    pids = [start_counter(guest_a, f"counter{i}", f"/root/counter{i}") for i in range(2)]
 
     dumped = json.loads(guest_a.run("python3", "-c", DUMP, "/root/gen", *map(str, pids)))
     for pid in pids:
         assert guest_a.channel.run(["kill", "-0", str(pid)]).returncode != 0, "still running"
-    at_dump = [int(guest_a.run("cat", f"/root/counter{i}")) for i in range(2)]
+    at_dump = [read_counter(guest_a, f"/root/counter{i}") for i in range(2)]
 
     report = json.loads(guest_a.run("seamless", "restore", "--images", "/root/gen", "--json"))
 
@@ -62,7 +51,7 @@ def test_trees_come_back_with_their_pids_state_and_cgroups(guest_a: qemu.Guest) 
     assert [t["pid"] for t in report["trees"]] == pids
     guest_a.sh("sleep 1.5")
     for i, pid in enumerate(pids):
-        count = int(guest_a.run("cat", f"/root/counter{i}"))
+        count = read_counter(guest_a, f"/root/counter{i}")
         assert count > at_dump[i], "the restored counter does not count"
         assert count < at_dump[i] + 50, "the counter started over instead of going on"
         cgroup = guest_a.run("cat", f"/proc/{pid}/cgroup").strip()
