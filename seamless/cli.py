@@ -36,10 +36,11 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 # The stages' commands (each stage keeps its own in its package).
-from seamless.collect.cli import plan_command  # noqa: E402
+from seamless.collect.cli import checkpoint_command, plan_command  # noqa: E402
 from seamless.restore.cli import install_restorer_command, restore_command  # noqa: E402
 
 cli.add_command(plan_command)
+cli.add_command(checkpoint_command)
 cli.add_command(install_restorer_command)
 cli.add_command(restore_command)
 

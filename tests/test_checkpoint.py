@@ -33,6 +33,7 @@ class FakeCriu:
     def __init__(self, fail_pid: int | None = None) -> None:
         self.fail_pid = fail_pid
         self.returned: list[int] = []
+        self.thawed: list[int] = []  # post-dump answered with a failure: CRIU thaws
         self.lock = threading.Lock()
 
     def dump(self, images_dir: Path, options: CriuOptions,
@@ -42,7 +43,12 @@ class FakeCriu:
             raise CriuError("dump", "CRIU reported failure; errno 3 ESRCH")
         (images_dir / "pages-1.img").write_bytes(b"x" * 8192)
         assert on_notify is not None
-        on_notify["post-dump"](Notification("post-dump", None, 0.01))
+        try:
+            on_notify["post-dump"](Notification("post-dump", None, 0.01))
+        except Exception as e:
+            with self.lock:
+                self.thawed.append(options.pid)
+            raise CriuError("dump", "a notify handler failed") from e
         with self.lock:
             self.returned.append(options.pid)
         return CriuResult("dump", 0.01, images_dir=images_dir)
@@ -72,8 +78,16 @@ def test_a_failing_dump_thaws_the_trees_already_dumped(tmp_path: Path) -> None:
     with pytest.raises(CriuError) as exc:
         dump_all([tree(10), tree(20), tree(30)], tmp_path, criu)
     assert exc.value.status == ExitCode.UNCHANGED
-    assert criu.returned == [10]  # released, so CRIU thawed it
+    assert criu.thawed == [10] and criu.returned == []  # its dump failed at post-dump: thawed
     assert not (tmp_path / "30").exists()  # never started
+
+
+def test_abort_thaws_held_trees(tmp_path: Path) -> None:
+    criu = FakeCriu()
+    held = dump_all([tree(10), tree(20)], tmp_path, criu)
+    held.abort()
+    assert sorted(criu.thawed) == [10, 20] and criu.returned == []
+    assert all(d.error is None for d in held.dumps)  # an abort is not a CRIU failure
 
 
 def test_dump_options_bring_what_a_real_host_has() -> None:

@@ -95,6 +95,7 @@ class TreeDump:
     error: BaseException | None = None
     _dumped: threading.Event = field(default_factory=threading.Event)
     _release: threading.Event = field(default_factory=threading.Event)
+    _abort: bool = False
     _thread: threading.Thread | None = None
 
     @property
@@ -107,6 +108,10 @@ class TreeDump:
         return None if self.thawed_at is None else self.thawed_at - self.started
 
 
+class AbortDump(Exception):
+    """Raised at post-dump to make CRIU fail the dump, which thaws the tree."""
+
+
 class HeldTrees:
     """Every dumped tree, frozen until :meth:`release`."""
 
@@ -114,15 +119,27 @@ class HeldTrees:
         self.dumps = dumps
 
     def release(self, timeout: float = DUMP_TIMEOUT, *, check: bool = True) -> None:
-        """Thaw every tree (answer every post-dump) and wait for its CRIU to finish.
+        """Let every CRIU finish its dump: a tree dumped with ``leave_running`` runs on,
+        one dumped without it ends (its images are the checkpoint).
 
         With ``check``, a CRIU that failed after its dump is an error.
         """
+        self._answer(abort=False, timeout=timeout)
+        self._check(check)
+
+    def abort(self, timeout: float = DUMP_TIMEOUT) -> None:
+        """Fail every dump at post-dump: CRIU thaws each tree, whatever it was asked."""
+        self._answer(abort=True, timeout=timeout)
+
+    def _answer(self, *, abort: bool, timeout: float) -> None:
         for d in self.dumps:
+            d._abort = abort
             d._release.set()
         for d in self.dumps:
             if d._thread is not None:
                 d._thread.join(timeout)
+
+    def _check(self, check: bool) -> None:
         failed = [d for d in self.dumps if d.error is not None]
         if not check:
             return
@@ -185,7 +202,7 @@ def dump_all(
                 f"in {d.dump_seconds or 0:.2f} s; held frozen"
             )
     except BaseException as e:
-        held.release(check=False)  # thaws every tree dumped so far
+        held.abort()  # thaws every tree dumped so far
         for d in dumps:
             if d.error is not None and d.error is not e:
                 log.warning("tree %d: also: %s", d.tree.root.pid, d.error)
@@ -200,12 +217,15 @@ def _start(d: TreeDump, criu: Dumper, opts: CriuOptions) -> None:
         d.frozen_at = time.monotonic()
         d._dumped.set()
         d._release.wait()  # CRIU keeps the tree frozen until we answer
+        if d._abort:
+            raise AbortDump("the checkpoint was abandoned: thaw the tree")
 
     def run() -> None:
         try:
             criu.dump(d.images_dir, opts, {"post-dump": post_dump})
         except BaseException as e:  # reported through d.error to the waiting thread
-            d.error = e
+            if not d._abort:
+                d.error = e
         finally:
             d.thawed_at = time.monotonic()
             d._dumped.set()

@@ -1,17 +1,25 @@
-"""Commands of the collect stage: ``seamless plan`` (and later ``checkpoint``)."""
+"""Commands of the collect stage: ``seamless plan`` and ``seamless checkpoint``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import click
 
+from seamless.collect.checkpoint import dump_all, dump_options
+from seamless.collect.criu import Criu, CriuOptions
+from seamless.collect.images import ImagesDir, space_for
 from seamless.collect.plan import StoreSpace, make_plan, render
-from seamless.collect.processes import read_table
+from seamless.collect.processes import ProcessTree, read_table
+from seamless.collect.resources import journald_streams, unix_sockets
 from seamless.collect.select import CONFIG_PATH, RULE_KINDS, Selection, load_config
-from seamless.errors import ExitCode
+from seamless.errors import ExitCode, SeamlessError
+from seamless.log import complete_step, log
 
 #: Asks the store how much it can take; the memstore package sets the real one.
 store_space: Callable[[], StoreSpace] = lambda: StoreSpace(  # noqa: E731
@@ -36,19 +44,106 @@ def selection_from(includes: tuple[str, ...], excludes: tuple[str, ...],
     return load_config(config_path).merged(Selection.from_texts(includes, excludes))
 
 
+IMAGES_HELP = "Write the checkpoint into this new directory (its filesystem is the store)."
+
+
 @click.command("plan")
 @selection_options
+@click.option("--images", "images_dir", type=click.Path(path_type=Path), default=None,
+              help="Plan against the free space where these images would go.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
 def plan_command(includes: tuple[str, ...], excludes: tuple[str, ...], config_path: Path,
-                 as_json: bool) -> int:
+                 images_dir: Path | None, as_json: bool) -> int:
     """Show what a checkpoint would take, and what would block it. Freezes nothing.
 
     Exits 4 when anything would block the checkpoint.
     """
     selection = selection_from(includes, excludes, config_path)
-    plan = make_plan(read_table(), selection, store_space())
+    space = space_for(images_dir) if images_dir else store_space()
+    plan = make_plan(read_table(), selection, space)
     if as_json:
         click.echo(json.dumps(plan.to_json(), indent=2))
     else:
         click.echo(render(plan))
     return int(ExitCode.OK if plan.ok else ExitCode.CHECK_FAILED)
+
+
+@click.command("checkpoint")
+@selection_options
+@click.option("--images", "images_dir", type=click.Path(path_type=Path), required=True,
+              help=IMAGES_HELP)
+@click.option("--leave-running", is_flag=True,
+              help="Thaw the trees after the checkpoint (otherwise they end: the images "
+              "are all that is left of them).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def checkpoint_command(includes: tuple[str, ...], excludes: tuple[str, ...], config_path: Path,
+                       images_dir: Path, leave_running: bool, as_json: bool) -> None:
+    """Checkpoint every selected process tree into a new directory of images.
+
+    Every tree is dumped and held frozen until all are dumped and the images are
+    checksummed and read back; then the trees are thawed (--leave-running) or
+    ended. Any failure before that thaws every tree and leaves no images
+    behind (exit 1: nothing changed).
+    """
+    if os.geteuid() != 0:
+        raise SeamlessError("checkpointing processes needs root", hint="run it with sudo")
+    selection = selection_from(includes, excludes, config_path)
+    images = ImagesDir(images_dir.absolute())
+    with complete_step("planning"):
+        plan = make_plan(read_table(), selection, space_for(images.final))
+    if not plan.ok:
+        click.echo(render(plan), err=True)
+        raise SeamlessError("the checkpoint would not succeed; nothing was frozen",
+                            hint="see the problems above (seamless plan shows them too)")
+    sockets = unix_sockets() or {}
+
+    def options(tree: ProcessTree) -> CriuOptions:
+        opts = dump_options(tree, journald_streams(tree.pids, sockets))
+        return dataclasses.replace(opts, leave_running=leave_running)
+
+    start = time.monotonic()
+    root = images.create()
+    try:
+        with complete_step(f"dumping {len(plan.trees)} trees into {root}"):
+            held = dump_all(plan.trees, root, Criu(), options=options)
+        try:
+            with complete_step("sealing: checksums, manifest, read back"):
+                manifest = images.seal({
+                    "trees": [{
+                        "root": d.tree.root.pid, "unit": d.tree.root.unit,
+                        "command": d.tree.root.command, "processes": len(d.tree.members),
+                        "dump_seconds": d.dump_seconds, "bytes": d.bytes_written,
+                    } for d in held.dumps],
+                    "order": [d.tree.root.pid for d in held.dumps],
+                })
+        except BaseException:
+            held.abort()
+            raise
+    except BaseException:
+        images.discard()
+        raise
+    with complete_step("thawing the trees" if leave_running else "ending the dumped trees"):
+        held.release()
+    trees = [{
+        "root": d.tree.root.pid, "command": d.tree.root.command,
+        "processes": len(d.tree.members), "bytes": d.bytes_written,
+        "dump_seconds": d.dump_seconds, "freeze_seconds": d.freeze_seconds,
+    } for d in held.dumps]
+    result = {
+        "images": str(images.final),
+        "leave_running": leave_running,
+        "trees": trees,
+        "bytes": held.total_bytes,
+        "files": len(manifest["files"]),
+        "seconds": time.monotonic() - start,
+    }
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        for d in held.dumps:
+            click.echo(f"{d.tree.root.pid:>7}  {d.tree.root.command[:40]:<40}  "
+                       f"{d.bytes_written / 2**20:8.1f} MiB  dump {d.dump_seconds or 0:.2f} s  "
+                       f"frozen {d.freeze_seconds or 0:.2f} s")
+        click.echo(f"checkpoint of {len(held.dumps)} trees in {images.final}: "
+                   f"{held.total_bytes / 2**20:.1f} MiB, {result['seconds']:.1f} s")
+    log.debug("checkpoint done: %s", result)
