@@ -17,10 +17,13 @@ def test_sealed_only_when_complete_and_verified(tmp_path: Path) -> None:
     assert root == tmp_path / "ckpt.partial" and not images.final.exists()
     (root / "100").mkdir()
     (root / "100" / "pages-1.img").write_bytes(b"p" * 5000)
+    (root / "100" / "dump.log").write_text("CRIU goes on writing this\n")
     manifest = images.seal({"order": [100]})
     assert images.final.is_dir() and not images.partial.exists()
     assert manifest["order"] == [100]
     assert [f["path"] for f in manifest["files"]] == ["100/pages-1.img"]
+    with open(images.final / "100" / "dump.log", "a") as log:
+        log.write("(00.5) Unfreezing tasks\n")
     assert verify(images.final) == []
 
     with open(images.final / "100" / "pages-1.img", "r+b") as f:

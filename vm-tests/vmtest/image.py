@@ -272,6 +272,12 @@ def _configure(root: Path, wheel: Path) -> None:
     link.symlink_to("/lib/systemd/system/systemd-networkd.service")
     # Root logs in on the serial console without a password: a throwaway test guest.
     _run(["chroot", str(root), "passwd", "-d", "root"])
+    # The agent and every command the host runs through it are the test bed, not
+    # workloads: an operator would exclude their own management agent the same way.
+    (root / "etc/seamless").mkdir(parents=True, exist_ok=True)
+    (root / "etc/seamless/seamless.toml").write_text(
+        '[select]\nexclude = ["unit:seamless-vm-agent.service"]\n'
+    )
     # The pmem drivers for the reserved region, loaded at boot.
     (root / "etc/modules-load.d/seamless-pmem.conf").write_text(
         "libnvdimm\nnd_btt\nnd_pmem\nnd_e820\n"

@@ -31,3 +31,55 @@ def start_counter(guest: Guest, unit: str, path: str) -> int:
 
 def read_counter(guest: Guest, path: str) -> int:
     return int(guest.run("cat", path))
+
+#: 256 MiB of known memory; on SIGUSR1 writes its PID and the memory's SHA-256 to FILE.
+BIG_MEMORY = (
+    "import hashlib, os, signal, sys\n"
+    "memory = bytearray(b'seamless' * (32 << 20))\n"
+    "def report(*_):\n"
+    "    open(sys.argv[1] + '.tmp', 'w').write(f'{os.getpid()} '"
+    " + hashlib.sha256(memory).hexdigest())\n"
+    "    os.rename(sys.argv[1] + '.tmp', sys.argv[1])\n"
+    "signal.signal(signal.SIGUSR1, report)\n"
+    "report()\n"
+    "while True:\n"
+    "    signal.pause()\n"
+)
+
+#: Two processes joined by a pipe: a writer numbering lines, a reader recording
+#: the last number it got to FILE.
+PIPE_PAIR = (
+    "i=0; while :; do i=$((i+1)); echo $i; sleep 0.2; done | "
+    "python3 -c 'import sys\nfor line in sys.stdin: open(sys.argv[1], \"w\").write(line)' \"$0\""
+)
+
+#: An HTTP server on 127.0.0.1:PORT holding a counter in memory: POST adds one,
+#: GET returns it.
+HTTP_STATE = (
+    "import http.server, sys\n"
+    "state = {'n': 0}\n"
+    "class H(http.server.BaseHTTPRequestHandler):\n"
+    "    def do_GET(self):\n"
+    "        body = str(state['n']).encode()\n"
+    "        self.send_response(200); self.end_headers(); self.wfile.write(body)\n"
+    "    def do_POST(self):\n"
+    "        state['n'] += 1; self.do_GET()\n"
+    "    def log_message(self, *a): pass\n"
+    "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n"
+)
+
+
+def http(guest: Guest, port: int, method: str = "GET") -> int:
+    """Ask the HTTP_STATE server in the guest; returns its counter."""
+    out = guest.run("python3", "-c",
+                    "import sys, urllib.request\n"
+                    "r = urllib.request.Request(sys.argv[1], method=sys.argv[2],"
+                    " data=b'' if sys.argv[2] == 'POST' else None)\n"
+                    "print(urllib.request.urlopen(r, timeout=10).read().decode())",
+                    f"http://127.0.0.1:{port}/", method)
+    return int(out)
+
+
+def start_service(guest: Guest, unit: str, *argv: str) -> int:
+    guest.run("systemd-run", f"--unit={unit}", *argv)
+    return int(guest.run("systemctl", "show", "-P", "MainPID", unit))

@@ -1,0 +1,104 @@
+"""`seamless checkpoint` on a real guest with the collect issue's workloads."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from vmtest import qemu
+from vmtest.log import record
+from vmtest.workloads import (
+    BIG_MEMORY,
+    HTTP_STATE,
+    PIPE_PAIR,
+    http,
+    prepare_for_criu,
+    start_service,
+)
+
+pytestmark = pytest.mark.vm
+
+PORT = 8080
+
+
+def memory_report(guest: qemu.Guest, pid: int) -> str:
+    guest.run("rm", "-f", "/root/big.sum")
+    guest.run("kill", "-USR1", str(pid))
+    # Hashing 256 MiB takes seconds under TCG.
+    guest.sh("for i in $(seq 240); do test -s /root/big.sum && exit 0; sleep 0.5; done; exit 1")
+    return guest.run("cat", "/root/big.sum")
+
+
+def pipe_count(guest: qemu.Guest) -> int:
+    return int(guest.run("cat", "/root/pipe.last"))
+
+
+def test_checkpoint_leave_running_and_its_failures(guest_a: qemu.Guest) -> None:
+    """256 MiB of known memory, a pipe-joined pair and an HTTP server with state:
+    a store too small is refused before anything freezes; checkpoint
+    --leave-running keeps all running and writes images that verify; CRIU killed
+    mid-dump leaves every process running and answering, and no images behind."""
+    g = guest_a
+    prepare_for_criu(g)
+    big = start_service(g, "big", "python3", "-c", BIG_MEMORY, "/root/big.sum")
+    start_service(g, "pair", "/bin/sh", "-c", PIPE_PAIR, "/root/pipe.last")
+    start_service(g, "web", "python3", "-c", HTTP_STATE, str(PORT))
+    g.sh("for i in $(seq 300); do test -s /root/big.sum && test -s /root/pipe.last && exit 0;"
+         " sleep 0.2; done; exit 1")
+    for _ in range(3):
+        http(g, PORT, "POST")
+    memory = memory_report(g, big)
+
+    # 1. The store is too small: refused, nothing frozen, nothing written.
+    g.sh("mkdir -p /mnt/small && mount -t tmpfs -o size=64M tmpfs /mnt/small")
+    small = g.channel.run(["seamless", "checkpoint", "--images", "/mnt/small/ckpt"])
+    assert small.returncode == 1, small.stderr
+    assert b"nothing was frozen" in small.stderr
+    assert g.run("ls", "-A", "/mnt/small") == ""
+
+    # 2. A checkpoint that leaves everything running.
+    result = g.channel.run(["seamless", "checkpoint", "--images", "/root/ckpt",
+                            "--leave-running", "--json"], timeout=900)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    out = json.loads(result.stdout)
+    roots = {t["root"] for t in out["trees"]}
+    assert big in roots
+    assert http(g, PORT) == 3 and http(g, PORT, "POST") == 4
+    before = pipe_count(g)
+    time.sleep(1)
+    assert pipe_count(g) > before, "the pipe pair stopped"
+    assert memory_report(g, big) == memory
+    manifest = json.loads(g.run("cat", "/root/ckpt/checkpoint.json"))
+    assert manifest["order"] == [t["root"] for t in out["trees"]]
+    assert g.run("ls", "-d", "/root/ckpt.partial", check=False) == ""
+    bad = g.run("python3", "-c", "from pathlib import Path\n"
+                "from seamless.collect.images import verify\n"
+                "print(verify(Path('/root/ckpt')))")
+    assert bad.strip() == "[]"
+    for t in out["trees"]:
+        record(f"checkpoint: dump of tree {t['command'][:30]} ({t['bytes'] >> 20} MiB)",
+               t["dump_seconds"])
+        record(f"checkpoint: freeze window of tree {t['command'][:30]}", t["freeze_seconds"])
+    record("checkpoint --leave-running, whole command", out["seconds"])
+
+    # 3. CRIU killed in the middle of the dump: everything runs on, no images.
+    proc = g.channel.start(["seamless", "checkpoint", "--images", "/root/ckpt2",
+                            "--leave-running"])
+    seen = g.channel.run(["sh", "-c", "for i in $(seq 1200); do pgrep -x criu >/dev/null &&"
+                          " exit 0; sleep 0.1; done; exit 1"], timeout=300)
+    if seen.returncode != 0:
+        early = proc.wait(timeout=300)
+        pytest.fail(f"CRIU never ran; the checkpoint ended with {early.returncode}: "
+                    f"{early.stderr.decode(errors='replace')}")
+    time.sleep(0.3)
+    g.run("pkill", "-KILL", "-x", "criu")
+    killed = proc.wait(timeout=600)
+    assert killed.returncode == 1, killed.stderr
+    assert g.run("sh", "-c", "ls -d /root/ckpt2* 2>/dev/null || true") == ""
+    assert http(g, PORT) == 4
+    before = pipe_count(g)
+    time.sleep(1)
+    assert pipe_count(g) > before, "the pipe pair was left frozen"
+    assert memory_report(g, big) == memory
