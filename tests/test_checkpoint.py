@@ -19,7 +19,7 @@ from seamless.collect.criu import (
     NotifyHandler,
 )
 from seamless.collect.processes import ProcessInfo, ProcessTree
-from seamless.errors import ExitCode
+from seamless.errors import ExitCode, SeamlessError
 
 
 def tree(pid: int) -> ProcessTree:
@@ -98,3 +98,17 @@ def test_dump_options_bring_what_a_real_host_has() -> None:
     assert not opts.ext_unix_sk and opts.external == ()
     journald = dump_options(tree(42), [1234, 5678])
     assert journald.ext_unix_sk and journald.external == ("unix[1234]", "unix[5678]")
+
+
+def test_criu_failing_after_post_dump_says_something_changed(tmp_path: Path) -> None:
+    class LateFailure(FakeCriu):
+        def dump(self, images_dir: Path, options: CriuOptions,
+                 on_notify: Mapping[str, NotifyHandler] | None = None) -> CriuResult:
+            super().dump(images_dir, options, on_notify)
+            raise CriuError("dump", "CRIU reported failure while resuming")
+
+    held = dump_all([tree(10)], tmp_path, LateFailure())
+    with pytest.raises(SeamlessError) as exc:
+        held.release()
+    assert exc.value.status == ExitCode.CHANGED
+    assert "tree 10" in exc.value.message

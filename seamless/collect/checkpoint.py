@@ -147,7 +147,9 @@ class HeldTrees:
             raise SeamlessError(
                 "CRIU failed after dumping: "
                 + "; ".join(f"tree {d.tree.root.pid}: {d.error}" for d in failed),
-                hint="the processes were thawed; the images may be incomplete",
+                hint="the images were written, but those trees may not run as asked: "
+                "check them (ps), and CRIU's dump.log beside their images",
+                exit_code=ExitCode.CHANGED,
             )
 
     @property
