@@ -50,6 +50,14 @@ def test_checkpoint_leave_running_and_its_failures(guest_a: qemu.Guest) -> None:
     for _ in range(3):
         http(g, PORT, "POST")
     memory = memory_report(g, big)
+    services = {int(g.run("systemctl", "show", "-P", "MainPID", unit))
+                for unit in ("big", "pair", "web")}
+
+    # 0. The plan: the three services are trees to checkpoint, and nothing blocks.
+    plan = json.loads(g.run("seamless", "plan", "--images", "/root/ckpt", "--json"))
+    assert services <= {t["root"] for t in plan["trees"]}, plan["trees"]
+    assert plan["ok"], (plan["problems"], [f for f in plan["findings"] if f["blocking"]])
+    assert plan["needed"] > 256 << 20
 
     # 1. The store is too small: refused, nothing frozen, nothing written.
     g.sh("mkdir -p /mnt/small && mount -t tmpfs -o size=64M tmpfs /mnt/small")
@@ -63,8 +71,7 @@ def test_checkpoint_leave_running_and_its_failures(guest_a: qemu.Guest) -> None:
                             "--leave-running", "--json"], timeout=900)
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     out = json.loads(result.stdout)
-    roots = {t["root"] for t in out["trees"]}
-    assert big in roots
+    assert services <= {t["root"] for t in out["trees"]}
     assert http(g, PORT) == 3 and http(g, PORT, "POST") == 4
     before = pipe_count(g)
     time.sleep(1)
