@@ -150,7 +150,8 @@ def inspect(
         findings.append(Finding(0, "unix sockets", "could not list unix socket peers (ss)",
                                 "install iproute2", blocking=True))
     for pid in sorted(chosen):
-        for fd, target in _fds(pid):
+        fds = list(_fds(pid))
+        for fd, target in fds:
             m = re.fullmatch(r"socket:\[(\d+)\]", target)
             if m and sockets is not None:
                 finding = _unix_finding(pid, fd, int(m.group(1)), sockets, tree_of, names)
@@ -168,7 +169,7 @@ def inspect(
                         f"exclude the process (--exclude pid:{pid}) or stop it first",
                         blocking=True))
                     continue
-        for path in sorted({t for _, t in _fds(pid) if t.startswith("/")} | _mapped_files(pid)):
+        for path in sorted({t for _, t in fds if t.startswith("/")} | _mapped_files(pid)):
             if path.endswith(" (deleted)") or path.startswith(("/dev/", "/proc/", "/sys/")):
                 continue  # deleted files travel as ghost files; devices handled above
             if fs_type(path, table) in VOLATILE_FS:
