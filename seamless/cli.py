@@ -28,7 +28,6 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """Upgrade the running kernel without losing the running programs.
 
     seamless checkpoints every user process with CRIU into a RAM region that
-    survives kexec, boots the new kernel, and restores the processes there with
     the same PIDs and memory.
     """
     setup_logging(debug)
@@ -37,8 +36,11 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 # The stages' commands (each stage keeps its own in its package).
 from seamless.collect.cli import checkpoint_command, plan_command  # noqa: E402
+from seamless.memstore.cli import setup_command, store_group  # noqa: E402
 from seamless.restore.cli import install_restorer_command, restore_command  # noqa: E402
 
+cli.add_command(setup_command)
+cli.add_command(store_group)
 cli.add_command(plan_command)
 cli.add_command(checkpoint_command)
 cli.add_command(install_restorer_command)

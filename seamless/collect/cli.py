@@ -13,18 +13,37 @@ import click
 
 from seamless.collect.checkpoint import dump_all, dump_options
 from seamless.collect.criu import Criu, CriuOptions
-from seamless.collect.images import ImagesDir, space_for
 from seamless.collect.plan import StoreSpace, make_plan, render
 from seamless.collect.processes import ProcessTree, read_table
 from seamless.collect.resources import journald_streams, unix_sockets
 from seamless.collect.select import CONFIG_PATH, RULE_KINDS, Selection, load_config
 from seamless.errors import ExitCode, SeamlessError
 from seamless.log import complete_step, log
+from seamless.memstore.generation import Generation
+from seamless.memstore.records import Manifest, TreeRecord
+from seamless.memstore.store import Store, open_store
 
-#: Asks the store how much it can take; the memstore package sets the real one.
-store_space: Callable[[], StoreSpace] = lambda: StoreSpace(  # noqa: E731
-    None, None, "no store: prepare the preserved region with seamless store format"
-)
+
+def space_for(directory: Path) -> StoreSpace:
+    """How much the filesystem that will hold ``directory`` can take."""
+    probe = directory
+    while not probe.exists():
+        probe = probe.parent
+    st = os.statvfs(probe)
+    return StoreSpace(device=str(probe), free=st.f_bavail * st.f_frsize)
+
+
+def store_space() -> StoreSpace:
+    """How much the store in the preserved region can take (or why it cannot)."""
+    try:
+        store = open_store()
+    except SeamlessError as e:
+        return StoreSpace(None, None, e.format_message().replace("\n", "; "))
+    return StoreSpace(device=str(store.root), free=store.free())
+
+
+def boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
 def selection_options(f: Callable[..., object]) -> Callable[..., object]:
@@ -44,13 +63,15 @@ def selection_from(includes: tuple[str, ...], excludes: tuple[str, ...],
     return load_config(config_path).merged(Selection.from_texts(includes, excludes))
 
 
-IMAGES_HELP = "Write the checkpoint into this new directory (its filesystem is the store)."
+IMAGES_HELP = ("Write the checkpoint into this new directory instead of a new generation "
+               "of the store.")
 
 
 @click.command("plan")
 @selection_options
 @click.option("--images", "images_dir", type=click.Path(path_type=Path), default=None,
-              help="Plan against the free space where these images would go.")
+              help="Plan against the free space where these images would go "
+              "(default: the store).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
 def plan_command(includes: tuple[str, ...], excludes: tuple[str, ...], config_path: Path,
                  images_dir: Path | None, as_json: bool) -> int:
@@ -70,15 +91,18 @@ def plan_command(includes: tuple[str, ...], excludes: tuple[str, ...], config_pa
 
 @click.command("checkpoint")
 @selection_options
-@click.option("--images", "images_dir", type=click.Path(path_type=Path), required=True,
+@click.option("--images", "images_dir", type=click.Path(path_type=Path), default=None,
               help=IMAGES_HELP)
+@click.option("--target-release", default=None, hidden=True,
+              help="The kernel the checkpoint is for (recorded in the manifest).")
 @click.option("--leave-running", is_flag=True,
               help="Thaw the trees after the checkpoint (otherwise they end: the images "
               "are all that is left of them).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def checkpoint_command(includes: tuple[str, ...], excludes: tuple[str, ...], config_path: Path,
-                       images_dir: Path, leave_running: bool, as_json: bool) -> None:
-    """Checkpoint every selected process tree into a new directory of images.
+                       images_dir: Path | None, target_release: str | None,
+                       leave_running: bool, as_json: bool) -> None:
+    """Checkpoint every selected process tree into a new generation of the store.
 
     Every tree is dumped and held frozen until all are dumped and the images are
     checksummed and read back; then the trees are thawed (--leave-running) or
@@ -88,9 +112,17 @@ def checkpoint_command(includes: tuple[str, ...], excludes: tuple[str, ...], con
     if os.geteuid() != 0:
         raise SeamlessError("checkpointing processes needs root", hint="run it with sudo")
     selection = selection_from(includes, excludes, config_path)
-    images = ImagesDir(images_dir.absolute())
+    os.umask(0o077)  # images hold process memory: CRIU's files are root-only too
+    number = 0
+    if images_dir is None:
+        store: Store = open_store()
+        number, images = store.new_generation()
+        space = StoreSpace(device=str(store.root), free=store.free())
+    else:
+        images = Generation(images_dir.absolute())
+        space = space_for(images.final)
     with complete_step("planning"):
-        plan = make_plan(read_table(), selection, space_for(images.final))
+        plan = make_plan(read_table(), selection, space)
     if not plan.ok:
         click.echo(render(plan), err=True)
         raise SeamlessError("the checkpoint would not succeed; nothing was frozen",
@@ -101,21 +133,23 @@ def checkpoint_command(includes: tuple[str, ...], excludes: tuple[str, ...], con
         opts = dump_options(tree, journald_streams(tree.pids, sockets))
         return dataclasses.replace(opts, leave_running=leave_running)
 
-    start = time.monotonic()
+    start, created = time.monotonic(), time.time()
     root = images.create()
     try:
         with complete_step(f"dumping {len(plan.trees)} trees into {root}"):
             held = dump_all(plan.trees, root, Criu(), options=options)
         try:
             with complete_step("sealing: checksums, manifest, read back"):
-                manifest = images.seal({
-                    "trees": [{
-                        "root": d.tree.root.pid, "unit": d.tree.root.unit,
-                        "command": d.tree.root.command, "processes": len(d.tree.members),
-                        "dump_seconds": d.dump_seconds, "bytes": d.bytes_written,
-                    } for d in held.dumps],
-                    "order": [d.tree.root.pid for d in held.dumps],
-                })
+                manifest = images.seal(Manifest(
+                    generation=number, source_release=os.uname().release,
+                    source_boot_id=boot_id(), target_release=target_release, created=created,
+                    trees=[TreeRecord(
+                        root=d.tree.root.pid, unit=d.tree.root.unit,
+                        command=d.tree.root.command, processes=len(d.tree.members),
+                        bytes=d.bytes_written, dump_seconds=d.dump_seconds,
+                        freeze_seconds=d.freeze_seconds,
+                    ) for d in held.dumps],
+                ))
         except BaseException:
             held.abort()
             raise
@@ -131,10 +165,11 @@ def checkpoint_command(includes: tuple[str, ...], excludes: tuple[str, ...], con
     } for d in held.dumps]
     result = {
         "images": str(images.final),
+        "generation": number or None,
         "leave_running": leave_running,
         "trees": trees,
         "bytes": held.total_bytes,
-        "files": len(manifest["files"]),
+        "files": len(manifest.files),
         "seconds": time.monotonic() - start,
     }
     if as_json:

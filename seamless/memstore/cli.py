@@ -1,0 +1,200 @@
+"""Commands of the store: ``seamless setup`` and ``seamless store ...``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from seamless.errors import ExitCode, SeamlessError
+from seamless.log import complete_step
+from seamless.memstore import setup
+from seamless.memstore.region import Region, find_region, memformat, memparse, parse_iomem
+from seamless.memstore.store import (
+    MOUNTPOINT,
+    Store,
+    format_store,
+    is_dax,
+    no_region_error,
+    open_store,
+    wipe,
+)
+from seamless.run import run
+
+
+def need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise SeamlessError(f"{what} needs root", hint="run it with sudo")
+
+
+def the_region() -> Region:
+    region = find_region()
+    if region is None:
+        raise no_region_error()
+    return region
+
+
+def echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2))
+
+
+@click.command("setup")
+@click.option("--region", "size_text", required=True, metavar="SIZE",
+              help="Size of the RAM region to reserve, e.g. 1G or 512M.")
+@click.option("--dry-run", is_flag=True, help="Print what would be written; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def setup_command(size_text: str, dry_run: bool, as_json: bool) -> None:
+    """Reserve a region of RAM for the store, from the next boot on.
+
+    Chooses a free range of System RAM (aligned, above low memory, clear of the
+    kernel) and adds memmap=SIZE!START to grub's kernel command line through a
+    drop-in in /etc/default/grub.d/, then runs update-grub.
+    """
+    size = memparse(size_text)
+    if not dry_run:
+        need_root("reserving a region")
+    cmdline = Path("/proc/cmdline").read_text()
+    existing = setup.existing_regions(cmdline)
+    if existing:
+        raise SeamlessError("a region is already reserved or configured: " + "; ".join(existing),
+                            hint="seamless keeps one region; remove the old one first")
+    arg = setup.choose_range(size, parse_iomem(Path("/proc/iomem").read_text()))
+    config = setup.boot_config(arg)
+    result = {"memmap": arg.text, "start": arg.start, "size": arg.size,
+              "file": str(config.path), "then": config.then, "written": not dry_run}
+    if dry_run:
+        if as_json:
+            echo_json({**result, "text": config.text})
+        else:
+            click.echo(f"would write {config.path}:\n{config.text}")
+            click.echo(f"then run: {' '.join(config.then)}")
+        return
+    with complete_step(f"reserving {memformat(size)} at {arg.start:#x}"):
+        config.path.parent.mkdir(parents=True, exist_ok=True)
+        config.path.write_text(config.text)
+        try:
+            run(config.then)
+        except SeamlessError:
+            config.path.unlink()
+            raise
+    if as_json:
+        echo_json(result)
+    else:
+        click.echo(f"{arg.text} added to the kernel command line ({config.path}).")
+        click.echo("It takes effect at the next boot; then run `seamless store format`.")
+
+
+@click.group("store")
+def store_group() -> None:
+    """The store in the preserved region: format, status, verify, wipe."""
+
+
+@store_group.command("format")
+@click.option("--force", is_flag=True, help="Overwrite a device that holds other data.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def format_command(force: bool, as_json: bool) -> None:
+    """Make an empty store on the preserved region (its contents are lost)."""
+    need_root("formatting the store")
+    region = the_region()
+    if region.device is None:
+        open_store(region)  # raises the error that says why there is no device
+        return
+    with complete_step(f"formatting {region.device} as a store"):
+        store = format_store(region.device, region, force=force)
+    header = store.header()
+    if as_json:
+        echo_json({"device": str(region.device), "mountpoint": str(store.root),
+                   "dax": header.dax, "uuid": header.uuid, "size": region.size})
+    else:
+        click.echo(f"store on {region.device} ({memformat(region.size)}) mounted at "
+                   f"{store.root}, " + ("with DAX" if header.dax else "without DAX"))
+
+
+@store_group.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status_command(as_json: bool) -> None:
+    """The region, the store's space, and its generations."""
+    need_root("reading the store")
+    region = the_region()
+    store = open_store(region)
+    status: dict[str, Any] = {"region": region.to_json(), "dax": is_dax(store.root),
+                              **store.status()}
+    if as_json:
+        echo_json(status)
+        return
+    click.echo(f"region    {region.memmap}  device {region.device}  "
+               + ("reserved by the running kernel" if region.reserved_now else "NOT reserved"))
+    click.echo(f"store     {store.root}  {'DAX' if status['dax'] else 'no DAX'}  "
+               f"{status['used'] >> 20} MiB used, {status['free'] >> 20} MiB free "
+               f"of {status['size'] >> 20} MiB")
+    for g in status["generations"]:
+        if "error" in g:
+            click.echo(f"gen {g['number']:<5} DAMAGED: {g['error']}")
+            continue
+        click.echo(f"gen {g['number']:<5} {len(g['trees'])} trees, {g['bytes'] >> 20} MiB, "
+                   f"from {g['source_release']} to {g['target_release'] or '?'}")
+    if not status["generations"]:
+        click.echo("no generations")
+    for p in status["partial"]:
+        click.echo(f"incomplete: {p} (a checkpoint that did not finish)")
+
+
+@store_group.command("verify")
+@click.option("--generation", "number", type=int, default=None,
+              help="Check only this generation (default: all).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def verify_command(number: int | None, as_json: bool) -> None:
+    """Check the geometry against the header and every file's checksum.
+
+    Exits 0 when everything matches, 4 when anything is corrupt (each bad file is
+    named).
+    """
+    need_root("verifying the store")
+    store = open_store(the_region())  # checks the geometry
+    gens = [store.generation(number)] if number is not None else store.generations()
+    results: list[dict[str, Any]] = []
+    for n, g in gens:
+        with complete_step(f"verifying generation {n}"):
+            try:
+                bad = g.verify()
+            except SeamlessError as e:
+                bad = [f"manifest: {e.message}"]
+        results.append({"generation": n, "ok": not bad, "bad": bad})
+    if as_json:
+        echo_json({"ok": all(r["ok"] for r in results), "generations": results})
+    else:
+        for r in results:
+            click.echo(f"gen {r['generation']}: " + ("ok" if r["ok"] else "CORRUPT"))
+            for name in r["bad"]:
+                click.echo(f"  bad: {name}")
+    if not all(r["ok"] for r in results):
+        raise SeamlessError("the store is corrupt", exit_code=ExitCode.CHECK_FAILED)
+
+
+@store_group.command("wipe")
+@click.option("--yes", is_flag=True, help="Do not ask.")
+def wipe_command(yes: bool) -> None:
+    """Overwrite the whole region with zeros, leaving an empty store."""
+    need_root("wiping the store")
+    region = the_region()
+    store = open_store(region)
+    if not yes and store.generations():
+        click.confirm(f"Erase {len(store.generations())} generations?", abort=True)
+    assert region.device is not None  # open_store checked
+    with complete_step(f"overwriting {region.device} ({memformat(region.size)}) with zeros"):
+        wipe(store, region.device, region)
+    click.echo(f"store on {region.device} wiped and empty")
+
+
+def store_for_planning() -> Store | None:
+    """The store if it is usable, else None (the planner then reports why)."""
+    try:
+        return open_store()
+    except SeamlessError:
+        return None
+
+
+__all__ = ["MOUNTPOINT", "setup_command", "store_group"]

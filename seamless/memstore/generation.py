@@ -1,0 +1,119 @@
+"""A generation: one checkpoint's images, visible only once complete.
+
+The trees are dumped into ``DIR.partial``; once every tree is dumped the files
+are synced, listed with their sizes and checksums in ``manifest`` (a
+``store.proto`` Manifest), and only then is the directory renamed to ``DIR``.
+A crash leaves no ``DIR`` behind, and a failure removes ``DIR.partial``.
+The same holds for a generation in the store and for a plain images directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from seamless.errors import ExitCode, SeamlessError
+from seamless.memstore.records import FileEntry, Manifest
+
+MANIFEST = "manifest"
+PARTIAL = ".partial"
+#: blake2b: as strong as SHA-256 against corruption and faster in software.
+DIGEST = "blake2b"
+
+
+def digest(path: Path, algorithm: str = DIGEST) -> bytes:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.digest()
+
+
+def covered(root: Path) -> list[Path]:
+    """What the manifest covers: everything but itself and CRIU's logs (CRIU goes on
+    writing a dump's log after the images are done: while it thaws the tree)."""
+    return sorted(p for p in root.rglob("*")
+                  if p.is_file() and p.name != MANIFEST and p.suffix != ".log")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Generation:
+    """A generation directory, by its final name."""
+
+    final: Path
+
+    @property
+    def partial(self) -> Path:
+        return self.final.with_name(self.final.name + PARTIAL)
+
+    @property
+    def sealed(self) -> bool:
+        return (self.final / MANIFEST).is_file()
+
+    def create(self) -> Path:
+        if self.final.exists():
+            raise SeamlessError(f"{self.final} exists already",
+                                hint="choose a new directory for this checkpoint")
+        if self.partial.exists():
+            shutil.rmtree(self.partial)  # left by a crash: never complete
+        self.partial.mkdir(mode=0o700, parents=True)
+        return self.partial
+
+    def discard(self) -> None:
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+    def seal(self, manifest: Manifest) -> Manifest:
+        """Sync and checksum every file, write the manifest, and make the directory
+        visible under its final name."""
+        files = []
+        for path in covered(self.partial):
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(path, 0o600)
+            files.append(FileEntry(str(path.relative_to(self.partial)), path.stat().st_size,
+                                   digest(path)))
+        manifest.files = files
+        manifest.digest_algorithm = DIGEST
+        manifest.sealed = time.time()
+        fd = os.open(self.partial / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(manifest.to_bytes())
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(self.partial)
+        self.partial.rename(self.final)
+        fsync_dir(self.final.parent)
+        return manifest
+
+    def manifest(self) -> Manifest:
+        path = self.final / MANIFEST
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as e:
+            raise SeamlessError(f"{self.final} is not a sealed checkpoint (no {MANIFEST})",
+                                exit_code=ExitCode.CHECK_FAILED) from e
+        return Manifest.from_bytes(data)
+
+    def verify(self) -> list[str]:
+        """The files whose size or checksum differ from the manifest's, or are missing."""
+        manifest = self.manifest()
+        bad = []
+        for entry in manifest.files:
+            path = self.final / entry.path
+            if not path.is_file() or path.stat().st_size != entry.size or (
+                digest(path, manifest.digest_algorithm) != entry.digest
+            ):
+                bad.append(entry.path)
+        return bad

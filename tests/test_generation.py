@@ -1,0 +1,68 @@
+"""A generation appears only when complete, and its checksums catch damage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from seamless.collect.cli import space_for
+from seamless.errors import SeamlessError
+from seamless.memstore.generation import MANIFEST, Generation
+from seamless.memstore.records import Manifest, RecordError, TreeRecord
+
+
+def test_sealed_only_when_complete_and_verified(tmp_path: Path) -> None:
+    gen = Generation(tmp_path / "ckpt")
+    root = gen.create()
+    assert root == tmp_path / "ckpt.partial" and not gen.final.exists()
+    (root / "100").mkdir()
+    (root / "100" / "pages-1.img").write_bytes(b"p" * 5000)
+    (root / "100" / "dump.log").write_text("CRIU goes on writing this\n")
+    gen.seal(Manifest(generation=7, source_release="6.1.0-47", trees=[TreeRecord(root=100)]))
+    assert gen.final.is_dir() and not gen.partial.exists()
+    manifest = gen.manifest()
+    assert manifest.generation == 7 and manifest.source_release == "6.1.0-47"
+    assert [t.root for t in manifest.trees] == [100]
+    assert [(f.path, f.size) for f in manifest.files] == [("100/pages-1.img", 5000)]
+    assert (gen.final / "100" / "pages-1.img").stat().st_mode & 0o777 == 0o600
+    assert (gen.final / MANIFEST).stat().st_mode & 0o777 == 0o600
+    with open(gen.final / "100" / "dump.log", "a") as log:
+        log.write("(00.5) Unfreezing tasks\n")
+    assert gen.verify() == []
+
+    with open(gen.final / "100" / "pages-1.img", "r+b") as f:
+        f.seek(1234)
+        f.write(b"q")
+    assert gen.verify() == ["100/pages-1.img"]
+    (gen.final / "100" / "pages-1.img").unlink()
+    assert gen.verify() == ["100/pages-1.img"]
+
+
+def test_a_damaged_manifest_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    gen = Generation(tmp_path / "g")
+    gen.create()
+    gen.seal(Manifest())
+    (gen.final / MANIFEST).write_bytes(b"\xff\xff garbage")
+    with pytest.raises(RecordError, match="damaged"):
+        gen.verify()
+
+
+def test_refuses_an_existing_checkpoint_and_cleans_a_crashed_one(tmp_path: Path) -> None:
+    (tmp_path / "old").mkdir()
+    with pytest.raises(SeamlessError, match="exists already"):
+        Generation(tmp_path / "old").create()
+    crashed = tmp_path / "new.partial"
+    crashed.mkdir()
+    (crashed / "junk").write_text("x")
+    gen = Generation(tmp_path / "new")
+    gen.create()
+    assert list(gen.partial.iterdir()) == []
+    gen.discard()
+    assert not gen.partial.exists() and not gen.final.exists()
+
+
+def test_space_is_the_free_space_of_the_filesystem_to_come(tmp_path: Path) -> None:
+    space = space_for(tmp_path / "not" / "yet")
+    assert space.free is not None and space.free > 0
+    assert space.device == str(tmp_path)
