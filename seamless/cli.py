@@ -28,6 +28,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """Upgrade the running kernel without losing the running programs.
 
     seamless checkpoints every user process with CRIU into a RAM region that
+    survives kexec, boots the new kernel, and restores the processes there with
     the same PIDs and memory.
     """
     setup_logging(debug)
@@ -36,6 +37,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 # The stages' commands (each stage keeps its own in its package).
 from seamless.collect.cli import checkpoint_command, plan_command  # noqa: E402
+from seamless.kexec.cli import kexec_command  # noqa: E402
 from seamless.memstore.cli import setup_command, store_group  # noqa: E402
 from seamless.restore.cli import install_restorer_command, restore_command  # noqa: E402
 
@@ -45,6 +47,7 @@ cli.add_command(plan_command)
 cli.add_command(checkpoint_command)
 cli.add_command(install_restorer_command)
 cli.add_command(restore_command)
+cli.add_command(kexec_command)
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ from seamless.log import log
 from seamless.memstore.generation import PARTIAL, Generation
 from seamless.memstore.records import Header, Manifest, RecordError
 from seamless.memstore.region import Region, find_region
+from seamless.mounts import mounts
 from seamless.run import CommandError, run
 
 MOUNTPOINT = Path("/run/seamless/store")
@@ -138,22 +139,10 @@ def device_size(device: Path) -> int:
         os.close(fd)
 
 
-def mounts() -> list[tuple[str, str, str, str]]:
-    """(source, target, fstype, options) of every mount, innermost last."""
-    out = []
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        src, target, fstype, opts = line.split()[:4]
-        out.append((_unescape(src), _unescape(target), fstype, opts))
-    return out
-
-
-def _unescape(text: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
-
-
 def mounted_at(device: Path) -> list[str]:
     real = os.path.realpath(device)
-    return [t for s, t, _, _ in mounts() if s.startswith("/") and os.path.realpath(s) == real]
+    return [m.target for m in mounts()
+            if m.source.startswith("/") and os.path.realpath(m.source) == real]
 
 
 def signature(device: Path) -> tuple[str | None, str | None]:
@@ -262,9 +251,9 @@ def unmount(mountpoint: Path = MOUNTPOINT) -> None:
 
 
 def is_dax(mountpoint: Path) -> bool:
-    for _, target, _, opts in mounts():
-        if target == str(mountpoint):
-            return "dax" in opts.split(",") or "dax=always" in opts.split(",")
+    for m in mounts():
+        if m.target == str(mountpoint):
+            return "dax" in m.options or "dax=always" in m.options
     return False
 
 

@@ -1,0 +1,188 @@
+"""The ``seamless kexec`` command: validate, load and enter the target kernel."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from seamless.errors import ExitCode, SeamlessError
+from seamless.kexec import cmdline, initrd, loader
+from seamless.kexec.image import KernelImage, KexecPolicy, kexec_policy
+from seamless.log import complete_step, log
+
+if TYPE_CHECKING:
+    from seamless.memstore.region import Region
+
+
+def find_region() -> Region | None:
+    """The store's region (imported when needed: memstore loads its own dependencies)."""
+    from seamless.memstore import region
+
+    return region.find_region(load=False)
+
+
+@click.command("kexec")
+@click.option("--kernel", type=click.Path(path_type=Path), metavar="PATH",
+              help="The kernel to boot (a bzImage, e.g. /boot/vmlinuz-RELEASE).")
+@click.option("--initrd", "initrd_path", type=click.Path(path_type=Path), metavar="PATH",
+              help="Its initramfs (default /boot/initrd.img-RELEASE).")
+@click.option("--append", metavar="ARGS",
+              help="Arguments to add to the running kernel's command line.")
+@click.option("--cmdline", "replace", metavar="ARGS",
+              help="The whole new command line, instead of the running one.")
+@click.option("--rebuild-initrd", is_flag=True,
+              help="Rebuild /boot/initrd.img-RELEASE with the restorer even if it has it.")
+@click.option("--dry-run", is_flag=True,
+              help="Check everything and load the kernel, then unload it again.")
+@click.option("--unload", "unload_only", is_flag=True, help="Unload a loaded kernel, and stop.")
+@click.option("--restore-generation", type=click.IntRange(min=0), hidden=True,
+              help="Restore this store generation in the new kernel (used by upgrade).")
+@click.option("--yes", is_flag=True, help="Do not ask before rebooting into the kernel.")
+@click.option("--json", "as_json", is_flag=True, help="Print what is (or would be) done as JSON.")
+def kexec_command(
+    kernel: Path | None,
+    initrd_path: Path | None,
+    append: str | None,
+    replace: str | None,
+    rebuild_initrd: bool,
+    dry_run: bool,
+    unload_only: bool,
+    restore_generation: int | None,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """Boot another kernel with kexec, keeping the preserved region.
+
+    Checks the kernel image, its initramfs (rebuilt when it lacks the restorer)
+    and the new command line, which must reserve the store's region exactly as
+    the running one does; then loads the kernel with kexec_file_load, syncs,
+    remounts the disks read-only and reboots into it. Services are not stopped:
+    processes not checkpointed by `seamless upgrade` are lost.
+    """
+    if os.geteuid() != 0:
+        raise SeamlessError("kexec needs root", hint="run it with sudo")
+    if unload_only:
+        with complete_step("unloading the kexec kernel"):
+            loader.unload()
+        _print({"unloaded": True}, as_json, ["kexec kernel unloaded"])
+        return
+    if kernel is None:
+        raise click.UsageError("give the kernel to boot with --kernel PATH (or --unload)")
+    if append is not None and replace is not None:
+        raise click.UsageError("--append and --cmdline exclude each other")
+
+    with complete_step(f"checking the kernel image {kernel}"):
+        image = KernelImage.read(kernel)
+    log.info("target kernel: %s (boot protocol %s)", image.release, image.protocol_str)
+    policy = _check_policy()
+
+    region = find_region()
+    if region is None:
+        raise SeamlessError("no preserved region is set up: the new kernel would get no store",
+                            hint="run `seamless setup --region SIZE` first")
+    if restore_generation is not None and not region.reserved_now:
+        raise SeamlessError(
+            f"the running kernel has not reserved the region {region.memmap}: it holds no "
+            "checkpoint to restore", hint="reboot once with it (seamless setup), then upgrade")
+    args = cmdline.build(cmdline.running_cmdline(), append=append, replace=replace)
+    args = cmdline.with_restore(args, restore_generation)
+    cmdline.require_region(args, region.memmap)
+    new_cmdline = cmdline.join(args)
+    cmdline.check_length(new_cmdline, image.max_cmdline)
+
+    initrd_used, rebuilt = _prepare_initrd(image, initrd_path, rebuild_initrd, dry_run)
+
+    was_loaded = loader.loaded()
+    with complete_step(f"loading {image.release} with kexec_file_load"):
+        loader.load(image.path, initrd_used, new_cmdline)
+    result: dict[str, Any] = {
+        "kernel": str(image.path),
+        "release": image.release,
+        "protocol": image.protocol_str,
+        "initrd": str(initrd_used),
+        "initrd_rebuilt": rebuilt,
+        "cmdline": new_cmdline,
+        "region": region.memmap,
+        "restore_generation": restore_generation,
+        "lockdown": policy.lockdown,
+        "signature_enforced": policy.signature_enforced,
+        "dry_run": dry_run,
+    }
+    lines = [
+        f"kernel:  {image.path} ({image.release}, boot protocol {image.protocol_str})",
+        f"initrd:  {initrd_used}" + (" (rebuilt with the restorer)" if rebuilt else ""),
+        f"cmdline: {new_cmdline}",
+    ]
+    if dry_run:
+        with complete_step("unloading it again (dry run)"):
+            loader.unload()
+        if was_loaded:
+            log.warning("the kernel loaded before this dry run was unloaded too")
+        _print(result, as_json, [*lines, "dry run: the kernel loaded and was unloaded again"])
+        return
+    if not yes and not click.confirm(
+        f"Reboot into {image.release} now? Processes not checkpointed are lost", err=True
+    ):
+        loader.unload()
+        raise SeamlessError("not rebooting: the kernel was unloaded again",
+                            exit_code=ExitCode.UNCHANGED)
+    _print(result, as_json, [*lines, f"entering {image.release}"])
+    sys.stdout.flush()
+    with complete_step(f"entering {image.release}"):
+        loader.enter()
+
+
+def _check_policy() -> KexecPolicy:
+    policy = kexec_policy()
+    log.info("lockdown: %s", policy.lockdown or "unknown (securityfs not mounted?)")
+    if policy.load_disabled:
+        raise SeamlessError(
+            "kexec is disabled on this kernel (kernel.kexec_load_disabled = 1)",
+            hint="it stays disabled until a normal reboot; reboot normally into the new kernel",
+        )
+    if policy.signature_enforced:
+        log.info("only signed kernels can be loaded (%s): the image must be signed with a "
+                 "key the running kernel trusts", ", ".join(policy.reasons))
+    return policy
+
+
+def _prepare_initrd(
+    image: KernelImage, given: Path | None, rebuild: bool, dry_run: bool
+) -> tuple[Path, bool]:
+    """The initramfs to load (checked to carry the restorer), and whether it was rebuilt."""
+    default = initrd.default_initrd(image.release)
+    path = given or default
+    if rebuild and path != default:
+        raise click.UsageError(f"--rebuild-initrd rebuilds {default}; it excludes --initrd")
+    if not rebuild:
+        initrd.check_readable(path, image.release)
+        with complete_step(f"looking for the restorer in {path}"):
+            rebuild = not initrd.has_restorer(path)
+        if rebuild and path != default:
+            raise SeamlessError(
+                f"{path} lacks the boot-time restorer",
+                hint=f"leave out --initrd to use (and rebuild) {default}, or rebuild this one "
+                "after `seamless install-restorer`")
+        if rebuild:
+            log.info("%s lacks the boot-time restorer", path)
+    if rebuild and dry_run:
+        initrd.check_readable(path, image.release)
+        log.info("dry run: would rebuild %s with the restorer; loading it as it is", path)
+        return path, False
+    if rebuild:
+        with complete_step(f"rebuilding {path} with the restorer"):
+            path = initrd.rebuild(image.release)
+    return path, rebuild
+
+
+def _print(result: dict[str, Any], as_json: bool, lines: list[str]) -> None:
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        for line in lines:
+            click.echo(line)

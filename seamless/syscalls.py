@@ -1,0 +1,174 @@
+"""The one place that makes system calls through ctypes.
+
+Each call turns a failure's errno into a :class:`SyscallError` whose message
+says what it means for the operator and what to do.  Tests replace ``_libc``
+(or the functions themselves): nothing else in seamless talks to libc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from typing import Any
+
+from seamless.errors import SeamlessError
+
+#: libc, with errno saved after every call (ctypes.get_errno).
+_libc: Any = ctypes.CDLL(None, use_errno=True)
+
+# x86_64 system call numbers (arch/x86/entry/syscalls/syscall_64.tbl).
+SYS_REBOOT = 169
+SYS_KEXEC_FILE_LOAD = 320
+
+# kexec_file_load(2) flags (include/uapi/linux/kexec.h).
+KEXEC_FILE_UNLOAD = 0x1
+KEXEC_FILE_NO_INITRAMFS = 0x4
+
+# reboot(2) (include/uapi/linux/reboot.h).
+LINUX_REBOOT_MAGIC1 = 0xFEE1DEAD
+LINUX_REBOOT_MAGIC2 = 0x28121969
+LINUX_REBOOT_CMD_KEXEC = 0x45584543
+
+# mount(2) flags (include/uapi/linux/mount.h).
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
+MS_RELATIME = 0x200000
+MS_STRICTATIME = 0x1000000
+
+_SIGNATURE = (
+    "the running kernel enforces signed kexec images and the signature of this kernel "
+    "is missing or not trusted",
+    "there is no way around it: use a kernel signed with a key the running kernel trusts "
+    "(the distribution's own signed linux-image package)",
+)
+
+#: What kexec_file_load's errors mean, and what to do about them.
+_KEXEC_ERRORS: dict[int, tuple[str, str]] = {
+    errno.ENOSYS: (
+        "the running kernel has no kexec_file_load (built without CONFIG_KEXEC_FILE)",
+        "boot a kernel with CONFIG_KEXEC_FILE=y once, with a normal reboot",
+    ),
+    errno.EPERM: (
+        "kexec is not permitted: not root, or the kernel is locked down, or kexec is "
+        "disabled by kernel.kexec_load_disabled",
+        "run as root; see /sys/kernel/security/lockdown and "
+        "/proc/sys/kernel/kexec_load_disabled (once 1, it stays 1 until a reboot)",
+    ),
+    errno.ENOEXEC: (
+        "the file is not a kernel this kernel can kexec",
+        "give a 64-bit x86 bzImage (/boot/vmlinuz-RELEASE); `dmesg | tail` says why",
+    ),
+    errno.EKEYREJECTED: _SIGNATURE,
+    errno.EBADMSG: _SIGNATURE,
+    errno.ENOKEY: _SIGNATURE,
+    errno.EBUSY: (
+        "another kexec load or unload is in progress",
+        "wait for it to finish and try again",
+    ),
+    errno.EINVAL: (
+        "the kernel rejected the load: command line too long, or an invalid argument",
+        "shorten the command line; `dmesg | tail` says what was rejected",
+    ),
+    errno.ENOMEM: (
+        "not enough memory to load the kernel and initramfs",
+        "free some memory, or use a smaller initramfs (dracut --hostonly)",
+    ),
+}
+
+_REBOOT_ERRORS: dict[int, tuple[str, str]] = {
+    errno.EPERM: ("rebooting is not permitted (not root, CAP_SYS_BOOT)", "run as root"),
+    errno.EINVAL: (
+        "no kernel is loaded for kexec, or the kernel has no kexec support",
+        "load one first (seamless kexec --kernel PATH)",
+    ),
+}
+
+
+class SyscallError(SeamlessError):
+    """A system call failed; ``errno`` says how."""
+
+    def __init__(
+        self, call: str, err: int, table: dict[int, tuple[str, str]] | None = None
+    ) -> None:
+        message, hint = (table or {}).get(err, (os.strerror(err), None))
+        super().__init__(f"{call}: {message} ({errno.errorcode.get(err, err)})", hint=hint)
+        self.call = call
+        self.errno = err
+
+
+def _check(rc: int, call: str, table: dict[int, tuple[str, str]] | None = None) -> None:
+    if rc == -1:
+        raise SyscallError(call, ctypes.get_errno(), table)
+
+
+def kexec_file_load(kernel_fd: int, initrd_fd: int | None, cmdline: str, flags: int = 0) -> None:
+    """Load ``kernel_fd`` (and ``initrd_fd``) with ``cmdline`` as the kernel to kexec into."""
+    if initrd_fd is None:
+        initrd_fd, flags = -1, flags | KEXEC_FILE_NO_INITRAMFS
+    buf = cmdline.encode() + b"\0"
+    rc: int = _libc.syscall(
+        ctypes.c_long(SYS_KEXEC_FILE_LOAD),
+        ctypes.c_int(kernel_fd),
+        ctypes.c_int(initrd_fd),
+        ctypes.c_ulong(len(buf)),
+        ctypes.c_char_p(buf),
+        ctypes.c_ulong(flags),
+    )
+    _check(rc, "kexec_file_load", _KEXEC_ERRORS)
+
+
+def kexec_unload() -> None:
+    """Unload the kernel loaded for kexec (no error when none is loaded)."""
+    rc: int = _libc.syscall(
+        ctypes.c_long(SYS_KEXEC_FILE_LOAD),
+        ctypes.c_int(-1),
+        ctypes.c_int(-1),
+        ctypes.c_ulong(0),
+        ctypes.c_char_p(None),
+        ctypes.c_ulong(KEXEC_FILE_UNLOAD),
+    )
+    _check(rc, "kexec_file_load(KEXEC_FILE_UNLOAD)", _KEXEC_ERRORS)
+
+
+def reboot_kexec() -> None:
+    """Jump into the loaded kernel now.  Returns only on failure (which raises)."""
+    rc: int = _libc.syscall(
+        ctypes.c_long(SYS_REBOOT),
+        ctypes.c_uint(LINUX_REBOOT_MAGIC1),
+        ctypes.c_uint(LINUX_REBOOT_MAGIC2),
+        ctypes.c_uint(LINUX_REBOOT_CMD_KEXEC),
+        ctypes.c_void_p(None),
+    )
+    _check(rc, "reboot(LINUX_REBOOT_CMD_KEXEC)", _REBOOT_ERRORS)
+
+
+def sync() -> None:
+    """Write every dirty buffer to its device (sync(2) cannot fail)."""
+    _libc.sync()
+
+
+def remount_readonly(target: str, flags: int = 0) -> int:
+    """Remount the filesystem at ``target`` read-only, keeping the per-mount ``flags``.
+
+    Returns 0, or ``errno.EBUSY`` when a file there is open for writing (the
+    caller decides whether that matters); any other failure raises.
+    """
+    rc: int = _libc.mount(
+        ctypes.c_char_p(None),
+        ctypes.c_char_p(os.fsencode(target)),
+        ctypes.c_char_p(None),
+        ctypes.c_ulong(MS_REMOUNT | MS_RDONLY | flags),
+        ctypes.c_void_p(None),
+    )
+    if rc == -1:
+        err = ctypes.get_errno()
+        if err == errno.EBUSY:
+            return err
+        raise SyscallError(f"remounting {target} read-only", err)
+    return 0
