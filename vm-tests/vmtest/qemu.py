@@ -214,6 +214,32 @@ class Guest:
                time.monotonic() - start)
         return info
 
+    def seamless_kexec(self, kernel: config.Kernel, *args: str,
+                       timeout: float = BOOT_TIMEOUT) -> tuple[GuestInfo, float]:
+        """``seamless kexec --kernel`` into ``kernel``; wait for the new kernel's agent.
+
+        Returns its info and the seconds from the moment seamless says it enters the
+        new kernel (the reboot call) to the agent answering there."""
+        before = self.info or self.wait_ready()
+        argv = ["seamless", "kexec", "--kernel", kernel.vmlinuz, "--yes", *args]
+        proc = self.channel.start(argv)
+        output = b""
+        entered = None
+        with contextlib.suppress(TimeoutError):
+            for _, data in proc.events(timeout=600):
+                output += data
+                if b"entering " in output:
+                    entered = time.monotonic()
+                    break
+        if entered is None:
+            raise VMError(f"{' '.join(argv)} ended with {proc.returncode} before entering "
+                          f"the kernel:\n{output.decode(errors='replace')}")
+        info = self.wait_ready(timeout, not_boot=before.boot_id)
+        seconds = time.monotonic() - entered
+        record(f"seamless kexec {before.release} -> {info.release}, reboot call to agent ready",
+               seconds)
+        return info, seconds
+
     # -- QEMU's monitor
     def qmp(self, command: str, **arguments: object) -> object:
         """Run one QMP command on this guest's QEMU; returns its "return" value."""
