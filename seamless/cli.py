@@ -39,7 +39,11 @@ def cli(ctx: click.Context, debug: bool) -> None:
 from seamless.collect.cli import checkpoint_command, plan_command  # noqa: E402
 from seamless.kexec.cli import kexec_command  # noqa: E402
 from seamless.memstore.cli import setup_command, store_group  # noqa: E402
-from seamless.restore.cli import install_restorer_command, restore_command  # noqa: E402
+from seamless.restore.cli import (  # noqa: E402
+    install_restorer_command,
+    restore_command,
+    status_command,
+)
 
 cli.add_command(setup_command)
 cli.add_command(store_group)
@@ -48,6 +52,11 @@ cli.add_command(checkpoint_command)
 cli.add_command(install_restorer_command)
 cli.add_command(restore_command)
 cli.add_command(kexec_command)
+cli.add_command(status_command)
+
+from seamless.upgrade import upgrade_command  # noqa: E402
+
+cli.add_command(upgrade_command)
 
 
 def main() -> None:

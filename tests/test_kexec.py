@@ -671,3 +671,32 @@ def test_command_is_registered() -> None:
     for option in ("--kernel", "--initrd", "--append", "--cmdline", "--rebuild-initrd",
                    "--dry-run", "--unload", "--yes", "--json"):
         assert option in result.output
+
+
+def _newc(*names: str) -> bytes:
+    out = b""
+    for i, name in enumerate([*names, "TRAILER!!!"]):
+        data = b"" if name == "TRAILER!!!" else name.encode() * 3
+        raw = name.encode() + b"\0"
+        fields = [i, 0o100644, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(raw), 0]
+        header = b"070701" + b"".join(b"%08X" % f for f in fields)
+        entry = header + raw
+        entry += b"\0" * (-len(entry) % 4) + data
+        out += entry + b"\0" * (-len(entry) % 4)
+    return out + b"\0" * 512
+
+
+def test_initrd_read_directly_early_and_compressed_archives(tmp_path: Path) -> None:
+    """An uncompressed early archive (microcode) then a gzip one: names from both, no
+    lsinitrd needed; an unknown compression falls back (None)."""
+    import gzip
+
+    path = tmp_path / "initrd.img"
+    path.write_bytes(_newc("kernel", "kernel/x86/microcode/GenuineIntel.bin")
+                     + gzip.compress(_newc("usr", "usr/lib/dracut/hooks/pre-pivot/"
+                                           "90-seamless-restore.sh", "init")))
+    names = initrd.read_cpio_names(path)
+    assert names is not None and "init" in names and "kernel" in names
+    assert initrd.has_restorer(path)
+    path.write_bytes(_newc("kernel") + b"\x5d\x00\x00 not a known compression")
+    assert initrd.read_cpio_names(path) is None

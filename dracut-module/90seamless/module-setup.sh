@@ -30,5 +30,6 @@ install() {
     inst_multiple chroot modprobe mount umount
     inst_multiple -o ip
     inst_simple "$moddir/seamless-lib.sh" /lib/seamless/seamless-lib.sh
+    inst_hook cmdline 01 "$moddir/seamless-pids.sh"
     inst_hook pre-pivot 90 "$moddir/seamless-restore.sh"
 }

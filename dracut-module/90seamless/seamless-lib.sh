@@ -10,10 +10,31 @@ seamless_log() {
     echo "seamless: $*" >/dev/kmsg 2>/dev/null || echo "seamless: $*" >&2
 }
 
+# seamless_reserve_pids LAST: every process started from now on gets a PID above
+# LAST, so none takes the PID of a process about to be restored.
+seamless_reserve_pids() {
+    _last=$1
+    case $_last in '' | *[!0-9]*) return 1 ;; esac
+    read -r _max </proc/sys/kernel/pid_max
+    if [ "$_last" -ge $((_max - 1000)) ]; then
+        echo 4194304 >/proc/sys/kernel/pid_max
+    fi
+    read -r _now </proc/sys/kernel/ns_last_pid
+    if [ "$_now" -lt "$_last" ]; then
+        echo "$_last" >/proc/sys/kernel/ns_last_pid && seamless_log "PIDs up to $_last kept free"
+    fi
+}
+
 # seamless_restore ROOT GENERATION
 seamless_restore() {
     _root=$1
     _gen=$2
+    if [ -d /run/systemd/system ]; then
+        # systemd ends every initramfs process at switch-root: the restore happens in
+        # the real root (seamless-restore.service), before its services start.
+        seamless_log "generation $_gen is restored by seamless-restore.service after switch-root"
+        return 0
+    fi
     if [ ! -x "$_root/usr/bin/seamless" ] && [ ! -x "$_root/usr/local/bin/seamless" ]; then
         seamless_log "no seamless on the real root at $_root: nothing restored"
         return 1

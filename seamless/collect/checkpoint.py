@@ -18,7 +18,9 @@ its tree by itself.  Nothing here is ever left frozen by a failure.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,16 +28,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from seamless.collect.criu import CriuError, CriuOptions, CriuResult, Notification, NotifyHandler
+from seamless.collect.criu import (
+    Criu,
+    CriuError,
+    CriuOptions,
+    CriuResult,
+    Notification,
+    NotifyHandler,
+)
 from seamless.collect.processes import ProcessTree
 from seamless.collect.resources import journald_streams, unix_sockets
 from seamless.errors import ExitCode, SeamlessError
-from seamless.log import log
+from seamless.log import complete_step, log
+from seamless.memstore.generation import Generation
+from seamless.memstore.records import Manifest, TreeRecord
+from seamless.run import run
 
 #: Deleted-but-mapped files (libraries replaced by the upgrade) travel as ghost files.
 GHOST_LIMIT = 512 << 20
 #: How long a dump may take before we give up on it (CRIU is then killed and thaws it).
 DUMP_TIMEOUT = 600.0
+
+
+#: What CRIU needs loaded: socket diagnostics to dump sockets, nftables for the
+#: network lock, tun and veth for its checks.
+CRIU_MODULES = ("inet_diag", "tcp_diag", "udp_diag", "raw_diag", "unix_diag", "netlink_diag",
+                "af_packet_diag", "nf_tables", "tun", "veth")
+
+
+def load_criu_modules() -> None:
+    """Load what CRIU needs (a module that is missing shows in criu check)."""
+    result = run(["modprobe", "-a", *CRIU_MODULES], check=False)
+    if result.returncode != 0:
+        log.debug("modprobe: %s", result.stderr.decode(errors="replace").strip())
 
 
 #: Beside each tree's images: what the restore needs to know about the tree.
@@ -235,3 +260,58 @@ def _start(d: TreeDump, criu: Dumper, opts: CriuOptions) -> None:
     d.started = time.monotonic()
     d._thread = threading.Thread(target=run, name=f"dump-{d.tree.root.pid}", daemon=True)
     d._thread.start()
+
+
+def boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def take_checkpoint(
+    trees: Sequence[ProcessTree],
+    images: Generation,
+    number: int,
+    *,
+    leave_running: bool,
+    target_release: str | None = None,
+    times: dict[str, float] | None = None,
+) -> tuple[HeldTrees, Manifest]:
+    """Dump ``trees`` into the new generation ``images``, seal it, and return the trees
+    still held frozen (release or abort them) with the manifest.
+
+    On any failure every tree is thawed and the partial generation removed before
+    the error is raised. ``times`` receives the wall-clock times of the steps
+    (frozen, dumped, sealed) for the upgrade's report.
+    """
+    times = {} if times is None else times
+    sockets = unix_sockets() or {}
+
+    def options(tree: ProcessTree) -> CriuOptions:
+        opts = dump_options(tree, journald_streams(tree.pids, sockets))
+        return dataclasses.replace(opts, leave_running=leave_running)
+
+    created = time.time()
+    root = images.create()
+    try:
+        times["frozen"] = time.time()
+        with complete_step(f"dumping {len(trees)} trees into {root}"):
+            held = dump_all(trees, root, Criu(), options=options)
+        times["dumped"] = time.time()
+        try:
+            with complete_step("sealing: checksums, manifest"):
+                manifest = images.seal(Manifest(
+                    generation=number, source_release=os.uname().release,
+                    source_boot_id=boot_id(), target_release=target_release, created=created,
+                    trees=[TreeRecord(
+                        root=d.tree.root.pid, unit=d.tree.root.unit,
+                        command=d.tree.root.command, processes=len(d.tree.members),
+                        bytes=d.bytes_written, dump_seconds=d.dump_seconds,
+                    ) for d in held.dumps],
+                ))
+            times["sealed"] = time.time()
+        except BaseException:
+            held.abort()
+            raise
+    except BaseException:
+        images.discard()
+        raise
+    return held, manifest

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -11,16 +10,13 @@ from pathlib import Path
 
 import click
 
-from seamless.collect.checkpoint import dump_all, dump_options
-from seamless.collect.criu import Criu, CriuOptions
+from seamless.collect.checkpoint import load_criu_modules, take_checkpoint
 from seamless.collect.plan import StoreSpace, make_plan, render
-from seamless.collect.processes import ProcessTree, read_table
-from seamless.collect.resources import journald_streams, unix_sockets
+from seamless.collect.processes import read_table
 from seamless.collect.select import CONFIG_PATH, RULE_KINDS, Selection, load_config
 from seamless.errors import ExitCode, SeamlessError
 from seamless.log import complete_step, log
 from seamless.memstore.generation import Generation
-from seamless.memstore.records import Manifest, TreeRecord
 from seamless.memstore.store import Store, open_store
 
 
@@ -40,10 +36,6 @@ def store_space() -> StoreSpace:
     except SeamlessError as e:
         return StoreSpace(None, None, e.format_message().replace("\n", "; "))
     return StoreSpace(device=str(store.root), free=store.free())
-
-
-def boot_id() -> str:
-    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
 def selection_options(f: Callable[..., object]) -> Callable[..., object]:
@@ -127,35 +119,10 @@ def checkpoint_command(includes: tuple[str, ...], excludes: tuple[str, ...], con
         click.echo(render(plan), err=True)
         raise SeamlessError("the checkpoint would not succeed; nothing was frozen",
                             hint="see the problems above (seamless plan shows them too)")
-    sockets = unix_sockets() or {}
-
-    def options(tree: ProcessTree) -> CriuOptions:
-        opts = dump_options(tree, journald_streams(tree.pids, sockets))
-        return dataclasses.replace(opts, leave_running=leave_running)
-
-    start, created = time.monotonic(), time.time()
-    root = images.create()
-    try:
-        with complete_step(f"dumping {len(plan.trees)} trees into {root}"):
-            held = dump_all(plan.trees, root, Criu(), options=options)
-        try:
-            with complete_step("sealing: checksums, manifest, read back"):
-                manifest = images.seal(Manifest(
-                    generation=number, source_release=os.uname().release,
-                    source_boot_id=boot_id(), target_release=target_release, created=created,
-                    trees=[TreeRecord(
-                        root=d.tree.root.pid, unit=d.tree.root.unit,
-                        command=d.tree.root.command, processes=len(d.tree.members),
-                        bytes=d.bytes_written, dump_seconds=d.dump_seconds,
-                        freeze_seconds=d.freeze_seconds,
-                    ) for d in held.dumps],
-                ))
-        except BaseException:
-            held.abort()
-            raise
-    except BaseException:
-        images.discard()
-        raise
+    load_criu_modules()
+    start = time.monotonic()
+    held, manifest = take_checkpoint(plan.trees, images, number, leave_running=leave_running,
+                                     target_release=target_release)
     with complete_step("thawing the trees" if leave_running else "ending the dumped trees"):
         held.release()
     trees = [{

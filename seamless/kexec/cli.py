@@ -79,7 +79,7 @@ def kexec_command(
     with complete_step(f"checking the kernel image {kernel}"):
         image = KernelImage.read(kernel)
     log.info("target kernel: %s (boot protocol %s)", image.release, image.protocol_str)
-    policy = _check_policy()
+    policy = check_policy()
 
     region = find_region()
     if region is None:
@@ -95,7 +95,7 @@ def kexec_command(
     new_cmdline = cmdline.join(args)
     cmdline.check_length(new_cmdline, image.max_cmdline)
 
-    initrd_used, rebuilt = _prepare_initrd(image, initrd_path, rebuild_initrd, dry_run)
+    initrd_used, rebuilt = prepare_initrd(image, initrd_path, rebuild_initrd, dry_run)
 
     was_loaded = loader.loaded()
     with complete_step(f"loading {image.release} with kexec_file_load"):
@@ -137,7 +137,7 @@ def kexec_command(
         loader.enter()
 
 
-def _check_policy() -> KexecPolicy:
+def check_policy() -> KexecPolicy:
     policy = kexec_policy()
     log.info("lockdown: %s", policy.lockdown or "unknown (securityfs not mounted?)")
     if policy.load_disabled:
@@ -151,7 +151,7 @@ def _check_policy() -> KexecPolicy:
     return policy
 
 
-def _prepare_initrd(
+def prepare_initrd(
     image: KernelImage, given: Path | None, rebuild: bool, dry_run: bool
 ) -> tuple[Path, bool]:
     """The initramfs to load (checked to carry the restorer), and whether it was rebuilt."""

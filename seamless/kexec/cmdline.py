@@ -16,6 +16,7 @@ from seamless.errors import ExitCode, SeamlessError
 #: Arguments for one boot only: the boot loader's, and seamless' own.
 ONE_SHOT_PREFIXES = ("BOOT_IMAGE=", "initrd=", "seamless.")
 RESTORE_ARG = "seamless.restore="
+LAST_PID_ARG = "seamless.last_pid="
 PROC_CMDLINE = Path("/proc/cmdline")
 
 
@@ -66,15 +67,20 @@ def running_cmdline(path: Path | None = None) -> str:
     return (path or PROC_CMDLINE).read_text().strip()
 
 
-def with_restore(args: Sequence[str], generation: int | None) -> list[str]:
-    """``args`` with ``seamless.restore=GENERATION`` (or with none, for a plain kexec).
+def with_restore(args: Sequence[str], generation: int | None,
+                 last_pid: int | None = None) -> list[str]:
+    """``args`` with ``seamless.restore=GENERATION`` (or with none, for a plain kexec), and
+    ``seamless.last_pid=N`` (the initramfs keeps PIDs up to N free for the restore).
 
-    seamless owns this argument: any given by the operator is replaced.
+    seamless owns these arguments: any given by the operator is replaced.
     """
-    kept = [a for a in args if not a.startswith(RESTORE_ARG)]
+    kept = [a for a in args if not a.startswith((RESTORE_ARG, LAST_PID_ARG))]
     if generation is None:
         return kept
-    return _insert_before_init_args(kept, f"{RESTORE_ARG}{generation}")
+    kept = _insert_before_init_args(kept, f"{RESTORE_ARG}{generation}")
+    if last_pid is not None:
+        kept = _insert_before_init_args(kept, f"{LAST_PID_ARG}{last_pid}")
+    return kept
 
 
 def _insert_before_init_args(args: list[str], arg: str) -> list[str]:

@@ -55,6 +55,25 @@ def _initramfs_source(src: Path) -> Path:
 class Installed:
     dracut: Path | None = None
     initramfs_tools: list[Path] = field(default_factory=list)
+    unit: Path | None = None
+
+
+UNIT = "seamless-restore.service"
+
+
+def install_unit(root: Path, src: Path) -> Path:
+    """The real root's restore unit (where systemd in the initramfs rules out restoring
+    there), enabled in sysinit.target."""
+    source = src / "systemd" / UNIT
+    target = root / "etc/systemd/system" / UNIT
+    shutil.copyfile(source, target)
+    target.chmod(0o644)
+    wants = root / "etc/systemd/system/sysinit.target.wants"
+    wants.mkdir(exist_ok=True)
+    link = wants / UNIT
+    if not link.is_symlink():
+        link.symlink_to(Path("/etc/systemd/system") / UNIT)
+    return target
 
 
 def install(
@@ -78,12 +97,15 @@ def install(
         lib_dir = root / "usr/share/seamless"
         lib_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(_dracut_source(src) / "seamless-lib.sh", lib_dir / "seamless-lib.sh")
-        for rel in ("hooks/seamless", "scripts/init-bottom/seamless"):
+        for rel in ("hooks/seamless", "scripts/init-top/seamless",
+                    "scripts/init-bottom/seamless"):
             target = root / "etc/initramfs-tools" / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(_initramfs_source(src) / rel, target)
             target.chmod(0o755)
             done.initramfs_tools.append(target)
+    if (root / "etc/systemd/system").is_dir():
+        done.unit = install_unit(root, src)
     if done.dracut is None and not done.initramfs_tools:
         raise SeamlessError(
             "neither dracut nor initramfs-tools is installed",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import click
@@ -12,7 +13,15 @@ from seamless.collect.checkpoint import TREE_INFO
 from seamless.collect.criu import Criu
 from seamless.errors import ExitCode, SeamlessError
 from seamless.log import complete_step
+from seamless.memstore.store import open_store
 from seamless.restore import boothooks
+from seamless.restore.boot import (
+    boot_restore,
+    corrupt_trees,
+    generation_from_cmdline,
+    last_report,
+    phases,
+)
 from seamless.restore.restorer import restore_all
 
 
@@ -36,6 +45,7 @@ def install_restorer_command(releases: tuple[str, ...], as_json: bool) -> None:
             rebuilt.append(str(boothooks.rebuild(release)))
     result = {
         "dracut": str(done.dracut) if done.dracut else None,
+        "unit": str(done.unit) if done.unit else None,
         "initramfs_tools": [str(p) for p in done.initramfs_tools],
         "rebuilt": rebuilt,
     }
@@ -52,9 +62,16 @@ def install_restorer_command(releases: tuple[str, ...], as_json: bool) -> None:
 
 @click.command("restore")
 @click.option("--images", "images_dir", type=click.Path(path_type=Path, file_okay=False),
-              required=True, help="A checkpoint's directory: one subdirectory per tree.")
+              default=None, help="A checkpoint's directory (default: a generation of the store).")
+@click.option("--generation", "number", type=int, default=None,
+              help="The store's generation to restore (default: the newest).")
+@click.option("--boot", is_flag=True, hidden=True,
+              help="Run as the boot-time restorer (from the initramfs).")
+@click.option("--keep", is_flag=True,
+              help="Keep the generation after a successful restore (it is overwritten otherwise).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def restore_command(images_dir: Path, as_json: bool) -> None:
+def restore_command(images_dir: Path | None, number: int | None, boot: bool, keep: bool,
+                    as_json: bool) -> None:
     """Restore every process tree of a checkpoint, with the same PIDs.
 
     Trees come back in the order they were dumped; one that fails does not stop
@@ -62,11 +79,27 @@ def restore_command(images_dir: Path, as_json: bool) -> None:
     """
     if os.geteuid() != 0:
         raise SeamlessError("restoring processes needs root", hint="run it with sudo")
+    if boot:
+        boot_report = boot_restore(number if number is not None else generation_from_cmdline(),
+                                   keep=keep)
+        if as_json:
+            click.echo(json.dumps(boot_report, indent=2))
+        if not boot_report["ok"]:
+            raise SeamlessError("some trees were not restored (seamless status says which)",
+                                exit_code=ExitCode.CHANGED)
+        return
+    if images_dir is None:
+        _, gen = open_store().generation(number)
+        images_dir = gen.final
+        bad = gen.verify()
+        skip = corrupt_trees(bad)
+    else:
+        skip = {}
     if not any(images_dir.glob(f"*/{TREE_INFO}")):
         raise SeamlessError(f"{images_dir} holds no checkpointed tree",
                             hint="give the directory a checkpoint wrote its trees into")
     with complete_step(f"restoring the trees of {images_dir}"):
-        report = restore_all(images_dir, Criu())
+        report = restore_all(images_dir, Criu(), skip=skip)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
@@ -79,3 +112,29 @@ def restore_command(images_dir: Path, as_json: bool) -> None:
             hint="the others run again; see each tree's restore.log beside its images",
             exit_code=ExitCode.CHANGED,
         )
+
+
+@click.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def status_command(as_json: bool) -> None:
+    """What the last upgrade did: kernels, each tree's result, the time of each phase."""
+    report = last_report()
+    if report is None:
+        raise SeamlessError("no upgrade has been restored on this machine yet",
+                            hint="seamless upgrade --kernel PATH does one")
+    if as_json:
+        click.echo(json.dumps({**report, "phases": dict(phases(report))}, indent=2))
+        return
+    when = time.strftime("%Y-%m-%d %H:%M:%S",
+                         time.localtime(report["times"].get("restorer_started", 0)))
+    click.echo(f"last upgrade: {report.get('from', '?')} -> {report['to']} at {when}, "
+               f"generation {report.get('generation')}: "
+               + ("all trees restored" if report["ok"] else "NOT all trees restored"))
+    if report.get("error"):
+        click.echo(f"error: {report['error']}")
+    for t in report.get("trees", []):
+        state = f"restored as {t['pid']}" if t["restored"] else f"FAILED: {t['error']}"
+        click.echo(f"  {t['root']:>7}  {(t['unit'] or '-')[:30]:<30} {t['command'][:30]:<30} "
+                   f"{state}")
+    for name, seconds in phases(report):
+        click.echo(f"  {name:<40} {seconds:8.2f} s")

@@ -111,11 +111,14 @@ def restore_all(
     *,
     stream: Callable[[str, str | None], int] | None = None,
     progress: Callable[[str], None] = log.info,
+    skip: Mapping[str, str] | None = None,
 ) -> RestoreReport:
     """Restore every tree under ``images_root``; failures are reported, not raised.
 
     ``stream(identifier, unit)`` opens what replaces a tree's journald streams
     (default: a new journal stream, or /dev/null when journald does not answer).
+    ``skip`` maps a tree's directory name to why it must not be restored (for
+    example a corrupt image): such a tree is reported failed with that reason.
     """
     report = RestoreReport()
     start = time.monotonic()
@@ -123,6 +126,10 @@ def restore_all(
         tree = TreeRestore(int(info["root"]), info.get("unit"), str(info.get("command", "")),
                            restored=False)
         report.trees.append(tree)
+        if skip and images_dir.name in skip:
+            tree.error = skip[images_dir.name]
+            progress(f"NOT restoring tree {tree.root} ({tree.command[:50]}): {tree.error}")
+            continue
         fds: list[int] = []
         try:
             inherit = []

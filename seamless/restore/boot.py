@@ -1,0 +1,173 @@
+"""The restore at boot: run from the initramfs, chrooted into the real root.
+
+Mounts the store, verifies the generation (a tree whose images are corrupt is
+not restored; the others are), restores the trees in their dump order, hands
+restored services to systemd, writes the report where ``seamless status``
+finds it, and (on success, unless asked to keep it) overwrites the generation:
+it holds process memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from seamless.collect.checkpoint import load_criu_modules
+from seamless.collect.criu import Criu
+from seamless.errors import SeamlessError
+from seamless.log import complete_step, log
+from seamless.memstore.generation import Generation
+from seamless.memstore.store import Store, open_store, unmount
+from seamless.restore import adopt
+from seamless.restore.restorer import Restorer, RestoreReport, restore_all
+from seamless.run import run
+
+#: Written by the restorer (in the initramfs /run, which becomes the real root's /run)...
+REPORT_RUN = Path("/run/seamless/last-upgrade.json")
+#: ...and kept across boots when the real root is writable.
+REPORT_VAR = Path("/var/lib/seamless/last-upgrade.json")
+#: Written into the store by `seamless upgrade` just before the kexec.
+UPGRADE_RECORD = "upgrade.json"
+
+
+def corrupt_trees(bad_files: list[str]) -> dict[str, str]:
+    """Which trees (directory names) have which corrupt files."""
+    trees: dict[str, list[str]] = {}
+    for path in bad_files:
+        trees.setdefault(path.split("/", 1)[0], []).append(path)
+    return {tree: "corrupt images: " + ", ".join(files) for tree, files in trees.items()}
+
+
+def wipe_generation(gen: Generation) -> None:
+    """Overwrite every file of the generation with zeros, then remove it."""
+    zeros = bytes(1 << 20)
+    for path in sorted(gen.final.rglob("*"), reverse=True):
+        if path.is_file() and not path.is_symlink():
+            size = path.stat().st_size
+            with open(path, "r+b") as f:
+                for offset in range(0, size, len(zeros)):
+                    f.write(zeros[: min(len(zeros), size - offset)])
+                f.flush()
+                os.fsync(f.fileno())
+            path.unlink()
+        elif path.is_dir():
+            path.rmdir()
+    gen.final.rmdir()
+
+
+def write_report(report: dict[str, Any], store: Store | None) -> None:
+    text = json.dumps(report, indent=2)
+    targets = [REPORT_RUN, REPORT_VAR]
+    if store is not None:
+        targets.append(store.root / f"report-{report['generation']}.json")
+    for path in targets:
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path.write_text(text)
+        except OSError as e:  # a read-only real root: /run still has it
+            log.warning("could not write the report to %s: %s", path, e)
+
+
+def boot_restore(number: int | None, *, keep: bool = False,
+                 criu: Restorer | None = None, root: Path = Path("/")) -> dict[str, Any]:
+    """Restore a generation of the store at boot; returns the report (also written)."""
+    started = time.time()
+    report: dict[str, Any] = {"generation": number, "to": os.uname().release, "ok": False,
+                              "times": {"restorer_started": started}}
+    store = None
+    try:
+        with complete_step("opening the store"):
+            store = open_store()
+        n, gen = store.generation(number)
+        manifest = gen.manifest()
+        report.update(generation=n, **{"from": manifest.source_release})
+        record = store.root / UPGRADE_RECORD
+        if record.is_file():
+            upgrade = json.loads(record.read_text())
+            if upgrade.get("generation") == n:
+                report["times"] = {**upgrade.get("times", {}), **report["times"]}
+        with complete_step(f"verifying generation {n}"):
+            bad = gen.verify()
+        report["corrupt"] = bad
+        load_criu_modules()
+        with complete_step(f"restoring {len(manifest.trees)} trees"):
+            restored = restore_all(gen.final, criu or Criu(), skip=corrupt_trees(bad))
+        report["times"]["restored"] = time.time()
+        report.update(ok=restored.ok, trees=restored.to_json()["trees"],
+                      adopted=adopt_services(restored, root))
+        if report["adopted"]:
+            hand_over(report["adopted"])
+        if restored.ok and not keep:
+            with complete_step(f"overwriting generation {n} (it held process memory)"):
+                wipe_generation(gen)
+            report["wiped"] = True
+    except SeamlessError as e:
+        report["error"] = e.format_message()
+        raise
+    finally:
+        report["times"]["finished"] = time.time()
+        write_report(report, store)
+        if store is not None:
+            try:
+                unmount(store.root)
+            except SeamlessError as e:
+                log.warning("%s", e)
+    return report
+
+
+def hand_over(units: list[str]) -> None:
+    """When systemd runs already (the restore unit), make it read the runtime units and
+    start the adopted ones (their start is /bin/true: it only records the main PID)."""
+    if not Path("/run/systemd/system").is_dir() or os.getpid() == 1:
+        return  # the initramfs: systemd reads them when it starts
+    run(["systemctl", "daemon-reload"], check=False)
+    run(["systemctl", "start", "--no-block", *units], check=False)
+
+
+def generation_from_cmdline(cmdline: str | None = None) -> int | None:
+    """N of ``seamless.restore=N`` on the kernel command line."""
+    text = cmdline if cmdline is not None else Path("/proc/cmdline").read_text()
+    for arg in text.split():
+        if arg.startswith("seamless.restore="):
+            value = arg.removeprefix("seamless.restore=")
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def adopt_services(report: RestoreReport, root: Path) -> list[str]:
+    adopted = []
+    for tree in report.trees:
+        if tree.restored and tree.pid and tree.unit and tree.unit.endswith(".service"):
+            adopt.adopt(tree.unit, tree.pid, root)
+            adopted.append(tree.unit)
+    return adopted
+
+
+def last_report() -> dict[str, Any] | None:
+    """The newest report of a restore at boot, if any."""
+    found = []
+    for path in (REPORT_RUN, REPORT_VAR):
+        try:
+            found.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    if not found:
+        return None
+    newest: dict[str, Any] = max(found, key=lambda r: r.get("times", {}).get("finished", 0))
+    return newest
+
+
+def phases(report: dict[str, Any]) -> list[tuple[str, float]]:
+    """The durations of an upgrade's phases, from the times it recorded."""
+    t = report.get("times", {})
+    spans = [
+        ("freeze and dump", "frozen", "dumped"),
+        ("seal (checksums, manifest)", "dumped", "sealed"),
+        ("kexec to the restorer", "entering", "restorer_started"),
+        ("restore", "restorer_started", "restored"),
+        ("total blackout (freeze to restored)", "frozen", "restored"),
+    ]
+    return [(name, t[b] - t[a]) for name, a, b in spans if a in t and b in t]

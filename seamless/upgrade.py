@@ -1,0 +1,194 @@
+"""``seamless upgrade --kernel``: checkpoint, kexec, and restore in the new kernel.
+
+Preflight checks everything that can be checked before any process is touched
+(and loads the new kernel, so that a kernel the running one refuses is found
+then).  Then every selected tree is dumped into a new generation of the store
+and held frozen; the generation is sealed; the kernel is entered with
+``seamless.restore=N`` on its command line, and the boot-time restorer brings the
+trees back.  Any failure before the kexec thaws every tree, removes the
+generation and unloads the kernel: nothing changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from seamless.collect.checkpoint import HeldTrees, load_criu_modules, take_checkpoint
+from seamless.collect.cli import selection_from, selection_options
+from seamless.collect.criu import Criu, CriuError
+from seamless.collect.plan import StoreSpace, make_plan, render
+from seamless.collect.processes import read_table
+from seamless.errors import ExitCode, SeamlessError
+from seamless.kexec import cmdline, loader
+from seamless.kexec.cli import check_policy, prepare_initrd
+from seamless.kexec.image import KernelImage
+from seamless.log import complete_step, log
+from seamless.memstore.generation import Generation
+from seamless.memstore.region import find_region
+from seamless.memstore.store import no_region_error, open_store
+from seamless.restore.boot import UPGRADE_RECORD, wipe_generation
+
+PID_MARGIN = 4096
+
+
+def _criu_check() -> None:
+    with tempfile.TemporaryDirectory(prefix="seamless-check-") as work:
+        try:
+            Criu().check(Path(work))
+        except CriuError as e:
+            raise SeamlessError(f"criu check fails on this kernel: {e}",
+                                hint="CRIU cannot checkpoint here; see criu check's output "
+                                "(run `criu check` by hand)") from e
+
+
+def _write_record(path: Path, record: dict[str, Any]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@click.command("upgrade")
+@click.option("--kernel", type=click.Path(path_type=Path), metavar="PATH", required=True,
+              help="The kernel to upgrade to (a bzImage, e.g. /boot/vmlinuz-RELEASE).")
+@click.option("--initrd", "initrd_path", type=click.Path(path_type=Path), metavar="PATH",
+              help="Its initramfs (default /boot/initrd.img-RELEASE, rebuilt with the "
+              "restorer when it lacks it).")
+@click.option("--append", metavar="ARGS", help="Arguments to add to the new command line.")
+@selection_options
+@click.option("--dry-run", is_flag=True,
+              help="Do everything up to the kexec, check the generation, thaw, and report.")
+@click.option("--yes", is_flag=True, help="Do not ask before freezing the processes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
+                    includes: tuple[str, ...], excludes: tuple[str, ...], config_path: Path,
+                    dry_run: bool, yes: bool, as_json: bool) -> None:
+    """Upgrade to another kernel, keeping the running processes.
+
+    Every user process tree is checkpointed into the preserved RAM region, the
+    new kernel is entered with kexec, and the trees are restored there, with
+    the same PIDs, before the system's services start. `seamless status` shows
+    the outcome afterwards.
+
+    Exits 1 with nothing changed when a check fails or the checkpoint fails
+    (every process runs on).
+    """
+    if os.geteuid() != 0:
+        raise SeamlessError("upgrading the kernel needs root", hint="run it with sudo")
+    started = time.time()
+    selection = selection_from(includes, excludes, config_path)
+
+    # -- preflight: nothing is touched yet
+    with complete_step("preflight"):
+        image = KernelImage.read(kernel)
+        log.info("target kernel: %s", image.release)
+        check_policy()
+        region = find_region()
+        if region is None:
+            raise no_region_error()
+        if not region.reserved_now:
+            raise SeamlessError(f"the running kernel does not reserve {region.memmap}",
+                                hint="reboot once with it on the command line (seamless setup)")
+        store = open_store(region)
+        number, gen = store.new_generation()
+        args = cmdline.with_restore(cmdline.build(cmdline.running_cmdline(), append=append),
+                                    number)
+        cmdline.require_region(args, region.memmap)
+        initrd_used, rebuilt = prepare_initrd(image, initrd_path, False, dry_run)
+        load_criu_modules()
+        _criu_check()
+        plan = make_plan(read_table(), selection,
+                         StoreSpace(device=str(store.root), free=store.free()))
+        if not plan.ok:
+            click.echo(render(plan), err=True)
+            raise SeamlessError("the upgrade would not succeed; nothing was frozen",
+                                hint="see the problems above (seamless plan shows them too)")
+        # The new kernel starts its processes above every PID to restore (with room for
+        # children forked before the freeze).
+        last_pid = max((p for t in plan.trees for p in t.pids), default=0) + PID_MARGIN
+        new_cmdline = cmdline.join(cmdline.with_restore(args, number, last_pid))
+        cmdline.check_length(new_cmdline, image.max_cmdline)
+        with complete_step(f"loading {image.release} with kexec_file_load"):
+            loader.load(image.path, initrd_used, new_cmdline)
+    log.info("%d trees to carry (%d MiB), generation %d", len(plan.trees),
+             plan.needed >> 20, number)
+    if not yes and not dry_run and not click.confirm(
+            f"Freeze {len(plan.trees)} process trees and reboot into {image.release}?",
+            err=True):
+        loader.unload()
+        raise SeamlessError("not upgrading: nothing was changed")
+
+    # -- checkpoint: from here every failure thaws the trees and unloads the kernel
+    os.umask(0o077)
+    times: dict[str, float] = {"started": started}
+    try:
+        held, manifest = take_checkpoint(plan.trees, gen, number, leave_running=dry_run,
+                                         target_release=image.release, times=times)
+    except BaseException:
+        loader.unload()
+        raise
+    result: dict[str, Any] = {
+        "from": os.uname().release, "to": image.release, "kernel": str(image.path),
+        "initrd": str(initrd_used), "initrd_rebuilt": rebuilt, "cmdline": new_cmdline,
+        "generation": number, "dry_run": dry_run,
+        "trees": [{"root": t.root, "unit": t.unit, "command": t.command, "bytes": t.bytes,
+                   "dump_seconds": t.dump_seconds} for t in manifest.trees],
+        "bytes": manifest.total_bytes,
+    }
+    if dry_run:
+        _finish_dry_run(held, gen, result)
+    else:
+        _enter(held, store.root / UPGRADE_RECORD, times, result)
+    result["times"] = times
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(f"dry run: {len(manifest.trees)} trees ({manifest.total_bytes >> 20} MiB) "
+                   f"checkpointed into generation {number} and verified, then thawed; "
+                   f"{image.release} loaded and unloaded again. The upgrade would work.")
+
+
+def _finish_dry_run(held: HeldTrees, gen: Generation, result: dict[str, Any]) -> None:
+    try:
+        with complete_step("verifying the generation"):
+            bad = gen.verify()
+    except BaseException:
+        held.abort()
+        loader.unload()
+        raise
+    with complete_step("thawing the trees"):
+        held.release()
+    loader.unload()
+    wipe_generation(gen)
+    result["verified"] = not bad
+    if bad:
+        raise SeamlessError("the generation did not verify: " + ", ".join(bad),
+                            hint="the store may be damaged: seamless store verify")
+
+
+def _enter(held: HeldTrees, record_path: Path, times: dict[str, float],
+           result: dict[str, Any]) -> None:
+    times["entering"] = time.time()
+    try:
+        _write_record(record_path, {"generation": result["generation"], "times": times,
+                                    "from": result["from"], "to": result["to"]})
+        click.echo(f"entering {result['to']}: the processes come back there "
+                   "(seamless status shows how it went)", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        loader.enter()
+    except BaseException as e:
+        held.abort()  # thaws every tree: they run on in this kernel
+        loader.unload()
+        raise SeamlessError(f"entering {result['to']} failed: {e}",
+                            hint="the processes were thawed and run on",
+                            exit_code=ExitCode.CHANGED) from e
