@@ -35,7 +35,8 @@ class SeamlessError(click.ClickException):
     ) -> None:
         super().__init__(message)
         self.hint = hint
-        #: What the process exits with (click's own ``exit_code`` is a class constant).
+        #: What the process exits with (click's own ``exit_code`` is a class constant,
+        #: so only seamless.cli.main() exits with it).
         self.status = exit_code
 
     def format_message(self) -> str:

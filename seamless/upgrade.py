@@ -36,8 +36,6 @@ from seamless.memstore.region import find_region
 from seamless.memstore.store import no_region_error, open_store
 from seamless.restore.boot import UPGRADE_RECORD, wipe_generation
 
-PID_MARGIN = 4096
-
 
 def _criu_check() -> None:
     with tempfile.TemporaryDirectory(prefix="seamless-check-") as work:
@@ -114,16 +112,21 @@ def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
                                 hint="see the problems above (seamless plan shows them too)")
         # The new kernel starts its processes above every PID to restore (with room for
         # children forked before the freeze).
-        last_pid = max((p for t in plan.trees for p in t.pids), default=0) + PID_MARGIN
+        last_pid = max((p for t in plan.trees for p in t.pids), default=0) + cmdline.PID_MARGIN
         new_cmdline = cmdline.join(cmdline.with_restore(args, number, last_pid))
         cmdline.check_length(new_cmdline, image.max_cmdline)
         with complete_step(f"loading {image.release} with kexec_file_load"):
             loader.load(image.path, initrd_used, new_cmdline)
     log.info("%d trees to carry (%d MiB), generation %d", len(plan.trees),
              plan.needed >> 20, number)
-    if not yes and not dry_run and not click.confirm(
+    try:
+        go = yes or dry_run or click.confirm(
             f"Freeze {len(plan.trees)} process trees and reboot into {image.release}?",
-            err=True):
+            err=True)
+    except BaseException:
+        loader.unload()
+        raise
+    if not go:
         loader.unload()
         raise SeamlessError("not upgrading: nothing was changed")
 
@@ -147,7 +150,7 @@ def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
     if dry_run:
         _finish_dry_run(held, gen, result)
     else:
-        _enter(held, store.root / UPGRADE_RECORD, times, result)
+        _enter(held, gen, store.root / UPGRADE_RECORD, times, result)
     result["times"] = times
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -164,18 +167,21 @@ def _finish_dry_run(held: HeldTrees, gen: Generation, result: dict[str, Any]) ->
     except BaseException:
         held.abort()
         loader.unload()
+        wipe_generation(gen)
         raise
-    with complete_step("thawing the trees"):
-        held.release()
-    loader.unload()
-    wipe_generation(gen)
+    try:
+        with complete_step("thawing the trees"):
+            held.release()
+    finally:
+        loader.unload()
+        wipe_generation(gen)  # it holds process memory, and no kernel will restore it
     result["verified"] = not bad
     if bad:
         raise SeamlessError("the generation did not verify: " + ", ".join(bad),
                             hint="the store may be damaged: seamless store verify")
 
 
-def _enter(held: HeldTrees, record_path: Path, times: dict[str, float],
+def _enter(held: HeldTrees, gen: Generation, record_path: Path, times: dict[str, float],
            result: dict[str, Any]) -> None:
     times["entering"] = time.time()
     try:
@@ -189,6 +195,11 @@ def _enter(held: HeldTrees, record_path: Path, times: dict[str, float],
     except BaseException as e:
         held.abort()  # thaws every tree: they run on in this kernel
         loader.unload()
+        try:  # best effort: entering may have remounted the store read-only
+            wipe_generation(gen)
+            record_path.unlink(missing_ok=True)
+        except OSError as w:
+            log.warning("generation %s not removed: %s", gen.final, w)
         raise SeamlessError(f"entering {result['to']} failed: {e}",
                             hint="the processes were thawed and run on",
                             exit_code=ExitCode.CHANGED) from e

@@ -539,12 +539,22 @@ def test_kexec_loads_and_enters(env: Env) -> None:
     assert RELEASE in result.stderr
 
 
-def test_upgrade_adds_the_restore_generation(env: Env) -> None:
+def test_upgrade_adds_the_restore_generation(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The generation's highest PID (plus the margin) is kept free in the new kernel."""
+    seen = []
+
+    def last_pid_of(region: object, number: int) -> int:
+        seen.append(number)
+        return 900 + cmdline.PID_MARGIN
+
+    monkeypatch.setattr(kexec_cli, "last_pid_of", last_pid_of)
     result = invoke("--kernel", env.image, "--restore-generation", "7", "--append", "debug",
                     "--yes", "--json")
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert out["cmdline"] == f"{EXPECTED} debug seamless.restore=7"
+    assert seen == [7]
+    assert out["cmdline"] == (f"{EXPECTED} debug seamless.restore=7 "
+                              f"seamless.last_pid={900 + cmdline.PID_MARGIN}")
     assert out["release"] == RELEASE and out["region"] == MEMMAP and not out["dry_run"]
     assert env.kernel.calls[0] == ("kexec_file_load", env.image, env.initrd, out["cmdline"])
     assert env.kernel.names()[-1] == "reboot_kexec"

@@ -305,6 +305,7 @@ def take_checkpoint(
                         root=d.tree.root.pid, unit=d.tree.root.unit,
                         command=d.tree.root.command, processes=len(d.tree.members),
                         bytes=d.bytes_written, dump_seconds=d.dump_seconds,
+                        pids=list(d.tree.pids),
                     ) for d in held.dumps],
                 ))
             times["sealed"] = time.time()

@@ -26,6 +26,15 @@ def find_region() -> Region | None:
     return region.find_region(load=False)
 
 
+def last_pid_of(region: Region, number: int) -> int:
+    """The PID the new kernel must start above: the generation's highest, plus room."""
+    from seamless.memstore.store import open_store
+
+    manifest = open_store(region).generation(number)[1].manifest()
+    pids = [p for t in manifest.trees for p in (t.pids or [t.root])]
+    return max(pids, default=0) + cmdline.PID_MARGIN
+
+
 @click.command("kexec")
 @click.option("--kernel", type=click.Path(path_type=Path), metavar="PATH",
               help="The kernel to boot (a bzImage, e.g. /boot/vmlinuz-RELEASE).")
@@ -90,7 +99,9 @@ def kexec_command(
             f"the running kernel has not reserved the region {region.memmap}: it holds no "
             "checkpoint to restore", hint="reboot once with it (seamless setup), then upgrade")
     args = cmdline.build(cmdline.running_cmdline(), append=append, replace=replace)
-    args = cmdline.with_restore(args, restore_generation)
+    args = cmdline.with_restore(args, restore_generation,
+                                None if restore_generation is None
+                                else last_pid_of(region, restore_generation))
     cmdline.require_region(args, region.memmap)
     new_cmdline = cmdline.join(args)
     cmdline.check_length(new_cmdline, image.max_cmdline)

@@ -17,6 +17,8 @@ from seamless.errors import ExitCode, SeamlessError
 ONE_SHOT_PREFIXES = ("BOOT_IMAGE=", "initrd=", "seamless.")
 RESTORE_ARG = "seamless.restore="
 LAST_PID_ARG = "seamless.last_pid="
+#: Room above the highest checkpointed PID for children forked before the freeze.
+PID_MARGIN = 4096
 PROC_CMDLINE = Path("/proc/cmdline")
 
 

@@ -73,6 +73,7 @@ class TreeRecord:
     bytes: int = 0
     freeze_seconds: float | None = None
     dump_seconds: float | None = None
+    pids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -100,7 +101,7 @@ class Manifest:
             msg.target_release = self.target_release
         for t in self.trees:
             rec = msg.trees.add(root=t.root, command=t.command, processes=t.processes,
-                                bytes=t.bytes)
+                                bytes=t.bytes, pids=t.pids)
             if t.unit:
                 rec.unit = t.unit
             if t.freeze_seconds is not None:
@@ -127,6 +128,7 @@ class Manifest:
                 processes=t.processes, bytes=t.bytes,
                 freeze_seconds=t.freeze_seconds if t.HasField("freeze_seconds") else None,
                 dump_seconds=t.dump_seconds if t.HasField("dump_seconds") else None,
+                pids=list(t.pids),
             ) for t in msg.trees],
             files=[FileEntry(f.path, f.size, f.digest) for f in msg.files],
             digest_algorithm=msg.digest_algorithm or "sha256",

@@ -47,7 +47,10 @@ ExecStart=/bin/true
 
 
 def has_unit_file(unit: str, root: Path) -> bool:
-    return any((root / d / unit).exists() for d in UNIT_DIRS)
+    """Whether the unit (or, for an instance ``NAME@I.service``, its template) has a file."""
+    prefix, at, _ = unit.partition("@")
+    names = [unit, f"{prefix}@.service"] if at else [unit]
+    return any((root / d / n).exists() for d in UNIT_DIRS for n in names)
 
 
 def adopt(unit: str, pid: int, root: Path = Path("/")) -> Path:

@@ -45,7 +45,9 @@ def wipe_generation(gen: Generation) -> None:
     """Overwrite every file of the generation with zeros, then remove it."""
     zeros = bytes(1 << 20)
     for path in sorted(gen.final.rglob("*"), reverse=True):
-        if path.is_file() and not path.is_symlink():
+        if path.is_symlink():
+            path.unlink()
+        elif path.is_file():
             size = path.stat().st_size
             with open(path, "r+b") as f:
                 for offset in range(0, size, len(zeros)):

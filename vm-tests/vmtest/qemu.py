@@ -216,17 +216,23 @@ class Guest:
 
     def seamless_kexec(self, kernel: config.Kernel, *args: str,
                        timeout: float = BOOT_TIMEOUT) -> tuple[GuestInfo, float]:
-        """``seamless kexec --kernel`` into ``kernel``; wait for the new kernel's agent.
+        """``seamless kexec --kernel`` into ``kernel``; see :meth:`switch_kernel`."""
+        return self.switch_kernel(
+            ["seamless", "kexec", "--kernel", kernel.vmlinuz, "--yes", *args], timeout=timeout)
+
+    def switch_kernel(self, argv: list[str], *,
+                      timeout: float = BOOT_TIMEOUT) -> tuple[GuestInfo, float]:
+        """Run a seamless command that enters another kernel (kexec, upgrade) and wait for
+        the new kernel's agent.
 
         Returns its info and the seconds from the moment seamless says it enters the
         new kernel (the reboot call) to the agent answering there."""
         before = self.info or self.wait_ready()
-        argv = ["seamless", "kexec", "--kernel", kernel.vmlinuz, "--yes", *args]
         proc = self.channel.start(argv)
         output = b""
         entered = None
         with contextlib.suppress(TimeoutError):
-            for _, data in proc.events(timeout=600):
+            for _, data in proc.events(timeout=900):
                 output += data
                 if b"entering " in output:
                     entered = time.monotonic()
@@ -236,8 +242,8 @@ class Guest:
                           f"the kernel:\n{output.decode(errors='replace')}")
         info = self.wait_ready(timeout, not_boot=before.boot_id)
         seconds = time.monotonic() - entered
-        record(f"seamless kexec {before.release} -> {info.release}, reboot call to agent ready",
-               seconds)
+        record(f"{' '.join(argv[:2])} {before.release} -> {info.release}, reboot call to "
+               "agent ready", seconds)
         return info, seconds
 
     # -- QEMU's monitor

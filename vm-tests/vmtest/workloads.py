@@ -83,3 +83,16 @@ def http(guest: Guest, port: int, method: str = "GET") -> int:
 def start_service(guest: Guest, unit: str, *argv: str) -> int:
     guest.run("systemd-run", f"--unit={unit}", *argv)
     return int(guest.run("systemctl", "show", "-P", "MainPID", unit))
+
+
+def memory_report(guest: Guest, pid: int) -> str:
+    """Ask BIG_MEMORY (by PID) for its PID and its memory's SHA-256."""
+    guest.run("rm", "-f", "/root/big.sum")
+    guest.run("kill", "-USR1", str(pid))
+    # Hashing 256 MiB takes seconds under TCG.
+    guest.sh("for i in $(seq 240); do test -s /root/big.sum && exit 0; sleep 0.5; done; exit 1")
+    return guest.run("cat", "/root/big.sum")
+
+
+def pipe_count(guest: Guest) -> int:
+    return int(guest.run("cat", "/root/pipe.last"))

@@ -1,0 +1,545 @@
+"""The restore at boot on the host: adopting services, the report, the generation's wipe.
+
+Nothing here runs CRIU, mounts, loads modules or talks to systemd: an autouse
+fixture makes every subprocess, every ``seamless.run.run`` and every libc call
+fail the test, and each test replaces what the restore would start with fakes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+import seamless.run
+from seamless import syscalls
+from seamless.cli import cli
+from seamless.collect.checkpoint import TREE_INFO
+from seamless.collect.criu import CriuError, CriuOptions, CriuResult, NotifyHandler
+from seamless.errors import ExitCode, SeamlessError
+from seamless.memstore.generation import MANIFEST, Generation
+from seamless.memstore.records import Manifest, TreeRecord
+from seamless.memstore.store import GENERATIONS, Store
+from seamless.restore import adopt, boot
+
+SOURCE = "6.1.0-55-cloud-amd64"
+
+
+class ForbiddenLibc:
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"a test reached the real libc.{name}")
+
+
+@pytest.fixture(autouse=True)
+def no_real_commands(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any command, CRIU, mount or syscall left unpatched fails the test instead of running."""
+
+    def forbidden(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"a test reached a real command: {args!r}")
+
+    real_run = seamless.run.run
+    for name, module in list(sys.modules.items()):
+        if name.startswith("seamless.") and getattr(module, "run", None) is real_run:
+            monkeypatch.setattr(module, "run", forbidden)
+    monkeypatch.setattr(subprocess, "Popen", forbidden)
+    monkeypatch.setattr(subprocess, "run", forbidden)
+    monkeypatch.setattr(os, "system", forbidden)
+    monkeypatch.setattr(os, "posix_spawn", forbidden)
+    monkeypatch.setattr(os, "posix_spawnp", forbidden)
+    monkeypatch.setattr(syscalls, "_libc", ForbiddenLibc())
+    monkeypatch.setattr(boot, "load_criu_modules", forbidden)
+    monkeypatch.setattr(boot, "open_store", forbidden)
+    monkeypatch.setattr(boot, "unmount", forbidden)
+    monkeypatch.setattr(boot, "hand_over", forbidden)
+
+
+@pytest.fixture(autouse=True)
+def reports(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[Path, Path]:
+    """The reports go under tmp_path, never to /run or /var."""
+    run_report = tmp_path / "report-run" / "last-upgrade.json"
+    var_report = tmp_path / "report-var" / "last-upgrade.json"
+    monkeypatch.setattr(boot, "REPORT_RUN", run_report)
+    monkeypatch.setattr(boot, "REPORT_VAR", var_report)
+    return run_report, var_report
+
+
+# --- adopting services ------------------------------------------------------------------------
+
+
+def test_service_with_a_unit_file_gets_a_drop_in(tmp_path: Path) -> None:
+    unit_dir = tmp_path / "lib/systemd/system"
+    unit_dir.mkdir(parents=True)
+    (unit_dir / "app.service").write_text("[Service]\nExecStart=/usr/bin/app\n")
+
+    written = adopt.adopt("app.service", 4242, root=tmp_path)
+
+    dropin = tmp_path / "run/systemd/system/app.service.d/50-seamless-adopt.conf"
+    assert written == dropin and dropin.is_file()
+    lines = dropin.read_text().splitlines()
+    assert "Type=forking" in lines
+    assert "PIDFile=/run/seamless/adopt/app.service.pid" in lines
+    exec_start = [line for line in lines if line.startswith("ExecStart=")]
+    assert exec_start == ["ExecStart=", "ExecStart=/bin/true"]  # reset, then /bin/true
+    for reset in ("ExecCondition=", "ExecStartPre=", "ExecStartPost="):
+        assert reset in lines
+    pid_file = tmp_path / "run/seamless/adopt/app.service.pid"
+    assert pid_file.read_text() == "4242\n"
+    assert pid_file.parent.stat().st_mode & 0o077 == 0
+    # The unit keeps its own file: no whole runtime unit, not added to any target.
+    assert not (tmp_path / "run/systemd/system/app.service").exists()
+    assert not (tmp_path / "run/systemd/system/multi-user.target.wants").exists()
+
+
+def test_unit_file_found_in_etc(tmp_path: Path) -> None:
+    (tmp_path / "etc/systemd/system").mkdir(parents=True)
+    (tmp_path / "etc/systemd/system/web.service").write_text("[Service]\n")
+    written = adopt.adopt("web.service", 7, root=tmp_path)
+    assert written.name == adopt.DROPIN and written.parent.name == "web.service.d"
+
+
+def test_transient_service_gets_a_whole_runtime_unit(tmp_path: Path) -> None:
+    written = adopt.adopt("run-u42.service", 1234, root=tmp_path)
+
+    runtime = tmp_path / "run/systemd/system"
+    assert written == runtime / "run-u42.service"
+    text = written.read_text()
+    assert "Description=run-u42 (restored by seamless)" in text
+    lines = text.splitlines()
+    assert "Type=forking" in lines and "ExecStart=/bin/true" in lines
+    assert "PIDFile=/run/seamless/adopt/run-u42.service.pid" in lines
+    assert (tmp_path / "run/seamless/adopt/run-u42.service.pid").read_text() == "1234\n"
+    link = runtime / "multi-user.target.wants/run-u42.service"
+    assert link.is_symlink()
+    assert os.readlink(link) == "../run-u42.service"  # relative: valid in the real root too
+    assert link.resolve() == written.resolve()
+    assert not (runtime / "run-u42.service.d").exists()
+
+
+def test_adopting_twice_is_fine(tmp_path: Path) -> None:
+    adopt.adopt("run-u42.service", 1234, root=tmp_path)
+    written = adopt.adopt("run-u42.service", 5678, root=tmp_path)
+    assert (tmp_path / "run/seamless/adopt/run-u42.service.pid").read_text() == "5678\n"
+    link = tmp_path / "run/systemd/system/multi-user.target.wants/run-u42.service"
+    assert os.readlink(link) == "../run-u42.service"
+    assert written.is_file()
+
+    (tmp_path / "lib/systemd/system").mkdir(parents=True)
+    (tmp_path / "lib/systemd/system/app.service").write_text("[Service]\n")
+    first = adopt.adopt("app.service", 10, root=tmp_path)
+    second = adopt.adopt("app.service", 11, root=tmp_path)
+    assert first == second and second.read_text().count("ExecStart=/bin/true") == 1
+    assert (tmp_path / "run/seamless/adopt/app.service.pid").read_text() == "11\n"
+
+
+@pytest.mark.parametrize("unit", ["session-3.scope", "app", "../../etc/evil.service",
+                                  "a/b.service", "user.slice"])
+def test_only_service_names_are_adopted(tmp_path: Path, unit: str) -> None:
+    with pytest.raises(ValueError, match="not a service unit name"):
+        adopt.adopt(unit, 1, root=tmp_path)
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_template_instance_gets_a_drop_in(tmp_path: Path) -> None:
+    (tmp_path / "lib/systemd/system").mkdir(parents=True)
+    (tmp_path / "lib/systemd/system/worker@.service").write_text("[Service]\n")
+    written = adopt.adopt("worker@1.service", 99, root=tmp_path)
+    assert written.parent.name == "worker@1.service.d"
+
+
+# --- the pieces of the boot restore -----------------------------------------------------------
+
+
+def test_corrupt_trees_groups_files_by_tree() -> None:
+    assert boot.corrupt_trees([]) == {}
+    assert boot.corrupt_trees(["101/pages-1.img", "202/mm-202.img", "101/core-101.img"]) == {
+        "101": "corrupt images: 101/pages-1.img, 101/core-101.img",
+        "202": "corrupt images: 202/mm-202.img",
+    }
+
+
+@pytest.mark.parametrize(("cmdline", "expected"), [
+    ("BOOT_IMAGE=/vmlinuz ro seamless.restore=3 quiet", 3),
+    ("seamless.restore=12 seamless.last_pid=5000", 12),
+    ("root=/dev/vda1 ro quiet", None),
+    ("seamless.restore=abc", None),
+    ("seamless.restore=-1", None),
+    ("seamless.restore=", None),
+    ("seamless.restored=3", None),
+    ("", None),
+])
+def test_generation_from_cmdline(cmdline: str, expected: int | None) -> None:
+    assert boot.generation_from_cmdline(cmdline) == expected
+
+
+def test_phases_only_spans_with_both_times() -> None:
+    report = {"times": {"frozen": 10.0, "dumped": 12.5, "restorer_started": 20.0,
+                        "restored": 21.25, "finished": 22.0}}
+    assert boot.phases(report) == [
+        ("freeze and dump", 2.5),
+        ("restore", 1.25),
+        ("total blackout (freeze to restored)", 11.25),
+    ]
+    assert boot.phases({}) == []
+    assert boot.phases({"times": {"frozen": 1.0}}) == []
+    full = {"times": {"frozen": 1.0, "dumped": 2.0, "sealed": 2.5, "entering": 3.0,
+                      "restorer_started": 7.0, "restored": 9.0}}
+    assert [name for name, _ in boot.phases(full)] == [
+        "freeze and dump", "seal (checksums, manifest)", "kexec to the restorer", "restore",
+        "total blackout (freeze to restored)"]
+    assert dict(boot.phases(full))["kexec to the restorer"] == 4.0
+
+
+def test_last_report_is_the_newest(reports: tuple[Path, Path]) -> None:
+    run_report, var_report = reports
+    assert boot.last_report() is None
+
+    var_report.parent.mkdir(parents=True)
+    var_report.write_text(json.dumps({"generation": 1, "times": {"finished": 100.0}}))
+    report = boot.last_report()
+    assert report is not None and report["generation"] == 1
+
+    run_report.parent.mkdir(parents=True)
+    run_report.write_text(json.dumps({"generation": 2, "times": {"finished": 200.0}}))
+    report = boot.last_report()
+    assert report is not None and report["generation"] == 2
+
+    var_report.write_text(json.dumps({"generation": 3, "times": {"finished": 300.0}}))
+    report = boot.last_report()
+    assert report is not None and report["generation"] == 3
+
+    var_report.write_text("{not json")
+    report = boot.last_report()
+    assert report is not None and report["generation"] == 2
+
+
+def seal_generation(final: Path, trees: list[dict[str, Any]], number: int = 3) -> Generation:
+    """A sealed generation as `seamless upgrade` leaves it: each tree's images and
+    seamless-tree.json (as checkpoint.tree_info writes it) in a directory of its own."""
+    gen = Generation(final)
+    partial = gen.create()
+    for info in trees:
+        d = partial / str(info["root"])
+        d.mkdir()
+        (d / TREE_INFO).write_text(json.dumps(info, indent=2))
+        (d / "pages-1.img").write_bytes(bytes([info["root"] % 251]) * 5000)
+        (d / f"core-{info['root']}.img").write_bytes(b"core" * 10)
+        (d / "dump.log").write_text("(00.000001) dumping\n")
+    gen.seal(Manifest(generation=number, source_release=SOURCE, created=1.0, trees=[
+        TreeRecord(root=i["root"], unit=i["unit"], command=i["command"], pids=i["pids"])
+        for i in trees]))
+    return gen
+
+
+def tree(root: int, order: int, unit: str | None, command: str) -> dict[str, Any]:
+    return {"order": order, "root": root, "pids": [root, root + 1], "unit": unit,
+            "cgroup": f"/system.slice/{unit}" if unit else "/", "command": command,
+            "user": "root", "external": []}
+
+
+def test_wipe_generation_overwrites_then_removes(tmp_path: Path) -> None:
+    gen = seal_generation(tmp_path / "gen-3", [tree(101, 0, "app.service", "/usr/bin/app")])
+    pages = gen.final / "101" / "pages-1.img"
+    size = pages.stat().st_size
+    kept = tmp_path / "kept-link"
+    os.link(pages, kept)  # another name for the same inode sees what the wipe wrote
+
+    boot.wipe_generation(gen)
+
+    assert not gen.final.exists() and not gen.partial.exists()
+    assert kept.read_bytes() == bytes(size)  # overwritten with zeros before the unlink
+    assert tmp_path.is_dir()
+
+
+# --- boot_restore -----------------------------------------------------------------------------
+
+
+class FakeRestorer:
+    """CRIU's restore, answering for each tree's directory name."""
+
+    def __init__(self, fail: set[str] | None = None) -> None:
+        self.fail = fail or set()
+        self.calls: list[str] = []
+
+    def restore(self, images_dir: Path, options: CriuOptions | None = None,
+                on_notify: Mapping[str, NotifyHandler] | None = None) -> CriuResult:
+        assert (images_dir / TREE_INFO).is_file()
+        self.calls.append(images_dir.name)
+        if images_dir.name in self.fail:
+            raise CriuError("restore", "CRIU reported failure", cr_errno=17)
+        return CriuResult("restore", 0.25, images_dir=images_dir, pid=int(images_dir.name))
+
+
+@dataclass
+class BootEnv:
+    store: Store
+    gen: Generation
+    root: Path
+    unmounted: list[Path] = field(default_factory=list)
+    handed_over: list[list[str]] = field(default_factory=list)
+    modules_loaded: int = 0
+
+    def restore(self, criu: FakeRestorer, number: int | None = 3,
+                keep: bool = False) -> dict[str, Any]:
+        return boot.boot_restore(number, keep=keep, criu=criu, root=self.root)
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> BootEnv:
+    store = Store(tmp_path / "store")
+    (store.root / GENERATIONS).mkdir(parents=True)
+    # restored second (order 1): a service without a unit file in the new root
+    app = tree(101, 1, "app.service", "/usr/bin/app --serve")
+    # restored first (order 0): a login session's tree, not a service
+    shell = tree(202, 0, "session-3.scope", "sleep 1000")
+    gen = seal_generation(store.generations_dir / "gen-3", [app, shell])
+    root = tmp_path / "root"
+    root.mkdir()
+    e = BootEnv(store, gen, root)
+
+    def load_criu_modules() -> None:
+        e.modules_loaded += 1
+
+    monkeypatch.setattr(boot, "open_store", lambda: store)
+    monkeypatch.setattr(boot, "unmount", e.unmounted.append)
+    monkeypatch.setattr(boot, "hand_over", e.handed_over.append)
+    monkeypatch.setattr(boot, "load_criu_modules", load_criu_modules)
+    return e
+
+
+def trees_by_root(report: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    return {t["root"]: t for t in report["trees"]}
+
+
+def test_all_restored_in_order_adopted_reported_and_wiped(
+    env: BootEnv, reports: tuple[Path, Path]
+) -> None:
+    (env.store.root / boot.UPGRADE_RECORD).write_text(json.dumps({
+        "generation": 3, "times": {"frozen": 5.0, "entering": 6.0, "restorer_started": 1.0}}))
+    criu = FakeRestorer()
+
+    report = env.restore(criu)
+
+    assert criu.calls == ["202", "101"]  # the dump order, not the directory names'
+    assert report["ok"] is True and report["generation"] == 3
+    assert report["from"] == SOURCE and report["to"] == os.uname().release
+    assert report["corrupt"] == []
+    trees = trees_by_root(report)
+    assert trees[101]["restored"] and trees[101]["pid"] == 101
+    assert trees[202]["restored"] and trees[202]["pid"] == 202
+    assert report["adopted"] == ["app.service"]  # not the scope
+    assert env.handed_over == [["app.service"]]
+    assert (env.root / "run/systemd/system/app.service").is_file()
+    assert (env.root / "run/seamless/adopt/app.service.pid").read_text() == "101\n"
+    assert not (env.root / "run/seamless/adopt/session-3.scope.pid").exists()
+    # the upgrade's own times are kept, the restorer's start is this boot's
+    times = report["times"]
+    assert times["frozen"] == 5.0 and times["entering"] == 6.0
+    assert times["restorer_started"] > 1.0
+    assert times["restorer_started"] <= times["restored"] <= times["finished"]
+    # wiped: it held process memory
+    assert report["wiped"] is True and not env.gen.final.exists()
+    assert env.modules_loaded == 1
+    assert env.unmounted == [env.store.root]
+    for path in (*reports, env.store.root / "report-3.json"):
+        assert json.loads(path.read_text()) == report
+
+
+def test_a_corrupt_tree_is_not_restored_and_the_generation_kept(
+    env: BootEnv, reports: tuple[Path, Path]
+) -> None:
+    pages = env.gen.final / "202" / "pages-1.img"
+    data = bytearray(pages.read_bytes())
+    data[100] ^= 0xFF  # one flipped byte, after the seal
+    pages.write_bytes(bytes(data))
+    criu = FakeRestorer()
+
+    report = env.restore(criu)
+
+    assert criu.calls == ["101"]  # the corrupt tree never reaches CRIU
+    assert report["ok"] is False
+    assert report["corrupt"] == ["202/pages-1.img"]
+    trees = trees_by_root(report)
+    assert not trees[202]["restored"] and trees[202]["pid"] is None
+    assert trees[202]["error"] == "corrupt images: 202/pages-1.img"
+    assert trees[101]["restored"] and trees[101]["pid"] == 101
+    assert report["adopted"] == ["app.service"] and env.handed_over == [["app.service"]]
+    assert "wiped" not in report
+    assert (env.gen.final / MANIFEST).is_file() and pages.is_file()  # kept to look at
+    assert json.loads(reports[0].read_text())["ok"] is False
+    assert env.unmounted == [env.store.root]
+
+
+def test_a_criu_failure_stops_no_other_tree_and_keeps_the_generation(env: BootEnv) -> None:
+    criu = FakeRestorer(fail={"101"})
+
+    report = env.restore(criu)
+
+    assert criu.calls == ["202", "101"]
+    assert report["ok"] is False
+    trees = trees_by_root(report)
+    assert not trees[101]["restored"] and "criu restore failed" in trees[101]["error"]
+    assert "EEXIST" in trees[101]["error"]
+    assert trees[202]["restored"] and trees[202]["pid"] == 202
+    assert report["adopted"] == [] and env.handed_over == []  # a failed service: nothing
+    assert not (env.root / "run").exists()
+    assert "wiped" not in report and env.gen.sealed
+    stored = json.loads((env.store.root / "report-3.json").read_text())
+    assert stored["trees"] == report["trees"]
+
+
+def test_keep_leaves_a_restored_generation(env: BootEnv) -> None:
+    report = env.restore(FakeRestorer(), keep=True)
+    assert report["ok"] is True and "wiped" not in report
+    assert env.gen.sealed and env.gen.verify() == []
+
+
+def test_newest_generation_when_none_is_named(env: BootEnv) -> None:
+    older = seal_generation(env.store.generations_dir / "gen-2",
+                            [tree(303, 0, None, "/bin/old")], number=2)
+    criu = FakeRestorer()
+    report = env.restore(criu, number=None)
+    assert report["generation"] == 3 and sorted(criu.calls) == ["101", "202"]
+    assert older.sealed  # another generation is never wiped
+
+
+def test_a_missing_generation_is_reported_and_the_store_unmounted(
+    env: BootEnv, reports: tuple[Path, Path]
+) -> None:
+    criu = FakeRestorer()
+    with pytest.raises(SeamlessError, match="no generation 7"):
+        env.restore(criu, number=7)
+    assert criu.calls == []
+    written = json.loads(reports[0].read_text())
+    assert written["ok"] is False and "no generation 7" in written["error"]
+    assert "finished" in written["times"]
+    assert env.unmounted == [env.store.root] and env.gen.sealed
+
+
+def test_no_store_is_reported(monkeypatch: pytest.MonkeyPatch,
+                              reports: tuple[Path, Path]) -> None:
+    def no_store() -> Store:
+        raise SeamlessError("no preserved region")
+
+    monkeypatch.setattr(boot, "open_store", no_store)
+    with pytest.raises(SeamlessError, match="no preserved region"):
+        boot.boot_restore(3, criu=FakeRestorer())
+    for path in reports:
+        written = json.loads(path.read_text())
+        assert written["error"] == "no preserved region" and written["ok"] is False
+        assert written["generation"] == 3
+
+
+# --- handing over to systemd ------------------------------------------------------------------
+
+
+@pytest.fixture
+def systemctl(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[list[str]]:
+    """hand_over's commands, recorded; its /run/systemd/system is under tmp_path."""
+    calls: list[list[str]] = []
+
+    def run(argv: list[str], **kwargs: Any) -> None:
+        assert kwargs.get("check") is False
+        calls.append(list(argv))
+
+    monkeypatch.setattr(boot, "hand_over", HAND_OVER)
+    monkeypatch.setattr(boot, "run", run)
+    monkeypatch.setattr(boot, "Path", lambda p: tmp_path / str(p).lstrip("/"))
+    return calls
+
+
+HAND_OVER = boot.hand_over
+
+
+def test_hand_over_when_systemd_runs(systemctl: list[list[str]], tmp_path: Path) -> None:
+    (tmp_path / "run/systemd/system").mkdir(parents=True)
+    boot.hand_over(["a.service", "b.service"])
+    assert systemctl == [["systemctl", "daemon-reload"],
+                         ["systemctl", "start", "--no-block", "a.service", "b.service"]]
+
+
+def test_no_hand_over_without_systemd(systemctl: list[list[str]]) -> None:
+    boot.hand_over(["a.service"])
+    assert systemctl == []
+
+
+def test_no_hand_over_as_pid_1(systemctl: list[list[str]], tmp_path: Path,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "run/systemd/system").mkdir(parents=True)
+    monkeypatch.setattr(os, "getpid", lambda: 1)
+    boot.hand_over(["a.service"])
+    assert systemctl == []
+
+
+# --- seamless status --------------------------------------------------------------------------
+
+REPORT = {
+    "generation": 3, "from": SOURCE, "to": "6.1.0-56-cloud-amd64", "ok": False,
+    "times": {"frozen": 100.0, "dumped": 101.5, "sealed": 102.0, "entering": 102.5,
+              "restorer_started": 110.0, "restored": 112.0, "finished": 113.0},
+    "trees": [
+        {"root": 101, "unit": "app.service", "command": "/usr/bin/app --serve",
+         "restored": True, "pid": 101, "seconds": 0.5, "error": None},
+        {"root": 202, "unit": None, "command": "sleep 1000", "restored": False, "pid": None,
+         "seconds": 0.0, "error": "corrupt images: 202/pages-1.img"},
+    ],
+    "adopted": ["app.service"],
+}
+
+
+def status(*args: str) -> Result:
+    return CliRunner().invoke(cli, ["status", *args], standalone_mode=False)
+
+
+def test_status_lists_trees_and_phases(reports: tuple[Path, Path]) -> None:
+    reports[0].parent.mkdir(parents=True)
+    reports[0].write_text(json.dumps(REPORT))
+
+    result = status()
+
+    assert result.exception is None, result.output
+    out = result.stdout
+    assert f"last upgrade: {SOURCE} -> 6.1.0-56-cloud-amd64" in out
+    assert "generation 3" in out and "NOT all trees restored" in out
+    lines = out.splitlines()
+    app = next(line for line in lines if "app.service" in line)
+    assert "101" in app and "/usr/bin/app --serve" in app and "restored as 101" in app
+    sleep = next(line for line in lines if "sleep 1000" in line)
+    assert " - " in sleep and "FAILED: corrupt images: 202/pages-1.img" in sleep
+    phase = {line.split("  ")[1].strip(): line for line in lines if line.endswith(" s")}
+    assert "1.50 s" in phase["freeze and dump"]
+    assert "7.50 s" in phase["kexec to the restorer"]
+    assert "12.00 s" in phase["total blackout (freeze to restored)"]
+
+
+def test_status_json_has_phases(reports: tuple[Path, Path]) -> None:
+    reports[1].parent.mkdir(parents=True)
+    reports[1].write_text(json.dumps({**REPORT, "ok": True}))
+
+    result = status("--json")
+
+    assert result.exception is None, result.output
+    out = json.loads(result.stdout)
+    assert out["ok"] is True and out["trees"] == REPORT["trees"]
+    assert out["phases"] == {
+        "freeze and dump": 1.5, "seal (checksums, manifest)": 0.5,
+        "kexec to the restorer": 7.5, "restore": 2.0,
+        "total blackout (freeze to restored)": 12.0}
+
+
+def test_status_without_a_report() -> None:
+    result = status()
+    assert isinstance(result.exception, SeamlessError)
+    assert result.exception.status == ExitCode.UNCHANGED
+    assert "no upgrade has been restored" in result.exception.message
+    assert result.stdout == ""
+    standalone = CliRunner().invoke(cli, ["status"])
+    assert standalone.exit_code == ExitCode.UNCHANGED
+    assert "no upgrade has been restored on this machine yet" in standalone.stderr

@@ -1,0 +1,356 @@
+"""``seamless upgrade`` on the host, every collaborator faked.
+
+Nothing here freezes a process, loads a kernel or reboots: the loader, the
+checkpoint, CRIU's check, the region and the process table are fakes, and an
+autouse fixture makes any subprocess, ``seamless.run.run`` or libc call fail the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+
+import seamless.run
+from seamless import syscalls, upgrade
+from seamless.cli import cli
+from seamless.collect.checkpoint import TREE_INFO
+from seamless.errors import ExitCode, SeamlessError
+from seamless.kexec import cmdline
+from seamless.memstore.generation import Generation
+from seamless.memstore.records import Manifest, TreeRecord
+from seamless.memstore.region import Region
+from seamless.memstore.store import GENERATIONS, Store
+from seamless.restore.boot import UPGRADE_RECORD
+from tests.test_kexec import RELEASE, make_bzimage
+
+MEMMAP = "memmap=256M!1G"
+RUNNING = f"BOOT_IMAGE=/boot/vmlinuz-old root=UUID=1234-abcd ro quiet {MEMMAP} console=ttyS0"
+
+
+class ForbiddenLibc:
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"a test reached the real libc.{name}")
+
+
+def forbidden(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError(f"a test reached a real command or system call: {args!r}")
+
+
+@pytest.fixture(autouse=True)
+def no_real_effects(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Any command, CRIU, kexec or syscall left unpatched fails the test instead of running;
+    the umask the command sets is put back."""
+    real_run = seamless.run.run
+    for name, module in list(sys.modules.items()):
+        if name.startswith("seamless.") and getattr(module, "run", None) is real_run:
+            monkeypatch.setattr(module, "run", forbidden)
+    monkeypatch.setattr(subprocess, "Popen", forbidden)
+    monkeypatch.setattr(subprocess, "run", forbidden)
+    monkeypatch.setattr(os, "system", forbidden)
+    monkeypatch.setattr(os, "posix_spawn", forbidden)
+    monkeypatch.setattr(os, "posix_spawnp", forbidden)
+    monkeypatch.setattr(syscalls, "_libc", ForbiddenLibc())
+    for name in ("loader", "take_checkpoint", "_criu_check", "load_criu_modules",
+                 "find_region", "open_store", "read_table", "make_plan", "check_policy",
+                 "prepare_initrd"):
+        monkeypatch.setattr(upgrade, name, forbidden)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    yield
+    os.umask(umask)
+
+
+@dataclass
+class FakeLoader:
+    calls: list[tuple[Any, ...]] = field(default_factory=list)
+    enter_error: BaseException | None = None
+
+    def load(self, kernel: Path, initrd: Path | None, new_cmdline: str) -> None:
+        self.calls.append(("load", kernel, initrd, new_cmdline))
+
+    def unload(self) -> None:
+        self.calls.append(("unload",))
+
+    def enter(self) -> None:
+        self.calls.append(("enter",))
+        if self.enter_error is not None:
+            raise self.enter_error
+
+    def names(self) -> list[str]:
+        return [c[0] for c in self.calls]
+
+
+@dataclass
+class FakeHeld:
+    calls: list[str] = field(default_factory=list)
+
+    def release(self) -> None:
+        self.calls.append("release")
+
+    def abort(self) -> None:
+        self.calls.append("abort")
+
+
+@dataclass
+class FakeTree:
+    root: int
+    pids: list[int]
+
+
+@dataclass
+class FakePlan:
+    trees: list[FakeTree]
+    ok: bool = True
+    needed: int = 64 << 20
+
+
+@dataclass
+class World:
+    tmp: Path
+    image: Path
+    initrd: Path
+    store: Store
+    region: Region | None
+    plan: FakePlan
+    loader: FakeLoader = field(default_factory=FakeLoader)
+    held: FakeHeld = field(default_factory=FakeHeld)
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint_error: BaseException | None = None
+    criu_checked: int = 0
+    gen: Generation | None = None
+
+    def take_checkpoint(self, trees: Sequence[FakeTree], images: Generation, number: int, *,
+                        leave_running: bool, target_release: str | None = None,
+                        times: dict[str, float] | None = None) -> tuple[FakeHeld, Manifest]:
+        """Writes and seals a real generation, as the real one does after dumping."""
+        self.checkpoints.append({"trees": list(trees), "number": number,
+                                 "leave_running": leave_running,
+                                 "target_release": target_release})
+        if self.checkpoint_error is not None:
+            raise self.checkpoint_error
+        assert times is not None
+        self.gen = images
+        partial = images.create()
+        for t in trees:
+            d = partial / str(t.root)
+            d.mkdir()
+            (d / TREE_INFO).write_text(json.dumps({"order": 0, "root": t.root, "pids": t.pids,
+                                                   "unit": None, "command": "app",
+                                                   "external": []}))
+            (d / "pages-1.img").write_bytes(b"\x01" * 4096)
+        times.update(frozen=1.0, dumped=2.0)
+        manifest = images.seal(Manifest(
+            generation=number, source_release="old", target_release=target_release,
+            trees=[TreeRecord(root=t.root, command="app", pids=t.pids) for t in trees]))
+        times["sealed"] = 3.0
+        return self.held, manifest
+
+
+@pytest.fixture
+def world(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> World:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    image = make_bzimage(tmp_path / f"vmlinuz-{RELEASE}")
+    rd = tmp_path / f"initrd.img-{RELEASE}"
+    rd.write_bytes(b"cpio")
+    proc_cmdline = tmp_path / "cmdline"
+    proc_cmdline.write_text(RUNNING + "\n")
+    monkeypatch.setattr(cmdline, "PROC_CMDLINE", proc_cmdline)
+    store = Store(tmp_path / "store")
+    (store.root / GENERATIONS).mkdir(parents=True)
+    region = Region(start=1 << 30, size=256 << 20, memmap=MEMMAP, reserved_now=True,
+                    device=Path("/dev/pmem0"))
+    plan = FakePlan([FakeTree(101, [101, 102]), FakeTree(300, [300, 7000, 350])])
+    w = World(tmp_path, image, rd, store, region, plan)
+
+    def criu_check() -> None:
+        w.criu_checked += 1
+
+    def open_store(r: Region) -> Store:
+        assert r is w.region
+        return store
+
+    def make_plan(table: list[object], selection: object, space: Any) -> FakePlan:
+        assert space.device == str(store.root) and space.free > 0
+        return w.plan
+
+    monkeypatch.setattr(upgrade, "loader", w.loader)
+    monkeypatch.setattr(upgrade, "take_checkpoint", w.take_checkpoint)
+    monkeypatch.setattr(upgrade, "_criu_check", criu_check)
+    monkeypatch.setattr(upgrade, "load_criu_modules", lambda: None)
+    monkeypatch.setattr(upgrade, "find_region", lambda: w.region)
+    monkeypatch.setattr(upgrade, "open_store", open_store)
+    monkeypatch.setattr(upgrade, "read_table", lambda: [])
+    monkeypatch.setattr(upgrade, "make_plan", make_plan)
+    monkeypatch.setattr(upgrade, "render", lambda plan: "PLAN: tree 101 blocks the upgrade")
+    monkeypatch.setattr(upgrade, "check_policy", lambda: None)
+    monkeypatch.setattr(upgrade, "prepare_initrd",
+                        lambda image, given, rebuild, dry_run: (rd, False))
+    return w
+
+
+def invoke(w: World, *args: str | Path) -> Result:
+    """The command as `seamless` runs it: its errors are raised, not turned into exit 1."""
+    return CliRunner().invoke(
+        cli, ["upgrade", "--config", str(w.tmp / "no-config.toml"), *map(str, args)],
+        standalone_mode=False)
+
+
+def exit_status(result: Result) -> int:
+    """The exit code seamless.cli.main would give (SeamlessError.status, not click's 1)."""
+    if result.exception is None:
+        return result.exit_code
+    if isinstance(result.exception, SeamlessError):
+        return int(result.exception.status)
+    raise result.exception
+
+
+def message(result: Result) -> str:
+    assert isinstance(result.exception, SeamlessError)
+    return result.exception.format_message()
+
+
+def test_a_bad_kernel_path_touches_nothing(world: World) -> None:
+    result = invoke(world, "--kernel", world.tmp / "vmlinuz-missing", "--yes")
+    assert exit_status(result) == ExitCode.UNCHANGED
+    assert "does not exist" in message(result)
+    assert world.loader.calls == [] and world.checkpoints == [] and world.held.calls == []
+
+
+def test_not_a_kernel_touches_nothing(world: World) -> None:
+    world.image.write_bytes(b"\x7fELF" + bytes(4096))
+    result = invoke(world, "--kernel", world.image, "--yes")
+    assert exit_status(result) == ExitCode.UNCHANGED and "not a bzImage" in message(result)
+    assert world.loader.calls == [] and world.checkpoints == []
+
+
+def test_no_region_loads_nothing(world: World) -> None:
+    world.region = None
+    result = invoke(world, "--kernel", world.image, "--yes")
+    assert exit_status(result) == ExitCode.UNCHANGED
+    assert "no preserved region" in message(result)
+    assert world.loader.calls == [] and world.checkpoints == [] and world.criu_checked == 0
+
+
+def test_a_region_not_reserved_now_loads_nothing(world: World) -> None:
+    world.region = Region(start=1 << 30, size=256 << 20, memmap=MEMMAP, reserved_now=False)
+    result = invoke(world, "--kernel", world.image, "--yes")
+    assert exit_status(result) == ExitCode.UNCHANGED
+    assert "does not reserve" in message(result)
+    assert world.loader.calls == [] and world.checkpoints == []
+
+
+def test_a_plan_that_fails_freezes_and_loads_nothing(world: World) -> None:
+    world.plan.ok = False
+    result = invoke(world, "--kernel", world.image, "--yes")
+    assert exit_status(result) == ExitCode.UNCHANGED
+    assert "nothing was frozen" in message(result)
+    assert "PLAN: tree 101 blocks the upgrade" in result.stderr
+    assert world.loader.calls == [] and world.checkpoints == [] and world.held.calls == []
+    assert list(world.store.generations_dir.iterdir()) == []
+
+
+def test_the_new_command_line_keeps_the_region_and_the_pids(world: World) -> None:
+    result = invoke(world, "--kernel", world.image, "--append", "debug", "--yes", "--json")
+
+    assert exit_status(result) == 0, result.output
+    load = world.loader.calls[0]
+    assert load[:3] == ("load", world.image, world.initrd)
+    args = load[3].split()
+    assert MEMMAP in args
+    assert "seamless.restore=1" in args  # the store's first generation
+    assert f"seamless.last_pid={7000 + cmdline.PID_MARGIN}" in args  # the highest PID + margin
+    assert cmdline.PID_MARGIN == 4096
+    assert not any(a.startswith(("BOOT_IMAGE=", "initrd=")) for a in args)
+    assert args[-1] == "seamless.last_pid=11096" and "debug" in args
+    assert world.criu_checked == 1
+    assert world.checkpoints[0]["leave_running"] is False
+    assert world.checkpoints[0]["target_release"] == RELEASE
+    assert world.loader.names() == ["load", "enter"]  # the fake enter returns; the real not
+    assert world.held.calls == []
+    record = json.loads((world.store.root / UPGRADE_RECORD).read_text())
+    assert record["generation"] == 1 and record["to"] == RELEASE
+    assert record["times"]["frozen"] == 1.0 and "entering" in record["times"]
+    assert (world.store.root / UPGRADE_RECORD).stat().st_mode & 0o777 == 0o600
+    out = json.loads(result.stdout)
+    assert out["cmdline"] == load[3] and out["generation"] == 1 and out["dry_run"] is False
+
+
+def test_a_failed_checkpoint_unloads_the_kernel(world: World) -> None:
+    world.checkpoint_error = SeamlessError("criu dump failed: tree 101")
+    result = invoke(world, "--kernel", world.image, "--yes")
+    assert exit_status(result) == ExitCode.UNCHANGED
+    assert "criu dump failed" in message(result)
+    assert world.loader.names() == ["load", "unload"]
+    assert len(world.checkpoints) == 1 and world.held.calls == []
+
+
+def test_an_interrupted_checkpoint_unloads_the_kernel(world: World) -> None:
+    world.checkpoint_error = KeyboardInterrupt()
+    result = invoke(world, "--kernel", world.image, "--yes")
+    assert isinstance(result.exception, click.exceptions.Abort)  # main() says "Interrupted"
+    assert world.loader.names() == ["load", "unload"]
+
+
+def test_dry_run_thaws_unloads_and_wipes(world: World) -> None:
+    result = invoke(world, "--kernel", world.image, "--dry-run", "--json")
+
+    assert exit_status(result) == 0, result.output
+    assert world.checkpoints[0]["leave_running"] is True
+    assert world.held.calls == ["release"]
+    assert world.loader.names() == ["load", "unload"]  # never entered
+    assert world.gen is not None and not world.gen.final.exists()  # wiped
+    assert not world.gen.partial.exists()
+    assert list(world.store.generations_dir.iterdir()) == []
+    assert not (world.store.root / UPGRADE_RECORD).exists()
+    out = json.loads(result.stdout)
+    assert out["dry_run"] is True and out["verified"] is True
+    assert [t["root"] for t in out["trees"]] == [101, 300]
+
+
+def test_dry_run_reports_a_generation_that_does_not_verify(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Generation, "verify", lambda self: ["101/pages-1.img"])
+    result = invoke(world, "--kernel", world.image, "--dry-run")
+    assert exit_status(result) == ExitCode.UNCHANGED
+    assert "did not verify: 101/pages-1.img" in message(result)
+    assert world.held.calls == ["release"] and world.loader.names() == ["load", "unload"]
+    assert world.gen is not None and not world.gen.final.exists()
+
+
+def test_a_failed_kexec_thaws_the_trees_and_exits_3(world: World) -> None:
+    world.loader.enter_error = SeamlessError("reboot(LINUX_REBOOT_CMD_KEXEC) failed: EINVAL")
+    result = invoke(world, "--kernel", world.image, "--yes")
+
+    assert exit_status(result) == ExitCode.CHANGED
+    text = message(result)
+    assert f"entering {RELEASE} failed" in text and "EINVAL" in text
+    assert "thawed and run on" in text
+    assert world.held.calls == ["abort"]  # thawed, never released into the old kernel's exit
+    assert world.loader.names() == ["load", "enter", "unload"]
+    assert result.stdout == ""
+
+
+def test_declining_unloads_and_freezes_nothing(world: World) -> None:
+    result = CliRunner().invoke(
+        cli, ["upgrade", "--config", str(world.tmp / "none.toml"), "--kernel",
+              str(world.image)], input="n\n", standalone_mode=False)
+    assert exit_status(result) == ExitCode.UNCHANGED
+    assert world.loader.names() == ["load", "unload"] and world.checkpoints == []
+
+
+def test_needs_root(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    result = invoke(world, "--kernel", world.image, "--yes")
+    assert exit_status(result) == ExitCode.UNCHANGED and "needs root" in message(result)
+    assert world.loader.calls == [] and world.checkpoints == []
