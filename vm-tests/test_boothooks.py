@@ -18,8 +18,10 @@ def test_restorer_is_built_in_and_a_failing_restore_does_not_stop_the_boot(
 ) -> None:
     """The image was made as an operator would (seamless install-restorer, then the
     kernels' initramfs built): B's initramfs carries the hook; kexec into B with
-    seamless.restore= runs it before switch_root, chrooted into the real root, and
-    when the restore fails the guest still reaches multi-user."""
+    seamless.restore= keeps the PIDs below seamless.last_pid= free from the cmdline
+    stage on, leaves the restore to seamless-restore.service (systemd runs this
+    initramfs), which fails without a store: the guest still reaches multi-user and
+    seamless status says why."""
     out = json.loads(guest_a.run("seamless", "install-restorer", "--json"))
     assert out["dracut"] == "/usr/lib/dracut/modules.d/90seamless"
     assert "seamless" in guest_a.run("cat", "/etc/dracut.conf.d/90-seamless.conf")
@@ -28,12 +30,23 @@ def test_restorer_is_built_in_and_a_failing_restore_does_not_stop_the_boot(
     assert "pre-pivot/90-seamless-restore.sh" in listing
     assert "nd_pmem.ko" in listing
 
-    guest_a.kexec(B, append=guest_a.spec.cmdline() + " seamless.restore=1")
+    assert "cmdline/01-seamless-pids.sh" in listing
+    assert guest_a.run("systemctl", "is-enabled", "seamless-restore.service").strip() == "enabled"
+
+    guest_a.kexec(B, append=guest_a.spec.cmdline() + " seamless.restore=1 seamless.last_pid=5000")
 
     assert guest_a.run("uname", "-r").strip() == B.release
     kernel_log = guest_a.run("dmesg")
-    assert "seamless: restoring generation 1" in kernel_log
-    # There is nothing to restore in this guest: the restore fails, the boot goes on.
-    assert "seamless: restore finished with exit code" in kernel_log
+    assert "seamless: PIDs up to 5000 kept free" in kernel_log
+    # systemd runs the initramfs: the restore is left to the real root's unit.
+    assert "seamless: generation 1 is restored by seamless-restore.service" in kernel_log
+    # The agent started after the reservation: its PID is above it.
+    assert int(guest_a.run("sh", "-c", "echo $PPID")) > 5000
+    # There is no store in this guest: the restore fails, the boot goes on, and says so.
     state = guest_a.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
     assert state.out.strip() in ("running", "degraded"), state.out
+    assert guest_a.run("systemctl", "is-failed", "seamless-restore.service",
+                       check=False).strip() == "failed"
+    status = guest_a.channel.run(["seamless", "status", "--json"])
+    report = json.loads(status.stdout)
+    assert not report["ok"] and "store" in report["error"], report
