@@ -88,3 +88,31 @@ def test_restore_command_refuses_a_directory_without_trees(tmp_path: Path) -> No
     assert out.returncode in (1,), out.stderr
     assert "no checkpointed tree" in out.stderr or "needs root" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_socket_directories_are_recorded_and_made_again(tmp_path: Path) -> None:
+    """A tree that bound a unix socket in /tmp/x: its directory (mode, owner) is recorded
+    at dump time and made again before the restore when the new boot cleaned it."""
+    import socket as socketlib
+
+    from seamless.collect.resources import bound_unix_paths, socket_dirs
+    from seamless.restore.restorer import recreate_dirs
+
+    table = ("Num       RefCount Protocol Flags    Type St Inode Path\n"
+             "0000: 00000002 00000000 00010000 0001 01 13691 /tmp/tmux-0/default\n"
+             "0000: 00000002 00000000 00010000 0001 01 13692 @abstract\n"
+             "0000: 00000003 00000000 00000000 0001 03 13693\n")
+    assert bound_unix_paths(table) == {13691: "/tmp/tmux-0/default"}
+
+    d = tmp_path / "sockdir"
+    d.mkdir(mode=0o750)
+    d.chmod(0o750)
+    with socketlib.socket(socketlib.AF_UNIX) as s:
+        s.bind(str(d / "sock"))
+        inode = os.fstat(s.fileno()).st_ino
+        recorded = socket_dirs([os.getpid()], {inode: str(d / "sock")})
+    assert recorded == [{"path": str(d), "mode": 0o750, "uid": os.getuid(), "gid": os.getgid()}]
+    (d / "sock").unlink()
+    d.rmdir()
+    recreate_dirs(recorded)
+    assert d.is_dir() and d.stat().st_mode & 0o7777 == 0o750

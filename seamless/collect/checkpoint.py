@@ -37,7 +37,7 @@ from seamless.collect.criu import (
     NotifyHandler,
 )
 from seamless.collect.processes import ProcessTree
-from seamless.collect.resources import journald_streams, unix_sockets
+from seamless.collect.resources import journald_streams, socket_dirs, unix_sockets
 from seamless.errors import ExitCode, SeamlessError
 from seamless.log import complete_step, log
 from seamless.memstore.generation import Generation
@@ -77,6 +77,7 @@ def tree_info(tree: ProcessTree, options: CriuOptions, order: int) -> dict[str, 
         "command": tree.root.command,
         "user": tree.root.user,
         "external": list(options.external),
+        "socket_dirs": socket_dirs(tree.pids),
     }
 
 

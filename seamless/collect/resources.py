@@ -108,6 +108,41 @@ def fs_type(path: str, table: list[tuple[str, str]]) -> str:
     return "?"
 
 
+def bound_unix_paths(proc_net_unix: str | None = None) -> dict[int, str]:
+    """Filesystem paths of bound unix sockets, by inode (from /proc/net/unix)."""
+    text = proc_net_unix if proc_net_unix is not None else Path("/proc/net/unix").read_text()
+    found = {}
+    for line in text.splitlines()[1:]:
+        # Num RefCount Protocol Flags Type St Inode [Path]
+        fields = line.split(None, 7)
+        if len(fields) == 8 and fields[7].startswith("/"):
+            found[int(fields[6])] = fields[7]
+    return found
+
+
+def socket_dirs(
+    pids: Iterable[int], paths: dict[int, str] | None = None
+) -> list[dict[str, int | str]]:
+    """The directories holding the unix sockets these processes have bound, with mode and
+    owner: a restore must find them (the new boot may have cleaned /tmp or /run)."""
+    paths = bound_unix_paths() if paths is None else paths
+    dirs: dict[str, dict[str, int | str]] = {}
+    for pid in pids:
+        for _, target in _fds(pid):
+            m = re.fullmatch(r"socket:\[(\d+)\]", target)
+            path = paths.get(int(m.group(1))) if m else None
+            if path is None:
+                continue
+            parent = os.path.dirname(path)
+            try:
+                st = os.stat(parent)
+            except OSError:
+                continue
+            dirs[parent] = {"path": parent, "mode": stat.S_IMODE(st.st_mode),
+                            "uid": st.st_uid, "gid": st.st_gid}
+    return sorted(dirs.values(), key=lambda d: str(d["path"]))
+
+
 def _fds(pid: int) -> Iterable[tuple[str, str]]:
     base = f"/proc/{pid}/fd"
     try:

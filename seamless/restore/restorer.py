@@ -132,6 +132,7 @@ def restore_all(
             continue
         fds: list[int] = []
         try:
+            recreate_dirs(info.get("socket_dirs", []))
             inherit = []
             for external in info.get("external", []):
                 inode = external.removeprefix("unix[").removesuffix("]")
@@ -152,6 +153,20 @@ def restore_all(
                 os.close(fd)
     report.seconds = time.monotonic() - start
     return report
+
+
+def recreate_dirs(dirs: list[dict[str, Any]]) -> None:
+    """Make the directories of a tree's bound unix sockets again when the new boot has
+    none (a cleaned /tmp): CRIU binds the sockets there."""
+    for d in dirs:
+        path = Path(d["path"])
+        if path.is_dir():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700)
+        os.chown(path, int(d["uid"]), int(d["gid"]))
+        os.chmod(path, int(d["mode"]))
+        log.info("made %s again for the sockets bound in it", path)
 
 
 def _open_stream(stream: Callable[[str, str | None], int] | None, tree: TreeRestore) -> int:

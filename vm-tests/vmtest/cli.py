@@ -182,7 +182,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("shell", help="an interactive shell in the guest").set_defaults(func=cmd_shell)
     sub.add_parser("stop", help="stop the background guest").set_defaults(func=cmd_stop)
 
-    d = sub.add_parser("demo", help="build, boot kernel A, kexec into B, print what happened")
+    d = sub.add_parser("demo", help="services on kernel A, upgrade to B, state kept")
     d.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     d.set_defaults(func=cmd_demo)
     return p

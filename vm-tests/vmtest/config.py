@@ -57,6 +57,9 @@ PACKAGES: tuple[str, ...] = (
     "python3-psutil",
     "python3-jinja2",
     "python3-pyudev",
+    # The real services the upgrade is proven on.
+    "redis-server",
+    "tmux",
 )
 
 #: The reserved RAM region, as ``memmap=SIZE!OFFSET``: inside the guest's RAM,

@@ -278,6 +278,9 @@ def _configure(root: Path, wheel: Path) -> None:
     (root / "etc/seamless/seamless.toml").write_text(
         '[select]\nexclude = ["unit:seamless-vm-agent.service"]\n'
     )
+    # redis runs only when a test starts it (as a plain service: see test_services.py).
+    (root / "etc/systemd/system/multi-user.target.wants/redis-server.service").unlink(
+        missing_ok=True)
     # The pmem drivers for the reserved region, loaded at boot.
     (root / "etc/modules-load.d/seamless-pmem.conf").write_text(
         "libnvdimm\nnd_btt\nnd_pmem\nnd_e820\n"

@@ -1,0 +1,104 @@
+"""`seamless upgrade` on real services from Debian's archive: redis, tmux, and a counter."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from vmtest import config, qemu
+from vmtest.log import record
+from vmtest.qemu import BootGuest
+from vmtest.workloads import (
+    BIG_MEMORY,
+    memory_report,
+    read_counter,
+    start_counter,
+    start_service,
+)
+
+pytestmark = pytest.mark.vm
+
+A, B = config.KERNELS["A"], config.KERNELS["B"]
+KEYS = 100_000
+REGION = "512M!1G"
+
+LOAD_KEYS = (
+    f"python3 -c 'for i in range({KEYS}): print(f\"SET key:{{i}} value-{{i}}\")'"
+    " | redis-cli --pipe"
+)
+
+
+def start_redis(g: qemu.Guest) -> int:
+    """redis-server with persistence off, as a service, holding KEYS keys in memory."""
+    g.run("systemd-run", "--unit=kv", "redis-server", "--port", "6379", "--save", "",
+          "--appendonly", "no", "--daemonize", "no")
+    g.sh("for i in $(seq 100); do redis-cli ping 2>/dev/null | grep -q PONG && exit 0;"
+         " sleep 0.2; done; exit 1")
+    g.sh(LOAD_KEYS, timeout=300)
+    assert g.run("redis-cli", "dbsize").strip() == str(KEYS)
+    return int(g.run("systemctl", "show", "-P", "MainPID", "kv"))
+
+
+def start_tmux(g: qemu.Guest) -> int:
+    """A tmux session (its server a service of its own) with typed commands and output."""
+    g.run("systemd-run", "--unit=tmux", "--property=Type=forking", "--setenv=HOME=/root",
+          "tmux", "new-session", "-d", "-s", "work", "-x", "120", "-y", "40")
+    for command in ("echo scrollback-before-upgrade", "export SEAMLESS_MARK=kept"):
+        g.run("tmux", "send-keys", "-t", "work", command, "Enter")
+    g.sh("for i in $(seq 50); do tmux capture-pane -p -t work | grep -q '^scrollback-before'"
+         " && exit 0; sleep 0.2; done; exit 1")
+    return int(g.run("systemctl", "show", "-P", "MainPID", "tmux"))
+
+
+def test_redis_tmux_and_a_counter_survive_the_upgrade(boot_guest: BootGuest) -> None:
+    """redis with 100,000 keys, a tmux session with typed history and scrollback, a
+    counter advancing every 200 ms and a process holding 256 MiB: after `seamless
+    upgrade` to B every key is there under the same PID, the session is attachable with
+    its scrollback and history, the counter goes on from where it stopped, the memory is
+    identical; uname is B and systemd started nothing twice."""
+    g = boot_guest("A", region=REGION)
+    g.run("seamless", "store", "format")
+    redis = start_redis(g)
+    tmux = start_tmux(g)
+    counter = start_counter(g, "counter", "/root/count")
+    big = start_service(g, "big", "python3", "-c", BIG_MEMORY, "/root/big.sum")
+    g.sh("for i in $(seq 300); do test -s /root/big.sum && exit 0; sleep 0.2; done; exit 1")
+    memory = memory_report(g, big)
+
+    before = read_counter(g, "/root/count")
+
+    _, seconds = g.switch_kernel(["seamless", "upgrade", "--kernel", B.vmlinuz, "--yes"])
+
+    assert g.run("uname", "-r").strip() == B.release
+    state = g.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
+    assert state.out.strip() in ("running", "degraded"), state.out
+    # redis: same process, every key.
+    assert int(g.run("systemctl", "show", "-P", "MainPID", "kv")) == redis
+    assert g.run("redis-cli", "dbsize").strip() == str(KEYS)
+    assert g.run("redis-cli", "get", f"key:{KEYS - 1}").strip() == f"value-{KEYS - 1}"
+    assert g.run("pgrep", "-c", "-x", "redis-server").strip() == "1"
+    # tmux: the same server, the session attachable, scrollback and shell state kept.
+    assert int(g.run("systemctl", "show", "-P", "MainPID", "tmux")) == tmux
+    g.run("tmux", "has-session", "-t", "work")
+    assert "scrollback-before-upgrade" in g.run("tmux", "capture-pane", "-p", "-S", "-100",
+                                                "-t", "work")
+    g.run("tmux", "send-keys", "-t", "work", "echo mark=$SEAMLESS_MARK; history | tail -3",
+          "Enter")
+    g.sh("for i in $(seq 50); do tmux capture-pane -p -t work | grep -q '^mark=kept'"
+         " && exit 0; sleep 0.2; done; exit 1")
+    assert "echo scrollback-before-upgrade" in g.run("tmux", "capture-pane", "-p", "-t",
+                                                     "work")
+    # The counter goes on from where it stopped (a restarted one would count from 0).
+    assert int(g.run("systemctl", "show", "-P", "MainPID", "counter")) == counter
+    after = read_counter(g, "/root/count")
+    assert after >= before
+    time.sleep(1)
+    assert read_counter(g, "/root/count") > after
+    assert memory_report(g, big) == memory
+    status = json.loads(g.run("seamless", "status", "--json"))
+    assert status["ok"], status
+    for name, value in status["phases"].items():
+        record(f"services upgrade phase: {name}", value)
+    record("services upgrade: reboot call to agent ready in B", seconds)
