@@ -18,6 +18,7 @@ from vmtest.workloads import (
     memory_report,
     pipe_count,
     start_service,
+    wait_http,
 )
 
 pytestmark = pytest.mark.vm
@@ -33,9 +34,7 @@ def start_web_unit(g: qemu.Guest) -> int:
     g.channel.run(["sh", "-c", "cat > /etc/systemd/system/web.service"],
                   input=WEB_UNIT_FILE.encode(), check=True)
     g.run("systemctl", "enable", "--now", "web.service")
-    g.sh(f"for i in $(seq 100); do python3 -c \"import urllib.request;"
-         f" urllib.request.urlopen('http://127.0.0.1:{PORT}/')\" 2>/dev/null && exit 0;"
-         " sleep 0.2; done; exit 1")
+    wait_http(g, PORT)
     return int(g.run("systemctl", "show", "-P", "MainPID", "web.service"))
 
 

@@ -16,6 +16,7 @@ from vmtest.workloads import (
     memory_report,
     read_counter,
     start_service,
+    wait_http,
 )
 
 PORT = 8080
@@ -52,12 +53,15 @@ def main(*, json_output: bool = False) -> int:
         }
         guest.sh("for i in $(seq 300); do test -s /root/big.sum && test -s /root/count &&"
                  " exit 0; sleep 0.2; done; exit 1")
+        wait_http(guest, PORT)
         for _ in range(5):
             http(guest, PORT, "POST")
         before = snapshot(guest, pids)
         log.info("upgrading: seamless upgrade --kernel %s", b.vmlinuz)
         _, reboot_to_agent = guest.switch_kernel(
             ["seamless", "upgrade", "--kernel", b.vmlinuz, "--yes"])
+        # The agent answers early in the boot; the restore may still be going on.
+        guest.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
         after = snapshot(guest, pids)
         status = json.loads(guest.run("seamless", "status", "--json"))
         status_text = guest.run("seamless", "status")

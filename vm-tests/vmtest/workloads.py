@@ -80,6 +80,13 @@ def http(guest: Guest, port: int, method: str = "GET") -> int:
     return int(out)
 
 
+def wait_http(guest: Guest, port: int) -> None:
+    """Until the HTTP server on ``port`` answers."""
+    guest.sh(f"for i in $(seq 150); do python3 -c \"import urllib.request;"
+             f" urllib.request.urlopen('http://127.0.0.1:{port}/')\" 2>/dev/null && exit 0;"
+             " sleep 0.2; done; exit 1")
+
+
 def start_service(guest: Guest, unit: str, *argv: str) -> int:
     guest.run("systemd-run", f"--unit={unit}", *argv)
     return int(guest.run("systemctl", "show", "-P", "MainPID", unit))
