@@ -53,7 +53,7 @@ PIPE_PAIR = (
     "python3 -c 'import sys\nfor line in sys.stdin: open(sys.argv[1], \"w\").write(line)' \"$0\""
 )
 
-#: An HTTP server on 127.0.0.1:PORT holding a counter in memory: POST adds one,
+#: An HTTP server on PORT (every address) holding a counter in memory: POST adds one,
 #: GET returns it.
 HTTP_STATE = (
     "import http.server, sys\n"
@@ -65,7 +65,7 @@ HTTP_STATE = (
     "    def do_POST(self):\n"
     "        state['n'] += 1; self.do_GET()\n"
     "    def log_message(self, *a): pass\n"
-    "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n"
+    "http.server.HTTPServer(('', int(sys.argv[1])), H).serve_forever()\n"
 )
 
 
