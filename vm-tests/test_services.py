@@ -102,3 +102,40 @@ def test_redis_tmux_and_a_counter_survive_the_upgrade(boot_guest: BootGuest) -> 
     for name, value in status["phases"].items():
         record(f"services upgrade phase: {name}", value)
     record("services upgrade: reboot call to agent ready in B", seconds)
+
+
+KILL_CRIU_MID_DUMP = (
+    "for i in $(seq 2400); do ls -d /run/seamless/store/generations/*.partial >/dev/null 2>&1"
+    " && break; sleep 0.05; done; sleep 0.3; pkill -KILL -x criu"
+)
+
+
+def assert_unchanged(g: qemu.Guest, redis: int, tmux: int) -> None:
+    assert int(g.run("systemctl", "show", "-P", "MainPID", "kv")) == redis
+    assert g.run("redis-cli", "dbsize").strip() == str(KEYS), "redis does not answer"
+    g.run("tmux", "has-session", "-t", "work")
+    status = json.loads(g.run("seamless", "store", "status", "--json"))
+    assert status["generations"] == [] and status["partial"] == [], status
+    assert g.run("cat", "/sys/kernel/kexec_loaded").strip() == "0", "a kernel stayed loaded"
+
+
+def test_failed_upgrades_change_nothing(boot_guest: BootGuest) -> None:
+    """With redis and tmux running: a missing or invalid target kernel is refused before
+    anything is frozen (exit 1); CRIU killed in the middle of the upgrade's checkpoint
+    leaves every process running and answering, no generation and no kernel loaded."""
+    g = boot_guest("A")
+    g.run("seamless", "store", "format")
+    redis = start_redis(g)
+    tmux = start_tmux(g)
+    for kernel in ("/boot/vmlinuz-missing", "/etc/hostname"):
+        refused = g.channel.run(["seamless", "upgrade", "--kernel", kernel, "--yes"])
+        assert refused.returncode == 1, refused.stderr
+        assert b"Traceback" not in refused.stderr
+        assert_unchanged(g, redis, tmux)
+
+    proc = g.channel.start(["seamless", "upgrade", "--kernel", B.vmlinuz, "--yes"])
+    g.channel.run(["sh", "-c", KILL_CRIU_MID_DUMP], timeout=300, check=True)
+    killed = proc.wait(timeout=600)
+    assert killed.returncode == 1, killed.stderr
+    assert g.run("uname", "-r").strip() == A.release
+    assert_unchanged(g, redis, tmux)
