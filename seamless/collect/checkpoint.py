@@ -103,6 +103,10 @@ def dump_options(tree: ProcessTree, journald: Sequence[int] = ()) -> CriuOptions
         leave_running=True,  # thawed when we answer post-dump (or never: the kexec)
         shell_job=True,  # terminals and sessions of interactive programs
         tcp_established=True,
+        # A connection a client is opening or closing at the instant of the freeze is
+        # not in a state CRIU can carry; the client sees it dropped and retries, as it
+        # would across any restart. Without this, a busy server can never be dumped.
+        tcp_skip_in_flight=True,
         file_locks=True,
         ghost_limit=GHOST_LIMIT,
     )
