@@ -48,6 +48,11 @@ def test_checkpoint_leave_running_and_its_failures(guest_a: qemu.Guest) -> None:
     assert services <= {t["root"] for t in plan["trees"]}, plan["trees"]
     assert plan["ok"], (plan["problems"], [f for f in plan["findings"] if f["blocking"]])
     assert plan["needed"] > 256 << 20
+    # Each service has a cgroup of its own: all three are frozen at the same instant.
+    frozen_with = {t["root"]: t["frozen_through_cgroup"] for t in plan["trees"]}
+    for unit in ("big", "pair", "web"):
+        pid = int(g.run("systemctl", "show", "-P", "MainPID", unit))
+        assert frozen_with[pid] == f"/system.slice/{unit}.service", frozen_with
 
     # 1. The store is too small: refused, nothing frozen, nothing written.
     g.sh("mkdir -p /mnt/small && mount -t tmpfs -o size=64M tmpfs /mnt/small")
@@ -71,6 +76,10 @@ def test_checkpoint_leave_running_and_its_failures(guest_a: qemu.Guest) -> None:
     assert check["order"] == [t["root"] for t in out["trees"]]
     assert check["bad"] == []
     assert g.run("ls", "-d", "/root/ckpt.partial", check=False) == ""
+    assert frozen_cgroups(g) == ""
+    # Frozen together and thawed together: the same freeze window for every service.
+    windows = [t["freeze_seconds"] for t in out["trees"] if t["root"] in services]
+    assert max(windows) - min(windows) < 1.0, windows
     for t in out["trees"]:
         record(f"checkpoint: dump of tree {t['command'][:30]} ({t['bytes'] >> 20} MiB)",
                t["dump_seconds"])
@@ -92,10 +101,16 @@ def test_checkpoint_leave_running_and_its_failures(guest_a: qemu.Guest) -> None:
     assert killed.returncode == 1, killed.stderr
     assert g.run("sh", "-c", "ls -d /root/ckpt2* 2>/dev/null || true") == ""
     assert http(g, PORT) == 4
+    assert frozen_cgroups(g) == ""
     before = pipe_count(g)
     time.sleep(1)
     assert pipe_count(g) > before, "the pipe pair was left frozen"
     assert memory_report(g, big) == memory
+
+
+def frozen_cgroups(g: qemu.Guest) -> str:
+    """The services' cgroups still frozen (none, unless something was left frozen)."""
+    return g.sh("grep -l 1 /sys/fs/cgroup/system.slice/*/cgroup.freeze || true").strip()
 
 
 READ_GENERATION = (

@@ -1,10 +1,12 @@
 """Checkpoint the chosen trees: dump each with CRIU and hold them all frozen together.
 
-Each tree is dumped by its own CRIU with ``leave_running``.  When CRIU has
-written a tree's images it announces ``post-dump`` and waits for our answer
-with the tree still frozen: we hold that answer.  So after the last tree is
-dumped every tree is frozen at once, and nothing they share (a pipe, a file)
-moves while the generation is verified.  Then either:
+First every tree with a cgroup of its own is frozen, all at the same instant
+(:mod:`seamless.collect.freeze`), so nothing they share (a file, a connection
+between them) moves between the first dump and the last. Then each tree is
+dumped by its own CRIU with ``leave_running``.  When CRIU has written a tree's
+images it announces ``post-dump`` and waits for our answer with the tree still
+frozen: we hold that answer, so every tree stays frozen while the generation
+is sealed and verified.  Then either:
 
 - :meth:`HeldTrees.release` answers every CRIU, which thaws its tree (the
   processes never notice; this is ``checkpoint --leave-running``, and what any
@@ -13,7 +15,8 @@ moves while the generation is verified.  Then either:
   and their images are in the store.
 
 If this process dies while holding, each CRIU sees its socket close and thaws
-its tree by itself.  Nothing here is ever left frozen by a failure.
+its tree by itself, and the freezer's watchdog thaws the cgroups.  Nothing here
+is ever left frozen by a failure.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from seamless.collect.criu import (
     Notification,
     NotifyHandler,
 )
+from seamless.collect.freeze import Freezer, describe
 from seamless.collect.processes import ProcessTree
 from seamless.collect.resources import journald_streams, socket_dirs, unix_sockets
 from seamless.errors import ExitCode, SeamlessError
@@ -119,6 +123,8 @@ class TreeDump:
     tree: ProcessTree
     images_dir: Path
     started: float = 0.0  # monotonic
+    #: When its cgroup was frozen with every other tree's, before any dump (monotonic)
+    cgroup_frozen_at: float | None = None
     frozen_at: float | None = None  # post-dump reached: images written, tree frozen
     thawed_at: float | None = None
     bytes_written: int = 0
@@ -134,8 +140,11 @@ class TreeDump:
 
     @property
     def freeze_seconds(self) -> float | None:
-        """From the start of its dump (CRIU freezes first) to its thaw."""
-        return None if self.thawed_at is None else self.thawed_at - self.started
+        """From the freeze of its cgroup, or else the start of its dump (CRIU freezes
+        first), to its thaw."""
+        if self.thawed_at is None:
+            return None
+        return self.thawed_at - (self.cgroup_frozen_at or self.started)
 
 
 class AbortDump(Exception):
@@ -145,8 +154,10 @@ class AbortDump(Exception):
 class HeldTrees:
     """Every dumped tree, frozen until :meth:`release`."""
 
-    def __init__(self, dumps: list[TreeDump]) -> None:
+    def __init__(self, dumps: list[TreeDump], freezer: Freezer | None = None) -> None:
         self.dumps = dumps
+        #: The trees' cgroups frozen before the dumps: thawed after every CRIU let go.
+        self.freezer = freezer
 
     def release(self, timeout: float = DUMP_TIMEOUT, *, check: bool = True) -> None:
         """Let every CRIU finish its dump: a tree dumped with ``leave_running`` runs on,
@@ -168,6 +179,8 @@ class HeldTrees:
         for d in self.dumps:
             if d._thread is not None:
                 d._thread.join(timeout)
+        if self.freezer is not None:
+            self.freezer.thaw()
 
     def _check(self, check: bool) -> None:
         failed = [d for d in self.dumps if d.error is not None]
@@ -198,14 +211,17 @@ def dump_all(
     *,
     options: Callable[[ProcessTree], CriuOptions] | None = None,
     progress: Callable[[str], None] = log.info,
+    freezer: Freezer | None = None,
 ) -> HeldTrees:
     """Dump every tree into ``images_root/<root pid>/`` and hold them all frozen.
 
-    On any failure every tree dumped so far is thawed before the error is raised
-    (exit code: nothing changed).
+    ``freezer``: the trees' cgroups, frozen all at once before the first dump
+    (each CRIU is told its tree's cgroup), and thawed together at the end.
+    On any failure every tree is thawed before the error is raised (exit code:
+    nothing changed).
     """
     dumps: list[TreeDump] = []
-    held = HeldTrees(dumps)
+    held = HeldTrees(dumps, freezer)
     if options is None:
         sockets = unix_sockets() or {}
 
@@ -213,11 +229,18 @@ def dump_all(
             return dump_options(tree, journald_streams(tree.pids, sockets))
 
     try:
+        if freezer is not None:
+            freezer.freeze()
+            progress(describe(freezer, trees))
         for order, tree in enumerate(trees):
             d = TreeDump(tree, images_root / str(tree.root.pid))
             d.images_dir.mkdir(mode=0o700, parents=True)
             dumps.append(d)
             opts = options(tree)
+            cgroup = freezer.path(tree.root.pid) if freezer is not None else None
+            if cgroup is not None:
+                opts = dataclasses.replace(opts, freeze_cgroup=cgroup)
+                d.cgroup_frozen_at = freezer.frozen_at if freezer is not None else None
             info = tree_info(tree, opts, order)
             (d.images_dir / TREE_INFO).write_text(json.dumps(info, indent=2))
             _start(d, criu, opts)
@@ -234,7 +257,7 @@ def dump_all(
                 f"in {d.dump_seconds or 0:.2f} s; held frozen"
             )
     except BaseException as e:
-        held.abort()  # thaws every tree dumped so far
+        held.abort()  # thaws every tree dumped so far, and every frozen cgroup
         for d in dumps:
             if d.error is not None and d.error is not e:
                 log.warning("tree %d: also: %s", d.tree.root.pid, d.error)
@@ -299,7 +322,8 @@ def take_checkpoint(
     try:
         times["frozen"] = time.time()
         with complete_step(f"dumping {len(trees)} trees into {root}"):
-            held = dump_all(trees, root, Criu(), options=options)
+            held = dump_all(trees, root, Criu(), options=options,
+                            freezer=Freezer.for_trees(trees))
         times["dumped"] = time.time()
         try:
             with complete_step("sealing: checksums, manifest"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from seamless.collect.freeze import own_cgroup
 from seamless.collect.processes import ProcessInfo, ProcessTree
 from seamless.collect.resources import Finding, inspect
 from seamless.collect.select import Choice, Selection, choose
@@ -30,6 +31,9 @@ class CheckpointPlan:
     store: StoreSpace
     needed: int = 0
     problems: list[str] = field(default_factory=list)
+    #: tree root PID -> the cgroup frozen for it before the dumps (all at once), or None
+    #: when it shares its cgroup and CRIU freezes it as its dump starts
+    cgroups: dict[int, str | None] = field(default_factory=dict)
 
     @property
     def trees(self) -> list[ProcessTree]:
@@ -55,6 +59,7 @@ class CheckpointPlan:
                     "processes": len(t.members),
                     "pids": t.pids,
                     "memory": t.rss,
+                    "frozen_through_cgroup": self.cgroups.get(t.root.pid),
                 }
                 for t in self.trees
             ],
@@ -79,7 +84,8 @@ def make_plan(
     findings = inspect(choice.trees, table)
     memory = sum(t.rss for t in choice.trees)
     needed = int(memory * IMAGE_OVERHEAD) + IMAGE_SLACK
-    plan = CheckpointPlan(choice, findings, store, needed=needed)
+    plan = CheckpointPlan(choice, findings, store, needed=needed,
+                          cgroups={t.root.pid: own_cgroup(t) for t in choice.trees})
     if not choice.trees:
         plan.problems.append("no process tree is selected for the checkpoint")
     if store.free is None:
@@ -105,6 +111,11 @@ def render(plan: CheckpointPlan) -> str:
             f"  {t.root.pid:>7} {len(t.members):>5} {_mib(t.rss):>9}  "
             f"{(t.root.unit or '-')[:28]:<28} {t.root.command[:60]}"
         )
+    shared = [t.root.pid for t in plan.trees if plan.cgroups.get(t.root.pid) is None]
+    if plan.trees:
+        lines.append(f"  {len(plan.trees) - len(shared)} frozen at once through their own cgroups"
+                     + ("; frozen by CRIU as its dump starts (cgroup shared): "
+                        + ", ".join(map(str, shared)) if shared else ""))
     lines.append(f"left out ({len(plan.choice.excluded)}):")
     for e in plan.choice.excluded:
         lines.append(f"  {e.pid:>7}  {e.command[:40]:<40}  {e.reason}")

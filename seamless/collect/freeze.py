@@ -1,0 +1,210 @@
+"""Freeze every tree at the same instant, with the cgroup v2 freezer.
+
+CRIU freezes one tree at a time, when its dump starts: with several trees the
+first is frozen while the last still runs, and what they share (a file, a
+connection between them) can move in between. So before any dump, every tree
+that has a cgroup of its own (a service's cgroup holding that tree and nothing
+else, the usual case) is frozen at once by writing ``1`` to each
+``cgroup.freeze``. Each CRIU is then told the tree's cgroup (``freeze_cgroup``):
+it seizes the frozen tasks, thaws the cgroup while it holds them by ptrace,
+and freezes it again when it lets them go. :meth:`Freezer.thaw` thaws them all
+together at the end. A tree without a cgroup of its own is frozen by CRIU when
+its dump starts, as before; the plan says which.
+
+Nothing may stay frozen if the coordinator dies: a small watchdog process
+holds a pipe from us and thaws the cgroups when it reads end of file, and
+again for as long as a CRIU still holds their tasks (CRIU freezes the cgroup
+again when it lets go).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from seamless.collect.processes import ProcessTree
+from seamless.errors import ExitCode, SeamlessError
+from seamless.log import log
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+#: How long the freeze of every cgroup may take before we give up and thaw.
+FREEZE_TIMEOUT = 10.0
+
+#: The watchdog: thaws the cgroups given as arguments once its stdin ends, and keeps
+#: thawing while any of their tasks is still traced (a CRIU refreezes as it lets go).
+WATCHDOG = """\
+import os, sys, time
+paths = sys.argv[1:]
+sys.stdin.buffer.read()
+def thaw():
+    for p in paths:
+        try:
+            with open(os.path.join(p, 'cgroup.freeze'), 'w') as f:
+                f.write('0')
+        except OSError:
+            pass
+def traced():
+    for p in paths:
+        for root, _, _ in os.walk(p):
+            try:
+                pids = open(os.path.join(root, 'cgroup.procs')).read().split()
+            except OSError:
+                continue
+            for pid in pids:
+                try:
+                    status = open(f'/proc/{pid}/status').read()
+                except OSError:
+                    continue
+                if 'TracerPid:\\t0\\n' not in status:
+                    return True
+    return False
+thaw()
+deadline = time.monotonic() + 120
+while traced() and time.monotonic() < deadline:
+    time.sleep(0.2)
+    thaw()
+thaw()
+"""
+
+
+def cgroup_pids(path: Path) -> set[int]:
+    """Every process in the cgroup ``path`` and the cgroups below it."""
+    pids: set[int] = set()
+    for root, _, _ in os.walk(path):
+        try:
+            pids.update(int(x) for x in (Path(root) / "cgroup.procs").read_text().split())
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def _descends_from(pid: int, ancestor: int, proc: Path) -> bool:
+    seen = 0
+    while pid > 1 and seen < 4096:
+        if pid == ancestor:
+            return True
+        try:
+            stat = (proc / str(pid) / "stat").read_text()
+            pid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        seen += 1
+    return pid == ancestor
+
+
+def own_cgroup(tree: ProcessTree, *, root: Path = CGROUP_ROOT,
+               proc: Path = Path("/proc")) -> str | None:
+    """The cgroup that holds ``tree`` and nothing else (relative to the cgroup root,
+    ``/system.slice/redis-server.service``), or None when it shares its cgroup."""
+    paths = {p.cgroup for p in tree.members if p.cgroup.startswith("/")}
+    common = os.path.commonpath(sorted(paths)) if paths else "/"
+    if common == "/" or not (root / common.lstrip("/") / "cgroup.freeze").exists():
+        return None
+    members = set(tree.pids)
+    for pid in cgroup_pids(root / common.lstrip("/")) - members:
+        if not _descends_from(pid, tree.root.pid, proc):  # a child forked since the plan
+            return None
+    return common
+
+
+class Freezer:
+    """The cgroups of the trees that have one of their own, frozen and thawed together."""
+
+    def __init__(self, cgroups: dict[int, str], *, root: Path = CGROUP_ROOT,
+                 watchdog: bool = True) -> None:
+        #: tree root PID -> its cgroup, relative to ``root``
+        self.cgroups = cgroups
+        self.root = root
+        self.watchdog = watchdog
+        self.frozen_at: float | None = None
+        self._guard: subprocess.Popen[bytes] | None = None
+        self._frozen: list[Path] = []
+
+    @classmethod
+    def for_trees(cls, trees: Sequence[ProcessTree], *, root: Path = CGROUP_ROOT,
+                  watchdog: bool = True) -> Freezer:
+        # A cgroup holding another tree's processes is not "own": two trees never share one.
+        cgroups = {}
+        for tree in trees:
+            cgroup = own_cgroup(tree, root=root)
+            if cgroup is not None:
+                cgroups[tree.root.pid] = cgroup
+        return cls(cgroups, root=root, watchdog=watchdog)
+
+    def path(self, tree_root: int) -> str | None:
+        """The absolute cgroup directory CRIU should freeze for this tree, if any."""
+        cgroup = self.cgroups.get(tree_root)
+        return None if cgroup is None else str(self.root / cgroup.lstrip("/"))
+
+    def freeze(self, timeout: float = FREEZE_TIMEOUT) -> None:
+        """Freeze every cgroup and wait until all are frozen; on failure thaw them all
+        and raise (nothing changed)."""
+        paths = [self.root / c.lstrip("/") for c in self.cgroups.values()]
+        if not paths:
+            return
+        if self.watchdog:
+            self._guard = subprocess.Popen(
+                [sys.executable, "-c", WATCHDOG, *map(str, paths)], stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL, close_fds=True)
+        try:
+            for path in paths:
+                _write(path / "cgroup.freeze", "1")
+                self._frozen.append(path)
+            deadline = time.monotonic() + timeout
+            while not all(_frozen(p) for p in paths):
+                if time.monotonic() > deadline:
+                    slow = [str(p) for p in paths if not _frozen(p)]
+                    raise SeamlessError(
+                        f"could not freeze {', '.join(slow)} within {timeout:.0f} s",
+                        hint="a task in it may be in an uninterruptible sleep (D state): "
+                        "see its /proc/PID/stack; nothing was changed",
+                        exit_code=ExitCode.UNCHANGED)
+                time.sleep(0.01)
+            self.frozen_at = time.monotonic()
+        except BaseException:
+            self.thaw()
+            raise
+
+    def thaw(self) -> None:
+        """Thaw every cgroup we froze (all at once), and dismiss the watchdog."""
+        for path in self._frozen:
+            try:
+                _write(path / "cgroup.freeze", "0")
+            except OSError as e:  # the unit ended meanwhile
+                log.debug("thawing %s: %s", path, e)
+        self._frozen.clear()
+        if self._guard is not None:
+            guard, self._guard = self._guard, None
+            if guard.stdin is not None:
+                guard.stdin.close()
+            try:
+                guard.wait(5)
+            except subprocess.TimeoutExpired:
+                log.debug("the freeze watchdog is still thawing; leaving it to finish")
+
+
+def _write(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _frozen(path: Path) -> bool:
+    try:
+        lines = (path / "cgroup.events").read_text().splitlines()
+    except OSError:
+        return True  # gone: nothing left in it to run
+    return "frozen 1" in lines
+
+
+def describe(freezer: Freezer, trees: Sequence[ProcessTree]) -> str:
+    ours = [t for t in trees if t.root.pid in freezer.cgroups]
+    rest = [t for t in trees if t.root.pid not in freezer.cgroups]
+    text = f"froze {len(ours)} trees at once (their cgroups)"
+    if rest:
+        text += (f"; {len(rest)} share a cgroup with other processes and are frozen by "
+                 "CRIU as their dump starts: " + ", ".join(str(t.root.pid) for t in rest))
+    return text
