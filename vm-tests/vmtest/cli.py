@@ -15,7 +15,7 @@ import tty
 from collections.abc import Iterator
 from pathlib import Path
 
-from vmtest import config, demo, image, qemu
+from vmtest import bench, config, demo, image, qemu
 from vmtest.errors import VMError
 from vmtest.log import log
 
@@ -143,6 +143,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(json_output=args.json)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    return bench.main(sizes=tuple(args.sizes), json_path=Path(args.json) if args.json else None)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vm-tests/vm", description=__doc__)
     p.add_argument("--name", default="default", help="which background guest (default: default)")
@@ -185,6 +189,13 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="services on kernel A, upgrade to B, state kept")
     d.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     d.set_defaults(func=cmd_demo)
+    bn = sub.add_parser("bench", help="the blackout benchmark: seamless upgrade against "
+                        "systemctl kexec and a reboot, for several sizes of state")
+    bn.add_argument("--sizes", type=lambda t: [int(x) for x in t.split(",") if x],
+                    default=list(bench.SIZES), metavar="MIB,...",
+                    help="sizes of state in MiB (default %(default)s)")
+    bn.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
+    bn.set_defaults(func=cmd_bench)
     return p
 
 

@@ -8,6 +8,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from vmtest.errors import VMError
 
@@ -44,13 +45,26 @@ class Prober(threading.Thread):
     def answered_since(self, t: float) -> bool:
         return any(at > t for at, _ in self.answers)
 
-    def longest_gap(self) -> float:
+    def longest_gap(self) -> tuple[float, float]:
+        """The (start, end) of the longest time without an answer."""
         times = [at for at, _ in self.answers]
-        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+        pairs = list(zip(times, times[1:], strict=False))
+        return max(pairs, key=lambda p: p[1] - p[0], default=(0.0, 0.0))
+
+
+@dataclass
+class Blackout:
+    #: The longest time between two answers, seconds.
+    seconds: float
+    #: When it began and ended, seconds after the switch was started.
+    began: float
+    ended: float
+    #: The service's last answer.
+    last_answer: int
 
 
 def measure_blackout(port: int, switch: Callable[[], object], *, interval: float = 0.05,
-                     first_answer: float = 120, timeout: float = 600) -> tuple[float, int]:
+                     first_answer: float = 120, timeout: float = 600) -> Blackout:
     """Probe the service on ``port`` while ``switch()`` takes the guest through a kernel
     change or reboot: the longest gap between answers, and the last answer.
 
@@ -77,4 +91,5 @@ def measure_blackout(port: int, switch: Callable[[], object], *, interval: float
     if not prober.answered_since(started + 1):
         raise VMError(f"the service on 127.0.0.1:{port} never answered again "
                       f"({timeout:.0f} s)")
-    return prober.longest_gap(), prober.answers[-1][1]
+    began, ended = prober.longest_gap()
+    return Blackout(ended - began, began - started, ended - started, prober.answers[-1][1])

@@ -1,0 +1,210 @@
+"""The blackout benchmark: how long a client waits, for several sizes of state, across
+`seamless upgrade`, a plain `systemctl kexec` (the service restarted, its state lost)
+and a full reboot through the firmware.
+
+One guest on kernel A. For every size S a service holding S MiB of state and a counter
+answers HTTP on a port forwarded to 127.0.0.1; the host probes it every 20 ms while the
+guest goes A→B with `seamless upgrade`, B→A with `systemctl kexec`, then A→A with
+`systemctl reboot` (QEMU resets instead of exiting). The figures are printed as a table
+and written as JSON. It measures; it asserts nothing about speed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from vmtest import config, image, qemu
+from vmtest.errors import VMError
+from vmtest.log import log
+from vmtest.probe import free_port, measure_blackout
+
+PORT = 8080
+SIZES = (64, 256, 1024)
+#: Room for the largest size's images, with the guest's RAM to match.
+MEMORY = "4G"
+REGION = "1536M!1G"
+INTERVAL = 0.02
+
+#: Holds SIZE MiB of known memory and a counter. GET / answers the counter, POST /
+#: advances it, GET /sum answers the SHA-256 of the memory.
+STATE_SERVER = """\
+import hashlib, http.server, sys
+size = int(sys.argv[2])
+memory = bytearray(b'seamless' * (size << 17))
+state = {'n': 0}
+class H(http.server.BaseHTTPRequestHandler):
+    def answer(self, body):
+        self.send_response(200); self.end_headers(); self.wfile.write(body)
+    def do_GET(self):
+        if self.path == '/sum':
+            self.answer(hashlib.sha256(memory).hexdigest().encode())
+        else:
+            self.answer(str(state['n']).encode())
+    def do_POST(self):
+        state['n'] += 1; self.answer(str(state['n']).encode())
+    def log_message(self, *a): pass
+http.server.HTTPServer(('', int(sys.argv[1])), H).serve_forever()
+"""
+
+UNIT = """\
+[Unit]
+Description=HTTP server holding {size} MiB of state in memory
+After=network.target
+
+[Service]
+ExecStart=/usr/bin/python3 /usr/local/lib/state-server.py {port} {size}
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def ask(guest: qemu.Guest, path: str = "/", method: str = "GET") -> str:
+    return guest.run(
+        "python3", "-c",
+        "import sys, urllib.request\n"
+        "r = urllib.request.Request(sys.argv[1], method=sys.argv[2],"
+        " data=b'' if sys.argv[2] == 'POST' else None)\n"
+        "print(urllib.request.urlopen(r, timeout=300).read().decode())",
+        f"http://127.0.0.1:{PORT}{path}", method).strip()
+
+
+def wait_answer(guest: qemu.Guest, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if guest.channel.run(["python3", "-c", "import urllib.request; urllib.request."
+                              f"urlopen('http://127.0.0.1:{PORT}/', timeout=5)"]).returncode == 0:
+            return
+        time.sleep(0.5)
+    raise VMError(f"the state server did not answer within {timeout:.0f} s")
+
+
+def copy_bandwidth(guest: qemu.Guest) -> float:
+    """MiB/s of one 1 GiB dd from /dev/zero into a tmpfs file: the guest's memory copy rate."""
+    out = guest.sh("dd if=/dev/zero of=/dev/shm/bandwidth bs=1M count=1024 2>&1; "
+                   "rm -f /dev/shm/bandwidth")
+    m = re.search(r"copied, ([\d.]+) s", out)
+    if m is None:
+        raise VMError(f"cannot read dd's rate from: {out}")
+    return 1024 / float(m.group(1))
+
+
+def start_state(guest: qemu.Guest, size: int) -> None:
+    guest.channel.run(["sh", "-c", "cat > /etc/systemd/system/state.service"],
+                      input=UNIT.format(size=size, port=PORT).encode(), check=True)
+    guest.run("systemctl", "daemon-reload")
+    guest.run("systemctl", "enable", "state.service")
+    guest.run("systemctl", "restart", "state.service")
+    wait_answer(guest)
+    for _ in range(3):
+        ask(guest, method="POST")
+
+
+def reboot(guest: qemu.Guest) -> None:
+    """`systemctl reboot`, with QEMU resetting the machine instead of exiting."""
+    before = guest.info or guest.wait_ready()
+    guest.qmp("set-action", reboot="reset")
+    try:
+        guest.channel.start(["systemctl", "reboot"])
+        guest.wait_ready(not_boot=before.boot_id)
+    finally:
+        if guest.running():
+            guest.qmp("set-action", reboot="shutdown")
+
+
+def one_size(guest: qemu.Guest, size: int, port: int) -> dict[str, Any]:
+    a, b = config.KERNELS["A"], config.KERNELS["B"]
+    log.info("%d MiB of state: starting the service", size)
+    guest.sh("umount /run/seamless/store 2>/dev/null || true; seamless store format --force")
+    start_state(guest, size)
+    digest = ask(guest, "/sum")
+
+    log.info("%d MiB: seamless upgrade %s -> %s", size, a.release, b.release)
+    upgrade = measure_blackout(
+        port, lambda: guest.switch_kernel(["seamless", "upgrade", "--kernel", b.vmlinuz,
+                                           "--yes"]),
+        interval=INTERVAL)
+    guest.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
+    status = json.loads(guest.run("seamless", "status", "--json"))
+    kept = upgrade.last_answer == 3 and ask(guest, "/sum") == digest and bool(status.get("ok"))
+
+    log.info("%d MiB: systemctl kexec %s -> %s", size, b.release, a.release)
+    guest.run("kexec", "-s", "-l", a.vmlinuz, f"--initrd={a.initrd}",
+              f"--append={guest.spec.cmdline()}")
+    kexec = measure_blackout(
+        port, lambda: guest.switch_kernel(
+            ["sh", "-c", "echo entering the old kernel; exec systemctl kexec"]),
+        interval=INTERVAL)
+
+    log.info("%d MiB: systemctl reboot (firmware) %s", size, a.release)
+    rebooted = measure_blackout(port, lambda: reboot(guest), interval=INTERVAL)
+    return {
+        "size_mib": size,
+        "seamless_upgrade": {
+            "blackout_seconds": round(upgrade.seconds, 2),
+            # The service answers during the preflight (loading the kernel ...).
+            "blackout_began_after_seconds": round(upgrade.began, 2),
+            "state_kept": kept,
+            "phases": {name: round(s, 2) for name, s in status.get("phases", {}).items()},
+            "trees": len(status.get("trees", [])),
+        },
+        "systemctl_kexec": {"blackout_seconds": round(kexec.seconds, 2),
+                            "state_kept": kexec.last_answer == 3},
+        "reboot": {"blackout_seconds": round(rebooted.seconds, 2),
+                   "state_kept": rebooted.last_answer == 3},
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    rows = result["sizes"]
+    lines = [f"guest memory copy bandwidth (dd 1 GiB into tmpfs): "
+             f"{result['copy_bandwidth_mib_s']:.0f} MiB/s", "",
+             f"{'state':>8} {'seamless':>9} {'kept':>5} {'kexec':>7} {'reboot':>7} "
+             f"{'/kexec':>7} {'/reboot':>7} {'/64MiB':>7}"]
+    smallest = rows[0]["seamless_upgrade"]["blackout_seconds"]
+    for r in rows:
+        s = r["seamless_upgrade"]["blackout_seconds"]
+        k = r["systemctl_kexec"]["blackout_seconds"]
+        b = r["reboot"]["blackout_seconds"]
+        kept = "yes" if r["seamless_upgrade"]["state_kept"] else "NO"
+        lines.append(f"{r['size_mib']:>4} MiB {s:>8.1f}s {kept:>5} {k:>6.1f}s {b:>6.1f}s "
+                     f"{s / k:>7.2f} {s / b:>7.2f} {s / smallest:>7.2f}")
+    lines += ["", "blackout: the longest gap between answered probes (every "
+              f"{INTERVAL * 1000:.0f} ms) as the host sees it. kexec and reboot lose the "
+              "state: their service starts again empty.", "",
+              "seamless upgrade phases (seconds, from `seamless status`):"]
+    names = list(rows[0]["seamless_upgrade"]["phases"])
+    lines.append(f"{'state':>8} " + " ".join(f"{n[:22]:>22}" for n in names))
+    for r in rows:
+        phases = r["seamless_upgrade"]["phases"]
+        lines.append(f"{r['size_mib']:>4} MiB " + " ".join(f"{phases.get(n, 0):>22.1f}"
+                                                          for n in names))
+    return "\n".join(lines)
+
+
+def main(*, sizes: tuple[int, ...] = SIZES, json_path: Path | None = None) -> int:
+    img = image.build()
+    port = free_port()
+    spec = qemu.GuestSpec(image=str(img.directory), kernel="A", memory=MEMORY, region=REGION,
+                          forwards={PORT: port})
+    result: dict[str, Any] = {"kernels": {k: v.release for k, v in config.KERNELS.items()},
+                              "memory": MEMORY, "region": REGION, "sizes": []}
+    start = time.monotonic()
+    with qemu.booted(img, spec, config.CACHE_DIR / "run" / "bench") as guest:
+        guest.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
+        result["copy_bandwidth_mib_s"] = round(copy_bandwidth(guest), 1)
+        guest.channel.run(["sh", "-c", "cat > /usr/local/lib/state-server.py"],
+                          input=STATE_SERVER.encode(), check=True)
+        for size in sizes:
+            result["sizes"].append(one_size(guest, size, port))
+            log.info("%s", json.dumps(result["sizes"][-1]))
+    result["total_seconds"] = round(time.monotonic() - start, 1)
+    print(table(result))
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwritten to {json_path}")
+    return 0
