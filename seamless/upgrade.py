@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from seamless.collect.checkpoint import HeldTrees, load_criu_modules, take_checkpoint
-from seamless.collect.cli import selection_from, selection_options
+from seamless.collect.cli import pre_dump_option, selection_from, selection_options
 from seamless.collect.criu import Criu, CriuError
 from seamless.collect.plan import StoreSpace, make_plan, render
 from seamless.collect.processes import read_table
@@ -66,10 +66,11 @@ def _write_record(path: Path, record: dict[str, Any]) -> None:
 @click.option("--dry-run", is_flag=True,
               help="Do everything up to the kexec, check the generation, thaw, and report.")
 @click.option("--yes", is_flag=True, help="Do not ask before freezing the processes.")
+@pre_dump_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
                     includes: tuple[str, ...], excludes: tuple[str, ...], config_path: Path,
-                    dry_run: bool, yes: bool, as_json: bool) -> None:
+                    dry_run: bool, yes: bool, pre_dump: bool | None, as_json: bool) -> None:
     """Upgrade to another kernel, keeping the running processes.
 
     Every user process tree is checkpointed into the preserved RAM region, the
@@ -135,7 +136,8 @@ def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
     times: dict[str, float] = {"started": started}
     try:
         held, manifest = take_checkpoint(plan.trees, gen, number, leave_running=dry_run,
-                                         target_release=image.release, times=times)
+                                         target_release=image.release, times=times,
+                                         pre_dump=pre_dump)
     except BaseException:
         loader.unload()
         raise

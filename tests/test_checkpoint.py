@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from seamless.collect.checkpoint import TREE_INFO, dump_all, dump_options
+from seamless.collect.checkpoint import (
+    PRE_DUMP_DIR,
+    TREE_INFO,
+    dump_all,
+    dump_options,
+    room_to_pre_dump,
+    take_checkpoint,
+)
 from seamless.collect.criu import (
     CriuError,
     CriuOptions,
@@ -20,6 +27,8 @@ from seamless.collect.criu import (
 )
 from seamless.collect.processes import ProcessInfo, ProcessTree
 from seamless.errors import ExitCode, SeamlessError
+from seamless.memstore import generation
+from seamless.memstore.generation import Generation
 
 
 def tree(pid: int) -> ProcessTree:
@@ -113,3 +122,68 @@ def test_criu_failing_after_post_dump_says_something_changed(tmp_path: Path) -> 
         held.release()
     assert exc.value.status == ExitCode.CHANGED
     assert "tree 10" in exc.value.message
+
+
+class PreDumpingCriu(FakeCriu):
+    """A pre-dump writes the whole memory; the dump after it only what changed."""
+
+    def __init__(self, fail_pre_dump: bool = False) -> None:
+        super().__init__()
+        self.fail_pre_dump = fail_pre_dump
+        self.dump_options: list[CriuOptions] = []
+
+    def pre_dump(self, images_dir: Path, options: CriuOptions,
+                 on_notify: Mapping[str, NotifyHandler] | None = None) -> CriuResult:
+        assert options.track_mem
+        if self.fail_pre_dump:
+            (images_dir / "half.img").write_bytes(b"x")
+            raise CriuError("pre-dump", "CRIU reported failure")
+        (images_dir / "pages-1.img").write_bytes(b"m" * (1 << 20))
+        return CriuResult("pre-dump", 0.01, images_dir=images_dir)
+
+    def dump(self, images_dir: Path, options: CriuOptions,
+             on_notify: Mapping[str, NotifyHandler] | None = None) -> CriuResult:
+        self.dump_options.append(options)
+        return super().dump(images_dir, options, on_notify)
+
+
+def test_a_pre_dump_makes_the_frozen_dump_a_delta_hashed_ahead(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    criu = PreDumpingCriu()
+    hashed: list[str] = []
+    real = generation.digest
+
+    def counting(path: Path, algorithm: str = generation.DIGEST) -> bytes:
+        hashed.append(path.name)
+        return real(path, algorithm)
+
+    monkeypatch.setattr(generation, "digest", counting)
+    gen = Generation(tmp_path / "gen-1")
+    times: dict[str, float] = {}
+    held, manifest = take_checkpoint([tree(10)], gen, 1, leave_running=True, times=times,
+                                     pre_dump=True, criu=criu)
+    held.release()
+    opts = criu.dump_options[0]
+    assert opts.parent_img == PRE_DUMP_DIR and opts.track_mem
+    assert times["pre_dumping"] <= times["frozen"] <= times["dumped"] <= times["sealed"]
+    files = {f.path for f in manifest.files}
+    assert {"10/pre/pages-1.img", "10/pages-1.img"} <= files
+    assert hashed.count("pages-1.img") == 2  # the pre-dump's once, ahead; the delta once
+    assert gen.verify() == []
+
+
+def test_a_failed_pre_dump_falls_back_to_a_whole_dump(tmp_path: Path) -> None:
+    criu = PreDumpingCriu(fail_pre_dump=True)
+    gen = Generation(tmp_path / "gen-1")
+    held, manifest = take_checkpoint([tree(10)], gen, 1, leave_running=True, pre_dump=True,
+                                     criu=criu)
+    held.release()
+    assert criu.dump_options[0].parent_img is None
+    assert not (gen.final / "10" / PRE_DUMP_DIR).exists()
+    assert gen.verify() == []
+
+
+def test_no_pre_dump_without_room(tmp_path: Path) -> None:
+    huge = ProcessInfo(10, 1, "app", ("app",), "root", "/system.slice/app.service", 1 << 60)
+    assert not room_to_pre_dump([ProcessTree(huge, [huge])], tmp_path)
+    assert room_to_pre_dump([tree(10)], tmp_path)

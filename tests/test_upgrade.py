@@ -131,10 +131,11 @@ class World:
 
     def take_checkpoint(self, trees: Sequence[FakeTree], images: Generation, number: int, *,
                         leave_running: bool, target_release: str | None = None,
-                        times: dict[str, float] | None = None) -> tuple[FakeHeld, Manifest]:
+                        times: dict[str, float] | None = None,
+                        pre_dump: bool | None = None) -> tuple[FakeHeld, Manifest]:
         """Writes and seals a real generation, as the real one does after dumping."""
         self.checkpoints.append({"trees": list(trees), "number": number,
-                                 "leave_running": leave_running,
+                                 "leave_running": leave_running, "pre_dump": pre_dump,
                                  "target_release": target_release})
         if self.checkpoint_error is not None:
             raise self.checkpoint_error

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -44,7 +45,7 @@ from seamless.collect.processes import ProcessTree
 from seamless.collect.resources import journald_streams, socket_dirs, unix_sockets
 from seamless.errors import ExitCode, SeamlessError
 from seamless.log import complete_step, log
-from seamless.memstore.generation import Generation
+from seamless.memstore.generation import Generation, Hashed
 from seamless.memstore.records import Manifest, TreeRecord
 from seamless.run import run
 
@@ -89,6 +90,15 @@ class Dumper(Protocol):
     """What dumps a tree (:class:`seamless.collect.criu.Criu` does)."""
 
     def dump(
+        self, images_dir: Path, options: CriuOptions,
+        on_notify: Mapping[str, NotifyHandler] | None = None,
+    ) -> CriuResult: ...
+
+
+class PreDumper(Protocol):
+    """What copies a running tree's memory (:class:`seamless.collect.criu.Criu` does)."""
+
+    def pre_dump(
         self, images_dir: Path, options: CriuOptions,
         on_notify: Mapping[str, NotifyHandler] | None = None,
     ) -> CriuResult: ...
@@ -234,7 +244,7 @@ def dump_all(
             progress(describe(freezer, trees))
         for order, tree in enumerate(trees):
             d = TreeDump(tree, images_root / str(tree.root.pid))
-            d.images_dir.mkdir(mode=0o700, parents=True)
+            d.images_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             dumps.append(d)
             opts = options(tree)
             cgroup = freezer.path(tree.root.pid) if freezer is not None else None
@@ -290,6 +300,51 @@ def _start(d: TreeDump, criu: Dumper, opts: CriuOptions) -> None:
     d._thread.start()
 
 
+#: A tree's pre-dump images, inside its images directory: the dump's "parent".
+PRE_DUMP_DIR = "pre"
+#: Room a pre-dump needs, against the trees' resident memory: its images, and the
+#: dump of what changed since (at most everything again; usually far less).
+PRE_DUMP_ROOM = 1.6
+
+
+class Engine(Dumper, PreDumper, Protocol):
+    """Dumps and pre-dumps: CRIU."""
+
+
+def room_to_pre_dump(trees: Sequence[ProcessTree], root: Path) -> bool:
+    memory = sum(t.rss for t in trees)
+    free = shutil.disk_usage(root).free
+    if free >= memory * PRE_DUMP_ROOM:
+        return True
+    log.info("no pre-dump: the store has %d MiB free, a pre-dump of %d MiB wants %d MiB; "
+             "the trees' whole memory is dumped while they are frozen",
+             free >> 20, memory >> 20, int(memory * PRE_DUMP_ROOM) >> 20)
+    return False
+
+
+def pre_dump_all(trees: Sequence[ProcessTree], root: Path, criu: PreDumper,
+                 options: Callable[[ProcessTree], CriuOptions]) -> set[int]:
+    """Copy every tree's memory while it runs (CRIU pre-dump, with memory tracking)
+    into ``root/<pid>/pre``; returns the trees pre-dumped. A tree whose pre-dump
+    fails is dumped whole later: the pre-dump only saves time."""
+    done = set()
+    for tree in trees:
+        images_dir = root / str(tree.root.pid) / PRE_DUMP_DIR
+        images_dir.mkdir(mode=0o700, parents=True)
+        opts = dataclasses.replace(options(tree), track_mem=True, leave_running=True)
+        try:
+            result = criu.pre_dump(images_dir, opts)
+        except CriuError as e:
+            log.warning("tree %d: pre-dump failed, it will be dumped whole: %s",
+                        tree.root.pid, e)
+            shutil.rmtree(images_dir, ignore_errors=True)
+            continue
+        done.add(tree.root.pid)
+        log.info("pre-dumped tree %d (%s): %.1f MiB in %.2f s, still running", tree.root.pid,
+                 tree.root.command[:50], _size(images_dir) / (1 << 20), result.seconds)
+    return done
+
+
 def boot_id() -> str:
     return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
@@ -302,27 +357,48 @@ def take_checkpoint(
     leave_running: bool,
     target_release: str | None = None,
     times: dict[str, float] | None = None,
+    pre_dump: bool | None = None,
+    criu: Engine | None = None,
 ) -> tuple[HeldTrees, Manifest]:
     """Dump ``trees`` into the new generation ``images``, seal it, and return the trees
     still held frozen (release or abort them) with the manifest.
 
+    With ``pre_dump`` (by default: when the store has room for it) every tree's
+    memory is first copied while it runs and hashed; frozen, each dump then
+    writes and the seal hashes only what changed since, so the freeze is short
+    whatever the size of the memory.
+
     On any failure every tree is thawed and the partial generation removed before
     the error is raised. ``times`` receives the wall-clock times of the steps
-    (frozen, dumped, sealed) for the upgrade's report.
+    (pre_dumping, frozen, dumped, sealed) for the upgrade's report.
     """
     times = {} if times is None else times
     sockets = unix_sockets() or {}
+    criu = criu or Criu()
+    created = time.time()
+    root = images.create()
+    if pre_dump is None:
+        pre_dump = room_to_pre_dump(trees, root)
+    pre_dumped: set[int] = set()
+    ahead: dict[Path, Hashed] = {}
 
     def options(tree: ProcessTree) -> CriuOptions:
         opts = dump_options(tree, journald_streams(tree.pids, sockets))
-        return dataclasses.replace(opts, leave_running=leave_running)
+        opts = dataclasses.replace(opts, leave_running=leave_running)
+        if tree.root.pid in pre_dumped:  # only what changed since; the rest is "parent"
+            opts = dataclasses.replace(opts, parent_img=PRE_DUMP_DIR, track_mem=True)
+        return opts
 
-    created = time.time()
-    root = images.create()
     try:
+        if pre_dump:
+            times["pre_dumping"] = time.time()
+            with complete_step(f"pre-dumping {len(trees)} trees while they run"):
+                pre_dumped = pre_dump_all(trees, root, criu, options)
+            with complete_step("hashing the pre-dumped images while the trees run"):
+                ahead = images.hash_ahead()
         times["frozen"] = time.time()
         with complete_step(f"dumping {len(trees)} trees into {root}"):
-            held = dump_all(trees, root, Criu(), options=options,
+            held = dump_all(trees, root, criu, options=options,
                             freezer=Freezer.for_trees(trees))
         times["dumped"] = time.time()
         try:
@@ -336,7 +412,7 @@ def take_checkpoint(
                         bytes=d.bytes_written, dump_seconds=d.dump_seconds,
                         pids=list(d.tree.pids),
                     ) for d in held.dumps],
-                ))
+                ), ahead)
             times["sealed"] = time.time()
         except BaseException:
             held.abort()

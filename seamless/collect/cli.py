@@ -50,6 +50,13 @@ def selection_options(f: Callable[..., object]) -> Callable[..., object]:
     return f
 
 
+#: ``--pre-dump/--no-pre-dump``: default None, decided by the room in the store.
+pre_dump_option = click.option(
+    "--pre-dump/--no-pre-dump", "pre_dump", default=None,
+    help="Copy the memory while the processes run, so the frozen dump writes only what "
+    "changed since (default: when the store has room for it).")
+
+
 def selection_from(includes: tuple[str, ...], excludes: tuple[str, ...],
                    config_path: Path) -> Selection:
     return load_config(config_path).merged(Selection.from_texts(includes, excludes))
@@ -90,10 +97,11 @@ def plan_command(includes: tuple[str, ...], excludes: tuple[str, ...], config_pa
 @click.option("--leave-running", is_flag=True,
               help="Thaw the trees after the checkpoint (otherwise they end: the images "
               "are all that is left of them).")
+@pre_dump_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def checkpoint_command(includes: tuple[str, ...], excludes: tuple[str, ...], config_path: Path,
                        images_dir: Path | None, target_release: str | None,
-                       leave_running: bool, as_json: bool) -> None:
+                       leave_running: bool, pre_dump: bool | None, as_json: bool) -> None:
     """Checkpoint every selected process tree into a new generation of the store.
 
     Every tree is dumped and held frozen until all are dumped and the images are
@@ -122,7 +130,7 @@ def checkpoint_command(includes: tuple[str, ...], excludes: tuple[str, ...], con
     load_criu_modules()
     start = time.monotonic()
     held, manifest = take_checkpoint(plan.trees, images, number, leave_running=leave_running,
-                                     target_release=target_release)
+                                     target_release=target_release, pre_dump=pre_dump)
     with complete_step("thawing the trees" if leave_running else "ending the dumped trees"):
         held.release()
     trees = [{

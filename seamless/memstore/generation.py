@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,24 @@ def digest(path: Path, algorithm: str = DIGEST) -> bytes:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.digest()
+
+
+def digests(paths: list[Path], algorithm: str = DIGEST) -> list[bytes]:
+    """The digests of ``paths``, several files at a time (hashlib lets go of the GIL,
+    so every CPU hashes)."""
+    if len(paths) < 2:
+        return [digest(p, algorithm) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(len(paths), os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda p: digest(p, algorithm), paths))
+
+
+@dataclass(frozen=True)
+class Hashed:
+    """A file hashed ahead of the seal (images that no longer change)."""
+
+    size: int
+    mtime_ns: int
+    digest: bytes
 
 
 def covered(root: Path) -> list[Path]:
@@ -74,17 +93,35 @@ class Generation:
     def discard(self) -> None:
         shutil.rmtree(self.partial, ignore_errors=True)
 
-    def seal(self, manifest: Manifest) -> Manifest:
+    def hash_ahead(self) -> dict[Path, Hashed]:
+        """Hash what the partial generation holds now, for :meth:`seal` to reuse for
+        the files that have not changed by then (a pre-dump's images, hashed while
+        the processes still run)."""
+        paths = covered(self.partial)
+        stats = [p.stat() for p in paths]
+        return {p: Hashed(st.st_size, st.st_mtime_ns, d)
+                for p, st, d in zip(paths, stats, digests(paths), strict=True)}
+
+    def seal(self, manifest: Manifest, ahead: dict[Path, Hashed] | None = None) -> Manifest:
         """Sync and checksum every file, write the manifest, and make the directory
-        visible under its final name."""
-        files = []
-        for path in covered(self.partial):
+        visible under its final name. Files in ``ahead`` (see :meth:`hash_ahead`) whose
+        size and modification time are unchanged are not read again."""
+        ahead = ahead or {}
+        paths = covered(self.partial)
+        known: dict[Path, bytes] = {}
+        for path in paths:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
             os.chmod(path, 0o600)
-            files.append(FileEntry(str(path.relative_to(self.partial)), path.stat().st_size,
-                                   digest(path)))
-        manifest.files = files
+            st = path.stat()
+            hashed = ahead.get(path)
+            if hashed is not None and (hashed.size, hashed.mtime_ns) == (st.st_size,
+                                                                         st.st_mtime_ns):
+                known[path] = hashed.digest
+        fresh = [p for p in paths if p not in known]
+        known.update(zip(fresh, digests(fresh), strict=True))
+        manifest.files = [FileEntry(str(p.relative_to(self.partial)), p.stat().st_size,
+                                    known[p]) for p in paths]
         manifest.digest_algorithm = DIGEST
         manifest.sealed = time.time()
         fd = os.open(self.partial / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -110,10 +147,13 @@ class Generation:
         """The files whose size or checksum differ from the manifest's, or are missing."""
         manifest = self.manifest()
         bad = []
+        present = []
         for entry in manifest.files:
             path = self.final / entry.path
-            if not path.is_file() or path.stat().st_size != entry.size or (
-                digest(path, manifest.digest_algorithm) != entry.digest
-            ):
+            if not path.is_file() or path.stat().st_size != entry.size:
                 bad.append(entry.path)
-        return bad
+            else:
+                present.append(entry)
+        sums = digests([self.final / e.path for e in present], manifest.digest_algorithm)
+        bad += [e.path for e, d in zip(present, sums, strict=True) if d != e.digest]
+        return sorted(bad)

@@ -166,6 +166,7 @@ def phases(report: dict[str, Any]) -> list[tuple[str, float]]:
     """The durations of an upgrade's phases, from the times it recorded."""
     t = report.get("times", {})
     spans = [
+        ("pre-dump and hash (running)", "pre_dumping", "frozen"),
         ("freeze and dump", "frozen", "dumped"),
         ("seal (checksums, manifest)", "dumped", "sealed"),
         ("kexec to the restorer", "entering", "restorer_started"),
