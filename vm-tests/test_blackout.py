@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from vmtest import config
@@ -49,6 +51,9 @@ def test_blackout_of_seamless_upgrade_against_systemctl_kexec(boot_guest: BootGu
         port, lambda: g.switch_kernel(["seamless", "upgrade", "--kernel", B.vmlinuz, "--yes"]))
     assert g.run("uname", "-r").strip() == B.release
     assert seamless.last_answer == 3, "the upgrade lost the server's state"
+    # The store had room: the server's memory was pre-dumped while it ran.
+    status = json.loads(g.run("seamless", "status", "--json"))
+    assert "pre-dump and hash (running)" in status["phases"], status["phases"]
 
     g.run("kexec", "-s", "-l", A.vmlinuz, f"--initrd={A.initrd}", f"--append={g.spec.cmdline()}")
     kexec = measure_blackout(

@@ -29,7 +29,8 @@ def test_checkpoint_leave_running_and_its_failures(guest_a: qemu.Guest) -> None:
     """256 MiB of known memory, a pipe-joined pair and an HTTP server with state:
     a store too small is refused before anything freezes; checkpoint
     --leave-running keeps all running and writes images that verify; CRIU killed
-    mid-dump leaves every process running and answering, and no images behind."""
+    mid-dump leaves every process running and answering, and no images behind.
+    With room for it, the memory is pre-dumped while they run."""
     g = guest_a
     prepare_for_criu(g)
     big = start_service(g, "big", "python3", "-c", BIG_MEMORY, "/root/big.sum")
@@ -77,6 +78,11 @@ def test_checkpoint_leave_running_and_its_failures(guest_a: qemu.Guest) -> None:
     assert check["bad"] == []
     assert g.run("ls", "-d", "/root/ckpt.partial", check=False) == ""
     assert frozen_cgroups(g) == ""
+    # /root has room: each tree was pre-dumped while it ran, and its dump holds only
+    # what changed since (the 256 MiB are in the pre-dump).
+    big_images = g.sh(f"du -sm /root/ckpt/{big}/pre /root/ckpt/{big} | cut -f1").split()
+    assert int(big_images[0]) >= 256 and int(big_images[1]) - int(big_images[0]) < 64, \
+        big_images
     # Frozen together and thawed together: the same freeze window for every service.
     windows = [t["freeze_seconds"] for t in out["trees"] if t["root"] in services]
     assert max(windows) - min(windows) < 1.0, windows
@@ -88,7 +94,7 @@ def test_checkpoint_leave_running_and_its_failures(guest_a: qemu.Guest) -> None:
 
     # 3. CRIU killed in the middle of the dump: everything runs on, no images.
     proc = g.channel.start(["seamless", "checkpoint", "--images", "/root/ckpt2",
-                            "--leave-running"])
+                            "--leave-running", "--no-pre-dump"])
     seen = g.channel.run(["sh", "-c", "for i in $(seq 1200); do pgrep -x criu >/dev/null &&"
                           " exit 0; sleep 0.1; done; exit 1"], timeout=300)
     if seen.returncode != 0:
