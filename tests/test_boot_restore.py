@@ -195,6 +195,20 @@ def test_phases_only_spans_with_both_times() -> None:
         "freeze and dump", "seal (checksums, manifest)", "kexec to the restorer", "restore",
         "total blackout (freeze to restored)"]
     assert dict(boot.phases(full))["kexec to the restorer"] == 4.0
+    split = {"times": {**full["times"], "kernel_started": 4.0, "restorer_exec": 6.5}}
+    assert dict(boot.phases(split))["  leaving the old kernel"] == 1.0
+    assert dict(boot.phases(split))["  new kernel's boot to the restorer"] == 2.5
+    assert dict(boot.phases(split))["  the restorer's start (python)"] == 0.5
+
+
+def test_boot_times_from_uptime_and_the_process_start(tmp_path: Path) -> None:
+    (tmp_path / "self").mkdir()
+    (tmp_path / "uptime").write_text("30.00 55.00\n")
+    fields = ["S"] + ["0"] * 18 + [str(25 * os.sysconf("SC_CLK_TCK"))] + ["0"] * 20
+    (tmp_path / "self" / "stat").write_text("1234 (seamless (x)) " + " ".join(fields) + "\n")
+    assert boot.boot_times(1000.0, tmp_path) == {"kernel_started": 970.0,
+                                                  "restorer_exec": 995.0}
+    assert boot.boot_times(1000.0, tmp_path / "missing") == {}
 
 
 def test_last_report_is_the_newest(reports: tuple[Path, Path]) -> None:

@@ -73,12 +73,28 @@ def write_report(report: dict[str, Any], store: Store | None) -> None:
             log.warning("could not write the report to %s: %s", path, e)
 
 
+def boot_times(now: float, proc: Path = Path("/proc")) -> dict[str, float]:
+    """When, on the wall clock, this kernel started and this restorer was started
+    (from the uptime and this process's start time): to tell the old kernel's way
+    out, the new kernel's boot and the restorer's own start apart. The new kernel's
+    clock comes from the RTC at this point of the boot: to about a second."""
+    try:
+        uptime = float((proc / "uptime").read_text().split()[0])
+        fields = (proc / "self" / "stat").read_text().rsplit(")", 1)[1].split()
+        started_ticks = int(fields[19])  # field 22 of stat: starttime
+    except (OSError, ValueError, IndexError):
+        return {}
+    kernel = now - uptime
+    return {"kernel_started": kernel,
+            "restorer_exec": kernel + started_ticks / os.sysconf("SC_CLK_TCK")}
+
+
 def boot_restore(number: int | None, *, keep: bool = False,
                  criu: Restorer | None = None, root: Path = Path("/")) -> dict[str, Any]:
     """Restore a generation of the store at boot; returns the report (also written)."""
     started = time.time()
     report: dict[str, Any] = {"generation": number, "to": os.uname().release, "ok": False,
-                              "times": {"restorer_started": started}}
+                              "times": {**boot_times(started), "restorer_started": started}}
     store = None
     try:
         with complete_step("opening the store"):
@@ -170,6 +186,9 @@ def phases(report: dict[str, Any]) -> list[tuple[str, float]]:
         ("freeze and dump", "frozen", "dumped"),
         ("seal (checksums, manifest)", "dumped", "sealed"),
         ("kexec to the restorer", "entering", "restorer_started"),
+        ("  leaving the old kernel", "entering", "kernel_started"),
+        ("  new kernel's boot to the restorer", "kernel_started", "restorer_exec"),
+        ("  the restorer's start (python)", "restorer_exec", "restorer_started"),
         ("restore", "restorer_started", "restored"),
         ("total blackout (freeze to restored)", "frozen", "restored"),
     ]

@@ -183,6 +183,34 @@ def one_size(guest: qemu.Guest, size: int, port: int) -> dict[str, Any]:
     }
 
 
+WITHOUT = "/boot/initrd-without-seamless.img"
+
+
+def initramfs(guest: qemu.Guest, rounds: int = 2) -> dict[str, Any]:
+    """Kernel A's initramfs with and without the seamless module: its size, and the
+    time systemd spends in it (systemd-analyze's "initrd"), kexec'ing into each in
+    turn."""
+    a = config.KERNELS["A"]
+    log.info("initramfs: building %s without the seamless module", WITHOUT)
+    guest.run("dracut", "--force", "--quiet", "--omit", "seamless", WITHOUT, a.release,
+              timeout=1200)
+    paths = {"with": a.initrd, "without": WITHOUT}
+    result: dict[str, Any] = {
+        name: {"bytes": int(guest.run("stat", "-L", "-c", "%s", path)), "initrd_seconds": []}
+        for name, path in paths.items()}
+    for _ in range(rounds):
+        for name, path in paths.items():
+            guest.kexec(a, initrd=path)
+            guest.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
+            out = guest.run("systemd-analyze")
+            m = re.search(r"([\d.]+)(m?s) \(initrd\)", out)
+            if m is None:
+                raise VMError(f"no initrd time in systemd-analyze: {out}")
+            seconds = float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
+            result[name]["initrd_seconds"].append(seconds)
+    return result
+
+
 VARIANTS = (("seamless_upgrade_whole_dump", "whole dump"),
             ("seamless_upgrade_pre_dump", "pre-dump"))
 
@@ -216,7 +244,8 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(*, sizes: tuple[int, ...] = SIZES, json_path: Path | None = None) -> int:
+def main(*, sizes: tuple[int, ...] = SIZES, with_initramfs: bool = True,
+         json_path: Path | None = None) -> int:
     img = image.build()
     port = free_port()
     spec = qemu.GuestSpec(image=str(img.directory), kernel="A", memory=MEMORY, region=REGION,
@@ -234,11 +263,19 @@ def main(*, sizes: tuple[int, ...] = SIZES, json_path: Path | None = None) -> in
             for size in sizes:
                 result["sizes"].append(one_size(guest, size, port))
                 log.info("%s", json.dumps(result["sizes"][-1]))
+            if with_initramfs:
+                result["initramfs"] = initramfs(guest)
         finally:
             result["total_seconds"] = round(time.monotonic() - start, 1)
             if json_path is not None:
                 json_path.write_text(json.dumps(result, indent=2) + "\n")
-    print(table(result))
+    if result["sizes"]:
+        print(table(result))
+    if "initramfs" in result:
+        for name, r in result["initramfs"].items():
+            times = ", ".join(f"{t:.2f}" for t in r["initrd_seconds"])
+            print(f"initramfs {name} the seamless module: {r['bytes'] / (1 << 20):.1f} MiB, "
+                  f"time in it (systemd-analyze): {times} s")
     print("checksum rates in the guest (MiB/s): " + ", ".join(
         f"{k} {v:.0f}" for k, v in result["digest_rates_mib_s"].items()))
     if json_path is not None:

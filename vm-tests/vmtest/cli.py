@@ -144,7 +144,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    return bench.main(sizes=tuple(args.sizes), json_path=Path(args.json) if args.json else None)
+    return bench.main(sizes=tuple(args.sizes), with_initramfs=args.initramfs,
+                      json_path=Path(args.json) if args.json else None)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -194,6 +195,8 @@ def parser() -> argparse.ArgumentParser:
     bn.add_argument("--sizes", type=lambda t: [int(x) for x in t.split(",") if x],
                     default=list(bench.SIZES), metavar="MIB,...",
                     help="sizes of state in MiB (default %(default)s)")
+    bn.add_argument("--no-initramfs", dest="initramfs", action="store_false",
+                    help="skip the initramfs with/without the module (size, time in it)")
     bn.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
     bn.set_defaults(func=cmd_bench)
     return p

@@ -194,16 +194,17 @@ class Guest:
         )
 
     def kexec(self, kernel: config.Kernel, *, append: str | None = None,
-              timeout: float = BOOT_TIMEOUT) -> GuestInfo:
+              initrd: str | None = None, timeout: float = BOOT_TIMEOUT) -> GuestInfo:
         """kexec into ``kernel`` with kexec_file_load (``kexec -s``); wait for its agent.
 
         The new command line is the running one (``append`` replaces it if given),
-        so the ``memmap=`` region stays reserved.
+        so the ``memmap=`` region stays reserved. ``initrd``: another initramfs than
+        the kernel's own (a path in the guest).
         """
         before = self.info or self.wait_ready()
         cmdline = append if append is not None else self.spec.cmdline()
         self.run(
-            "kexec", "-s", "-l", kernel.vmlinuz, f"--initrd={kernel.initrd}",
+            "kexec", "-s", "-l", kernel.vmlinuz, f"--initrd={initrd or kernel.initrd}",
             f"--append={cmdline}",
         )
         start = time.monotonic()
