@@ -8,6 +8,7 @@ import pytest
 
 from seamless.collect.cli import space_for
 from seamless.errors import SeamlessError
+from seamless.memstore import generation
 from seamless.memstore.generation import MANIFEST, Generation
 from seamless.memstore.records import Manifest, RecordError, TreeRecord
 
@@ -66,3 +67,19 @@ def test_space_is_the_free_space_of_the_filesystem_to_come(tmp_path: Path) -> No
     space = space_for(tmp_path / "not" / "yet")
     assert space.free is not None and space.free > 0
     assert space.device == str(tmp_path)
+
+
+def test_a_generation_sealed_with_another_algorithm_still_verifies(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(generation, "DIGEST", "blake2b")  # as generations once were
+    gen = Generation(tmp_path / "ckpt")
+    root = gen.create()
+    for name in ("pages-1.img", "pages-2.img", "core-100.img"):
+        (root / name).write_bytes(name.encode() * 1000)
+    gen.seal(Manifest(generation=1))
+    monkeypatch.undo()
+    assert gen.manifest().digest_algorithm == "blake2b"
+    assert len(gen.manifest().files[0].digest) == 64  # blake2b's, not the new default's
+    assert gen.verify() == []
+    (gen.final / "pages-2.img").write_bytes(b"x" * 11000)  # same size, new contents
+    assert gen.verify() == ["pages-2.img"]
