@@ -22,6 +22,7 @@ from seamless.collect.criu import (
     CriuError,
     CriuOptions,
     CriuResult,
+    NetworkLock,
     Notification,
     NotifyHandler,
 )
@@ -104,6 +105,7 @@ def test_dump_options_bring_what_a_real_host_has() -> None:
     assert opts.pid == 42
     assert opts.leave_running and opts.shell_job and opts.tcp_established and opts.file_locks
     assert opts.tcp_skip_in_flight  # a server being connected to at the freeze still dumps
+    assert opts.network_lock == NetworkLock.NFTABLES  # no iptables command on Debian 12
     assert opts.ghost_limit is not None and opts.ghost_limit > 1 << 20
     assert not opts.ext_unix_sk and opts.external == ()
     journald = dump_options(tree(42), [1234, 5678])

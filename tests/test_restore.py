@@ -15,7 +15,7 @@ from seamless.collect.criu import (
     CriuResult,
     NotifyHandler,
 )
-from seamless.restore.restorer import restore_all
+from seamless.restore.restorer import restore_all, restore_options
 
 
 class FakeCriu:
@@ -116,3 +116,14 @@ def test_socket_directories_are_recorded_and_made_again(tmp_path: Path) -> None:
     d.rmdir()
     recreate_dirs(recorded)
     assert d.is_dir() and d.stat().st_mode & 0o7777 == 0o750
+
+
+def test_the_restore_locks_connections_the_way_the_dump_did() -> None:
+    from seamless.collect.checkpoint import dump_options
+    from seamless.collect.processes import ProcessInfo, ProcessTree
+
+    p = ProcessInfo(42, 1, "app", ("app",), "root", "/system.slice/app.service", 1 << 20)
+    dumped = dump_options(ProcessTree(p, [p]))
+    restored = restore_options(())
+    assert restored.tcp_established and dumped.tcp_established
+    assert restored.network_lock == dumped.network_lock is not None

@@ -11,6 +11,8 @@ from vmtest import qemu
 from vmtest.log import record
 from vmtest.workloads import (
     BIG_MEMORY,
+    ECHO_CLIENT,
+    ECHO_SERVER,
     HTTP_STATE,
     PIPE_PAIR,
     http,
@@ -22,6 +24,7 @@ from vmtest.workloads import (
 
 pytestmark = pytest.mark.vm
 
+ECHO_PORT = 7007
 PORT = 8080
 
 
@@ -36,6 +39,13 @@ def test_checkpoint_leave_running_and_its_failures(guest_a: qemu.Guest) -> None:
     big = start_service(g, "big", "python3", "-c", BIG_MEMORY, "/root/big.sum")
     start_service(g, "pair", "/bin/sh", "-c", PIPE_PAIR, "/root/pipe.last")
     start_service(g, "web", "python3", "-c", HTTP_STATE, str(PORT))
+    # An established TCP connection to a peer outside the checkpoint (as an ssh
+    # session's client is): the echo server is checkpointed, its client is not.
+    start_service(g, "echo", "python3", "-c", ECHO_SERVER, str(ECHO_PORT))
+    g.sh(f"for i in $(seq 100); do ss -ltn | grep -q :{ECHO_PORT} && exit 0; sleep 0.1; done;"
+         " exit 1")
+    start_service(g, "echo-client", "python3", "-c", ECHO_CLIENT, str(ECHO_PORT),
+                  "/root/echo.count")
     g.sh("for i in $(seq 300); do test -s /root/big.sum && test -s /root/pipe.last && exit 0;"
          " sleep 0.2; done; exit 1")
     for _ in range(3):
@@ -64,7 +74,8 @@ def test_checkpoint_leave_running_and_its_failures(guest_a: qemu.Guest) -> None:
 
     # 2. A checkpoint that leaves everything running.
     result = g.channel.run(["seamless", "checkpoint", "--images", "/root/ckpt",
-                            "--leave-running", "--json"], timeout=900)
+                            "--leave-running", "--json",
+                            "--exclude", "unit:echo-client.service"], timeout=900)
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     out = json.loads(result.stdout)
     assert services <= {t["root"] for t in out["trees"]}
@@ -78,6 +89,11 @@ def test_checkpoint_leave_running_and_its_failures(guest_a: qemu.Guest) -> None:
     assert check["bad"] == []
     assert g.run("ls", "-d", "/root/ckpt.partial", check=False) == ""
     assert frozen_cgroups(g) == ""
+    # The connection was held still for the dump (nftables) and goes on.
+    echoed = int(g.run("cat", "/root/echo.count"))
+    time.sleep(1)
+    assert int(g.run("cat", "/root/echo.count")) > echoed, \
+        g.run("systemctl", "status", "echo-client", check=False)
     # /root has room: each tree was pre-dumped while it ran, and its dump holds only
     # what changed since (the 256 MiB are in the pre-dump).
     big_images = g.sh(f"du -sm /root/ckpt/{big}/pre /root/ckpt/{big} | cut -f1").split()

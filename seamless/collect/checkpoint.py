@@ -37,6 +37,7 @@ from seamless.collect.criu import (
     CriuError,
     CriuOptions,
     CriuResult,
+    NetworkLock,
     Notification,
     NotifyHandler,
 )
@@ -121,6 +122,10 @@ def dump_options(tree: ProcessTree, journald: Sequence[int] = ()) -> CriuOptions
         # not in a state CRIU can carry; the client sees it dropped and retries, as it
         # would across any restart. Without this, a busy server can never be dumped.
         tcp_skip_in_flight=True,
+        # Connections are held still while dumped by firewall rules. CRIU's default
+        # is the iptables command, which Debian 12 does not install by default;
+        # its CRIU links libnftables, which needs nothing more than nf_tables.
+        network_lock=NetworkLock.NFTABLES,
         file_locks=True,
         ghost_limit=GHOST_LIMIT,
     )

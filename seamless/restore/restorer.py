@@ -23,6 +23,7 @@ from seamless.collect.criu import (
     CriuOptions,
     CriuResult,
     InheritFd,
+    NetworkLock,
     NotifyHandler,
 )
 from seamless.collect.resources import JOURNALD_STDOUT
@@ -89,6 +90,7 @@ def restore_options(inherit: tuple[InheritFd, ...]) -> CriuOptions:
     return CriuOptions(
         shell_job=True,
         tcp_established=True,
+        network_lock=NetworkLock.NFTABLES,  # as dumped: see dump_options
         file_locks=True,
         ext_unix_sk=bool(inherit),
         inherit_fd=inherit,

@@ -102,4 +102,44 @@ def memory_report(guest: Guest, pid: int) -> str:
 
 
 def pipe_count(guest: Guest) -> int:
-    return int(guest.run("cat", "/root/pipe.last"))
+    # The reader truncates and rewrites the file: wait out the instant it is empty.
+    return int(guest.sh('for i in $(seq 50); do v=$(cat /root/pipe.last); [ -n "$v" ] &&'
+                        ' { echo "$v"; exit 0; }; sleep 0.1; done; exit 1'))
+
+#: A TCP echo server on 127.0.0.1:PORT, a thread per connection.
+ECHO_SERVER = (
+    "import socket, sys, threading\n"
+    "s = socket.socket()\n"
+    "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()\n"
+    "def serve(c):\n"
+    "    while data := c.recv(4096):\n"
+    "        c.sendall(data)\n"
+    "while True:\n"
+    "    c, _ = s.accept()\n"
+    "    threading.Thread(target=serve, args=(c,), daemon=True).start()\n"
+)
+
+#: One connection to the echo server on PORT, kept: every 0.1 s a numbered line there
+#: and back; the count of good round trips goes to FILE. Exits if the echo is wrong or
+#: the connection breaks.
+ECHO_CLIENT = (
+    "import os, socket, sys, time\n"
+    "c = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n"
+    "n = 0\n"
+    "while True:\n"
+    "    line = b'%d\\n' % n\n"
+    "    c.sendall(line)\n"
+    "    got = b''\n"
+    "    while len(got) < len(line):\n"
+    "        part = c.recv(64)\n"
+    "        if not part:\n"
+    "            sys.exit('the connection was closed')\n"
+    "        got += part\n"
+    "    if got != line:\n"
+    "        sys.exit(f'echo lost: {got!r}')\n"
+    "    n += 1\n"
+    "    open(sys.argv[2] + '.tmp', 'w').write(str(n))\n"
+    "    os.replace(sys.argv[2] + '.tmp', sys.argv[2])\n"
+    "    time.sleep(0.1)\n"
+)
