@@ -252,10 +252,9 @@ def dump_all(
             d.images_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             dumps.append(d)
             opts = options(tree)
-            cgroup = freezer.path(tree.root.pid) if freezer is not None else None
-            if cgroup is not None:
+            if freezer is not None and (cgroup := freezer.path(tree.root.pid)) is not None:
                 opts = dataclasses.replace(opts, freeze_cgroup=cgroup)
-                d.cgroup_frozen_at = freezer.frozen_at if freezer is not None else None
+                d.cgroup_frozen_at = freezer.frozen_at
             info = tree_info(tree, opts, order)
             (d.images_dir / TREE_INFO).write_text(json.dumps(info, indent=2))
             _start(d, criu, opts)

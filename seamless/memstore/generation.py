@@ -114,19 +114,21 @@ class Generation:
         ahead = ahead or {}
         paths = covered(self.partial)
         known: dict[Path, bytes] = {}
+        sizes: dict[Path, int] = {}
         for path in paths:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
             os.chmod(path, 0o600)
             st = path.stat()
+            sizes[path] = st.st_size
             hashed = ahead.get(path)
             if hashed is not None and (hashed.size, hashed.mtime_ns) == (st.st_size,
                                                                          st.st_mtime_ns):
                 known[path] = hashed.digest
         fresh = [p for p in paths if p not in known]
         known.update(zip(fresh, digests(fresh), strict=True))
-        manifest.files = [FileEntry(str(p.relative_to(self.partial)), p.stat().st_size,
-                                    known[p]) for p in paths]
+        manifest.files = [FileEntry(str(p.relative_to(self.partial)), sizes[p], known[p])
+                          for p in paths]
         manifest.digest_algorithm = DIGEST
         manifest.sealed = time.time()
         fd = os.open(self.partial / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
