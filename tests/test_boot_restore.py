@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from click.testing import CliRunner, Result
 
@@ -345,6 +346,7 @@ def test_all_restored_in_order_adopted_reported_and_wiped(
     assert report["ok"] is True and report["generation"] == 3
     assert report["from"] == SOURCE and report["to"] == os.uname().release
     assert report["corrupt"] == []
+    assert report["stage"] == "initramfs"  # no /run/systemd/system under the root
     trees = trees_by_root(report)
     assert trees[101]["restored"] and trees[101]["pid"] == 101
     assert trees[202]["restored"] and trees[202]["pid"] == 202
@@ -557,3 +559,45 @@ def test_status_without_a_report() -> None:
     standalone = CliRunner().invoke(cli, ["status"])
     assert standalone.exit_code == ExitCode.UNCHANGED
     assert "no upgrade has been restored on this machine yet" in standalone.stderr
+
+
+# --- a retry by hand (seamless restore --generation N) -----------------------------------------
+
+
+def test_a_retry_restores_only_what_failed_then_wipes(
+    env: BootEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (env.store.root / boot.UPGRADE_RECORD).write_text(json.dumps({
+        "generation": 3, "times": {"frozen": 5.0, "entering": 6.0}}))
+    first = env.restore(FakeRestorer(fail={"101"}))
+    assert not first["ok"] and env.gen.sealed
+    monkeypatch.setattr(psutil, "pid_exists", lambda pid: pid == 202)
+    criu = FakeRestorer()
+
+    report = boot.boot_restore(3, criu=criu, root=env.root, previous=first)
+
+    assert criu.calls == ["101"]  # 202 runs since the boot: not restored twice
+    assert report["ok"] is True and report["wiped"] is True and not env.gen.final.exists()
+    trees = trees_by_root(report)
+    assert trees[202]["restored"] and trees[202]["earlier"] and trees[202]["pid"] == 202
+    assert trees[101]["restored"] and not trees[101]["earlier"]
+    assert report["adopted"] == ["app.service"] and env.handed_over == [["app.service"]]
+    times = report["times"]  # the boot's phases stay; the retry has its own
+    assert times["restored"] == first["times"]["restored"] and times["frozen"] == 5.0
+    assert times["retry_started"] <= times["retry_restored"] <= times["finished"]
+    assert dict(boot.phases(report))["retry by hand (seamless restore)"] >= 0
+    assert report["stage"] == first["stage"] == "initramfs"
+
+
+def test_a_retry_restores_again_a_tree_that_no_longer_runs(
+    env: BootEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = env.restore(FakeRestorer(fail={"101"}))
+    monkeypatch.setattr(psutil, "pid_exists", lambda pid: False)
+    assert boot.still_running(first, 3) == {}
+    assert boot.still_running(first, 4) == {}  # another generation's report
+    monkeypatch.setattr(psutil, "pid_exists", lambda pid: True)
+    assert boot.still_running(first, 3) == {202: 202}
+    criu = FakeRestorer()
+    boot.boot_restore(3, criu=criu, root=env.root, previous={**first, "generation": 2})
+    assert criu.calls == ["202", "101"]  # an older report says nothing of generation 3

@@ -12,53 +12,24 @@ from vmtest.log import record
 from vmtest.qemu import BootGuest
 from vmtest.workloads import (
     BIG_MEMORY,
-    HTTP_STATE,
     PIPE_PAIR,
+    PORT,
     http,
+    main_pid,
     memory_report,
     pipe_count,
     start_service,
-    wait_http,
+    start_web_unit,
 )
 
 pytestmark = pytest.mark.vm
 
 A, B = config.KERNELS["A"], config.KERNELS["B"]
-PORT = 8080
 #: The 256 MiB workload's images need more than the default 256 MiB region.
 REGION = "512M!1G"
 
-def start_web_unit(g: qemu.Guest) -> int:
-    """The HTTP server as a service with a unit file, enabled: systemd would start it at
-    boot (so a second copy would show)."""
-    g.channel.run(["sh", "-c", "cat > /etc/systemd/system/web.service"],
-                  input=WEB_UNIT_FILE.encode(), check=True)
-    g.run("systemctl", "enable", "--now", "web.service")
-    wait_http(g, PORT)
-    return int(g.run("systemctl", "show", "-P", "MainPID", "web.service"))
-
-
-#: The unit runs the server from a file: a one-line -c program cannot hold classes.
-WEB_UNIT_FILE = f"""\
-[Unit]
-Description=HTTP server holding state in memory
-
-[Service]
-ExecStart=/usr/bin/python3 /usr/local/lib/web.py {PORT}
-
-[Install]
-WantedBy=multi-user.target
-"""
-
-
-def main_pid(g: qemu.Guest, unit: str) -> int:
-    return int(g.run("systemctl", "show", "-P", "MainPID", unit))
-
-
 def prepare(g: qemu.Guest) -> dict[str, int]:
     g.run("seamless", "store", "format")
-    g.channel.run(["sh", "-c", "cat > /usr/local/lib/web.py"], input=HTTP_STATE.encode(),
-                  check=True)
     pids = {
         "big": start_service(g, "big", "python3", "-c", BIG_MEMORY, "/root/big.sum"),
         "pair": start_service(g, "pair", "/bin/sh", "-c", PIPE_PAIR, "/root/pipe.last"),
@@ -120,10 +91,19 @@ def test_upgrade_brings_the_workloads_back_in_b_with_their_state(
     assert g.run("pgrep", "-c", "-f", "/usr/local/lib/web.py", check=False).strip() == "0"
 
 
-def test_a_corrupt_image_fails_its_tree_only(boot_guest: BootGuest) -> None:
+FLIP_FIRST_BYTE = ("import sys\n"
+                   "with open(sys.argv[1], 'r+b') as f:\n"
+                   "    b = f.read(1); f.seek(0); f.write(bytes([b[0] ^ 0xff]))\n")
+
+
+def test_a_corrupt_image_fails_its_tree_only_and_a_retry_by_hand_restores_it(
+    boot_guest: BootGuest,
+) -> None:
     """The workloads are checkpointed in A, one image of the pipe pair is corrupted, then
     the guest kexecs into B to restore that generation: the pair is reported failed, the
-    others are back, the boot reaches multi-user, the images are kept for a retry."""
+    others are back, the boot reaches multi-user, the images are kept for a retry. With
+    the byte put back, `seamless restore --generation N` brings the pair back (same PIDs,
+    its pipe running), leaves the running trees alone and wipes the generation."""
     g = boot_guest("A", region=REGION)
     pids = prepare(g)
     memory = memory_report(g, pids["big"])
@@ -132,10 +112,7 @@ def test_a_corrupt_image_fails_its_tree_only(boot_guest: BootGuest) -> None:
     images = out["images"]
     pair_dir = f"{images}/{pids['pair']}"
     victim = g.sh(f"ls {pair_dir} | grep '^pages-' | head -1").strip()
-    g.run("python3", "-c", "import sys\n"
-          "with open(sys.argv[1], 'r+b') as f:\n"
-          "    b = f.read(1); f.seek(0); f.write(bytes([b[0] ^ 0xff]))\n",
-          f"{pair_dir}/{victim}")
+    g.run("python3", "-c", FLIP_FIRST_BYTE, f"{pair_dir}/{victim}")
 
     g.seamless_kexec(B, "--restore-generation", str(number))
 
@@ -155,3 +132,22 @@ def test_a_corrupt_image_fails_its_tree_only(boot_guest: BootGuest) -> None:
     assert "FAILED" in text and "corrupt images" in text
     kept = json.loads(g.run("seamless", "store", "status", "--json"))["generations"]
     assert [gen["number"] for gen in kept] == [number], "the failed generation was not kept"
+
+    # The retry by hand, once the image is whole again (the store is mounted by then).
+    g.run("seamless", "store", "status")
+    g.run("python3", "-c", FLIP_FIRST_BYTE, f"{pair_dir}/{victim}")
+    retry = g.channel.run(["seamless", "restore", "--generation", str(number), "--json"],
+                          timeout=600)
+    assert retry.returncode == 0, retry.stderr.decode(errors="replace")
+    trees = {t["root"]: t for t in json.loads(retry.stdout)["trees"]}
+    assert trees[pids["pair"]]["restored"] and not trees[pids["pair"]]["earlier"]
+    assert trees[pids["big"]]["earlier"] and trees[pids["web"]]["earlier"]
+    assert main_pid(g, "pair") == pids["pair"], "systemd does not show the restored pair"
+    before = pipe_count(g)
+    time.sleep(1)
+    assert pipe_count(g) > before, "the restored pipe pair does not run"
+    assert main_pid(g, "big") == pids["big"] and http(g, PORT) == 3
+    status = json.loads(g.run("seamless", "status", "--json"))
+    assert status["ok"] and "retry by hand (seamless restore)" in status["phases"]
+    record("retry by hand of the failed tree", status["phases"]["retry by hand (seamless restore)"])
+    assert json.loads(g.run("seamless", "store", "status", "--json"))["generations"] == []

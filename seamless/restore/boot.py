@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from seamless.collect.checkpoint import load_criu_modules
 from seamless.collect.criu import Criu
@@ -89,9 +92,29 @@ def boot_times(now: float, proc: Path = Path("/proc")) -> dict[str, float]:
             "restorer_exec": kernel + started_ticks / os.sysconf("SC_CLK_TCK")}
 
 
+def still_running(previous: dict[str, Any] | None, number: int,
+                  alive: Callable[[int], bool] | None = None) -> dict[int, int]:
+    """The trees of generation ``number`` an earlier restore brought back and that still
+    run (tree root -> PID): a retry must not restore them a second time."""
+    if not previous or previous.get("generation") != number:
+        return {}
+    alive = alive or psutil.pid_exists
+    return {int(t["root"]): int(t["pid"]) for t in previous.get("trees", [])
+            if t.get("restored") and t.get("pid") and alive(int(t["pid"]))}
+
+
+def restore_stage(root: Path = Path("/")) -> str:
+    """Where a boot-time restore runs: under systemd (seamless-restore.service) or in
+    an initramfs without it (initramfs-tools), before init."""
+    return "systemd" if (root / "run/systemd/system").is_dir() else "initramfs"
+
+
 def boot_restore(number: int | None, *, keep: bool = False,
-                 criu: Restorer | None = None, root: Path = Path("/")) -> dict[str, Any]:
-    """Restore a generation of the store at boot; returns the report (also written)."""
+                 criu: Restorer | None = None, root: Path = Path("/"),
+                 previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Restore a generation of the store (at boot, or by hand to retry); returns the report
+    (also written). ``previous``: the report of an earlier restore of the generation,
+    whose trees that still run are left alone and kept in the new report."""
     started = time.time()
     report: dict[str, Any] = {"generation": number, "to": os.uname().release, "ok": False,
                               "times": {**boot_times(started), "restorer_started": started}}
@@ -102,18 +125,27 @@ def boot_restore(number: int | None, *, keep: bool = False,
         n, gen = store.generation(number)
         manifest = gen.manifest()
         report.update(generation=n, **{"from": manifest.source_release})
-        record = store.root / UPGRADE_RECORD
-        if record.is_file():
-            upgrade = json.loads(record.read_text())
-            if upgrade.get("generation") == n:
-                report["times"] = {**upgrade.get("times", {}), **report["times"]}
+        running = still_running(previous, n)
+        retry = bool(previous and previous.get("generation") == n)
+        if retry and previous:
+            # a retry: the upgrade's phases are those of the boot; this one is the retry
+            report["times"] = {**previous.get("times", {}), "retry_started": started}
+            report["stage"] = previous.get("stage")
+        else:
+            report["stage"] = restore_stage(root)
+            record = store.root / UPGRADE_RECORD
+            if record.is_file():
+                upgrade = json.loads(record.read_text())
+                if upgrade.get("generation") == n:
+                    report["times"] = {**upgrade.get("times", {}), **report["times"]}
         with complete_step(f"verifying generation {n}"):
             bad = gen.verify()
         report["corrupt"] = bad
         load_criu_modules()
-        with complete_step(f"restoring {len(manifest.trees)} trees"):
-            restored = restore_all(gen.final, criu or Criu(), skip=corrupt_trees(bad))
-        report["times"]["restored"] = time.time()
+        with complete_step(f"restoring {len(manifest.trees) - len(running)} trees"):
+            restored = restore_all(gen.final, criu or Criu(), skip=corrupt_trees(bad),
+                                   running=running)
+        report["times"]["retry_restored" if retry else "restored"] = time.time()
         report.update(ok=restored.ok, trees=restored.to_json()["trees"],
                       adopted=adopt_services(restored, root))
         if report["adopted"]:
@@ -158,7 +190,8 @@ def generation_from_cmdline(cmdline: str | None = None) -> int | None:
 def adopt_services(report: RestoreReport, root: Path) -> list[str]:
     adopted = []
     for tree in report.trees:
-        if tree.restored and tree.pid and tree.unit and tree.unit.endswith(".service"):
+        new = tree.restored and not tree.earlier
+        if new and tree.pid and tree.unit and tree.unit.endswith(".service"):
             adopt.adopt(tree.unit, tree.pid, root)
             adopted.append(tree.unit)
     return adopted
@@ -191,5 +224,6 @@ def phases(report: dict[str, Any]) -> list[tuple[str, float]]:
         ("  the restorer's start (python)", "restorer_exec", "restorer_started"),
         ("restore", "restorer_started", "restored"),
         ("total blackout (freeze to restored)", "frozen", "restored"),
+        ("retry by hand (seamless restore)", "retry_started", "retry_restored"),
     ]
     return [(name, t[b] - t[a]) for name, a, b in spans if a in t and b in t]

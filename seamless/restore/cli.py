@@ -13,16 +13,14 @@ from seamless.collect.checkpoint import TREE_INFO
 from seamless.collect.criu import Criu
 from seamless.errors import ExitCode, SeamlessError
 from seamless.log import complete_step
-from seamless.memstore.store import open_store
 from seamless.restore import boothooks
 from seamless.restore.boot import (
     boot_restore,
-    corrupt_trees,
     generation_from_cmdline,
     last_report,
     phases,
 )
-from seamless.restore.restorer import restore_all
+from seamless.restore.restorer import TreeRestore, restore_all
 
 
 @click.command("install-restorer")
@@ -89,27 +87,33 @@ def restore_command(images_dir: Path | None, number: int | None, boot: bool, kee
                                 exit_code=ExitCode.CHANGED)
         return
     if images_dir is None:
-        _, gen = open_store().generation(number)
-        images_dir = gen.final
-        bad = gen.verify()
-        skip = corrupt_trees(bad)
+        # A generation of the store: a retry after a failed or missing boot-time restore.
+        # Trees an earlier restore brought back and that still run are left alone.
+        retried = boot_restore(number, keep=keep, previous=last_report())
+        trees = [TreeRestore(**t) for t in retried.get("trees", [])]
+        hint = (f"the others run; seamless status says why; the generation is kept: "
+                f"seamless restore --generation {retried['generation']} tries again")
+        if as_json:
+            click.echo(json.dumps(retried, indent=2))
     else:
-        skip = {}
-    if not any(images_dir.glob(f"*/{TREE_INFO}")):
-        raise SeamlessError(f"{images_dir} holds no checkpointed tree",
-                            hint="give the directory a checkpoint wrote its trees into")
-    with complete_step(f"restoring the trees of {images_dir}"):
-        report = restore_all(images_dir, Criu(), skip=skip)
-    if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2))
-    else:
-        for t in report.trees:
-            state = f"restored as {t.pid}" if t.restored else f"FAILED: {t.error}"
+        if not any(images_dir.glob(f"*/{TREE_INFO}")):
+            raise SeamlessError(f"{images_dir} holds no checkpointed tree",
+                                hint="give the directory a checkpoint wrote its trees into")
+        with complete_step(f"restoring the trees of {images_dir}"):
+            report = restore_all(images_dir, Criu())
+        trees = report.trees
+        hint = "the others run again; see each tree's restore.log beside its images"
+        if as_json:
+            click.echo(json.dumps(report.to_json(), indent=2))
+    if not as_json:
+        for t in trees:
+            state = (f"runs already as {t.pid}" if t.earlier else
+                     f"restored as {t.pid}" if t.restored else f"FAILED: {t.error}")
             click.echo(f"{t.root:>7}  {t.command[:50]:<50}  {state}")
-    if not report.ok:
+    failed = [t for t in trees if not t.restored]
+    if failed:
         raise SeamlessError(
-            f"{len(report.failed)} of {len(report.trees)} trees were not restored",
-            hint="the others run again; see each tree's restore.log beside its images",
+            f"{len(failed)} of {len(trees)} trees were not restored", hint=hint,
             exit_code=ExitCode.CHANGED,
         )
 
@@ -130,6 +134,11 @@ def status_command(as_json: bool) -> None:
     click.echo(f"last upgrade: {report.get('from', '?')} -> {report['to']} at {when}, "
                f"generation {report.get('generation')}: "
                + ("all trees restored" if report["ok"] else "NOT all trees restored"))
+    where = {"initramfs": "in the initramfs, before init",
+             "systemd": "by seamless-restore.service, before the services"}.get(
+        report.get("stage") or "")
+    if where:
+        click.echo(f"restored {where}")
     if report.get("error"):
         click.echo(f"error: {report['error']}")
     for t in report.get("trees", []):

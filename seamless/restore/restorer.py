@@ -48,6 +48,8 @@ class TreeRestore:
     pid: int | None = None
     seconds: float = 0.0
     error: str | None = None
+    #: Already running when this restore began (restored by an earlier attempt).
+    earlier: bool = False
 
 
 @dataclass
@@ -114,6 +116,7 @@ def restore_all(
     stream: Callable[[str, str | None], int] | None = None,
     progress: Callable[[str], None] = log.info,
     skip: Mapping[str, str] | None = None,
+    running: Mapping[int, int] | None = None,
 ) -> RestoreReport:
     """Restore every tree under ``images_root``; failures are reported, not raised.
 
@@ -121,6 +124,8 @@ def restore_all(
     (default: a new journal stream, or /dev/null when journald does not answer).
     ``skip`` maps a tree's directory name to why it must not be restored (for
     example a corrupt image): such a tree is reported failed with that reason.
+    ``running`` maps a tree's root PID to the PID an earlier attempt restored it as:
+    such a tree is reported restored and not restored again (a retry after a failure).
     """
     report = RestoreReport()
     start = time.monotonic()
@@ -128,6 +133,10 @@ def restore_all(
         tree = TreeRestore(int(info["root"]), info.get("unit"), str(info.get("command", "")),
                            restored=False)
         report.trees.append(tree)
+        if running and tree.root in running:
+            tree.restored, tree.earlier, tree.pid = True, True, running[tree.root]
+            progress(f"tree {tree.root} ({tree.command[:50]}) runs already: not restored again")
+            continue
         if skip and images_dir.name in skip:
             tree.error = skip[images_dir.name]
             progress(f"NOT restoring tree {tree.root} ({tree.command[:50]}): {tree.error}")

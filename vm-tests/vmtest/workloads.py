@@ -143,3 +143,36 @@ ECHO_CLIENT = (
     "    os.replace(sys.argv[2] + '.tmp', sys.argv[2])\n"
     "    time.sleep(0.1)\n"
 )
+
+
+#: The port of the HTTP server the upgrade tests run (HTTP_STATE).
+PORT = 8080
+
+
+def start_web_unit(g: Guest) -> int:
+    """The HTTP server as a service with a unit file, enabled: systemd would start it at
+    boot (so a second copy would show)."""
+    g.channel.run(["sh", "-c", "cat > /usr/local/lib/web.py"], input=HTTP_STATE.encode(),
+                  check=True)
+    g.channel.run(["sh", "-c", "cat > /etc/systemd/system/web.service"],
+                  input=WEB_UNIT_FILE.encode(), check=True)
+    g.run("systemctl", "enable", "--now", "web.service")
+    wait_http(g, PORT)
+    return main_pid(g, "web.service")
+
+
+#: The unit runs the server from a file: a one-line -c program cannot hold classes.
+WEB_UNIT_FILE = f"""\
+[Unit]
+Description=HTTP server holding state in memory
+
+[Service]
+ExecStart=/usr/bin/python3 /usr/local/lib/web.py {PORT}
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def main_pid(g: Guest, unit: str) -> int:
+    return int(g.run("systemctl", "show", "-P", "MainPID", unit))
