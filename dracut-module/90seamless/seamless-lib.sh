@@ -42,9 +42,26 @@ seamless_restore() {
     # shellcheck disable=SC2086 # a list of module names
     modprobe -a $SEAMLESS_MODULES 2>/dev/null
     ip link set lo up 2>/dev/null
+    # util-linux's mount where the initramfs carries it (initramfs-tools: klibc's mount
+    # cannot bind); dracut's mount is util-linux already.
+    _mount=mount _umount=umount
+    if [ -x /lib/seamless/bin/mount ]; then
+        _mount=/lib/seamless/bin/mount _umount=/lib/seamless/bin/umount
+    fi
+    # The restored processes open their files as they had them (for writing too): a real
+    # root mounted read-only (the usual "ro" of the command line) becomes writable now,
+    # as the boot would make it later anyway.
+    _ro=""
+    while read -r _ _mnt _ _opts _; do
+        [ "$_mnt" = "$_root" ] || continue
+        case ",$_opts," in *,ro,*) _ro=1 ;; *) _ro="" ;; esac
+    done </proc/mounts
+    if [ -n "$_ro" ]; then
+        $_mount -o remount,rw "$_root" && seamless_log "remounted $_root read-write"
+    fi
     _mounted=""
-    for _d in proc sys dev run; do
-        if mount --bind "/$_d" "$_root/$_d"; then
+    for _d in proc sys dev dev/pts run; do
+        if [ -d "/$_d" ] && [ -d "$_root/$_d" ] && $_mount --bind "/$_d" "$_root/$_d"; then
             _mounted="$_d $_mounted"
         fi
     done
@@ -53,7 +70,7 @@ seamless_restore() {
     chroot "$_root" /bin/sh -c 'PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin exec seamless restore --boot --generation "$1"' seamless "$_gen"
     _rc=$?
     for _d in $_mounted; do
-        umount -l "$_root/$_d"
+        $_umount -l "$_root/$_d"
     done
     seamless_log "restore finished with exit code $_rc"
     return $_rc

@@ -23,6 +23,11 @@ class Kernel:
     def initrd(self) -> str:
         return f"/boot/initrd.img-{self.release}"
 
+    @property
+    def initramfs_tools_initrd(self) -> str:
+        """The same kernel's initramfs built by initramfs-tools (the image has both)."""
+        return f"/boot/initrd.img-{self.release}.initramfs-tools"
+
 
 def _kernel(label: str, abi: str) -> Kernel:
     release = f"{abi}-cloud-amd64"
@@ -42,6 +47,9 @@ PACKAGES: tuple[str, ...] = (
     "udev",
     "dbus",
     "dracut",
+    # mkinitramfs without initramfs-tools' kernel hooks (dracut builds the boot
+    # initramfs): the initramfs-tools restorer is tested with it.
+    "initramfs-tools-core",
     "zstd",
     "criu",
     "kexec-tools",
@@ -60,6 +68,7 @@ PACKAGES: tuple[str, ...] = (
     # The real services the upgrade is proven on.
     "redis-server",
     "tmux",
+    "openssh-server",
 )
 
 #: The reserved RAM region, as ``memmap=SIZE!OFFSET``: inside the guest's RAM,

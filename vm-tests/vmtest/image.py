@@ -47,6 +47,8 @@ add_drivers+=" virtio_blk virtio_pci virtio_console virtio_net ext4 "
 omit_dracutmodules+=" plymouth "
 """
 
+INITRAMFS_TOOLS_MODULES = "virtio_pci\nvirtio_blk\nvirtio_console\nvirtio_net\next4\n"
+
 NETWORK_CONF = """\
 [Match]
 Name=e*
@@ -281,6 +283,10 @@ def _configure(root: Path, wheel: Path) -> None:
     # redis runs only when a test starts it (as a plain service: see test_services.py).
     (root / "etc/systemd/system/multi-user.target.wants/redis-server.service").unlink(
         missing_ok=True)
+    # So does sshd (test_ssh.py): the other tests checkpoint only their own workloads.
+    for wanted in ("multi-user.target.wants/ssh.service", "sockets.target.wants/ssh.socket",
+                   "sshd.service"):
+        (root / "etc/systemd/system" / wanted).unlink(missing_ok=True)
     # The pmem drivers for the reserved region, loaded at boot.
     (root / "etc/modules-load.d/seamless-pmem.conf").write_text(
         "libnvdimm\nnd_btt\nnd_pmem\nnd_e820\n"
@@ -298,6 +304,12 @@ def _configure(root: Path, wheel: Path) -> None:
         for kernel in config.KERNELS.values():
             _run(["chroot", str(root), "dracut", "--force", "--quiet", kernel.initrd,
                   kernel.release])
+        # B's initramfs from initramfs-tools too, with only the drivers the guest needs.
+        itools = root / "etc/initramfs-tools"
+        (itools / "conf.d/seamless-vm.conf").write_text("MODULES=list\nCOMPRESS=zstd\n")
+        (itools / "modules").write_text(INITRAMFS_TOOLS_MODULES)
+        b = config.KERNELS["B"]
+        _run(["chroot", str(root), "mkinitramfs", "-o", b.initramfs_tools_initrd, b.release])
 
 
 @contextlib.contextmanager

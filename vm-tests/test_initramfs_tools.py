@@ -1,0 +1,77 @@
+"""The restorer of an initramfs-tools initramfs (Debian's default generator): the
+processes come back in the initramfs, before init, not in seamless-restore.service."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from vmtest import config
+from vmtest.log import log, record
+from vmtest.qemu import BootGuest
+from vmtest.workloads import (
+    PIPE_PAIR,
+    PORT,
+    http,
+    main_pid,
+    pipe_count,
+    start_service,
+    start_web_unit,
+)
+
+pytestmark = pytest.mark.vm
+
+A, B = config.KERNELS["A"], config.KERNELS["B"]
+
+
+def test_upgrade_with_an_initramfs_tools_initramfs_restores_before_init(
+    boot_guest: BootGuest,
+) -> None:
+    """B's initramfs-tools initramfs carries the hook, its scripts and util-linux's
+    mount; `seamless upgrade --initrd` into it restores a pipe pair (a transient unit)
+    and an HTTP server (a unit file, enabled) from the initramfs's init-bottom stage:
+    same PIDs and state, systemd adopts both and starts no second copy, and
+    seamless-restore.service finds the work done."""
+    g = boot_guest("A")
+    initrd = B.initramfs_tools_initrd
+    listing = g.run("lsinitramfs", initrd)
+    for path in ("scripts/init-bottom/seamless", "scripts/init-top/seamless",
+                 "lib/seamless/seamless-lib.sh", "lib/seamless/bin/mount", "nd_pmem.ko"):
+        assert path in listing, f"{path} is not in {initrd}"
+    size = int(g.run("stat", "-c", "%s", initrd))
+    log.info("initramfs-tools initramfs of B with the restorer: %.1f MiB", size / 2**20)
+
+    g.run("seamless", "store", "format")
+    pids = {"pair": start_service(g, "pair", "/bin/sh", "-c", PIPE_PAIR, "/root/pipe.last"),
+            "web": start_web_unit(g)}
+    g.sh("for i in $(seq 100); do test -s /root/pipe.last && exit 0; sleep 0.2; done; exit 1")
+    for _ in range(2):
+        http(g, PORT, "POST")
+
+    g.switch_kernel(["seamless", "upgrade", "--kernel", B.vmlinuz, "--initrd", initrd,
+                     "--yes"])
+
+    assert g.run("uname", "-r").strip() == B.release
+    state = g.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
+    assert state.out.strip() in ("running", "degraded"), state.out
+    kernel_log = g.run("dmesg")
+    assert "seamless: restoring generation" in kernel_log
+    assert "seamless: restore finished with exit code 0" in kernel_log
+    status = json.loads(g.run("seamless", "status", "--json"))
+    assert status["ok"] and status["stage"] == "initramfs", status
+    assert status["from"] == A.release and status["to"] == B.release
+    # The unit's condition (no report in /run yet) was false: it did nothing.
+    assert g.run("systemctl", "show", "-P", "ConditionResult",
+                 "seamless-restore.service").strip() == "no"
+    for unit, pid in pids.items():
+        assert main_pid(g, unit) == pid, f"{unit} is not its restored process"
+    assert http(g, PORT) == 2 and http(g, PORT, "POST") == 3
+    before = pipe_count(g)
+    time.sleep(1)
+    assert pipe_count(g) > before, "the pipe pair does not run"
+    servers = g.run("pgrep", "-c", "-f", "/usr/local/lib/web.py").strip()
+    assert servers == "1", f"{servers} HTTP servers: systemd started a second copy"
+    for name, value in status["phases"].items():
+        record(f"initramfs-tools upgrade phase: {name}", value)
