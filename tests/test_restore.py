@@ -127,3 +127,69 @@ def test_the_restore_locks_connections_the_way_the_dump_did() -> None:
     restored = restore_options(())
     assert restored.tcp_established and dumped.tcp_established
     assert restored.network_lock == dumped.network_lock is not None
+
+
+# --- the addresses of established TCP connections ---------------------------------------------
+
+ROUTES = """\
+Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+eth0\t00000000\t0202000A\t0003\t0\t0\t1024\t00000000\t0\t0\t0
+eth0\t0002000A\t00000000\t0001\t0\t0\t1024\t00FFFFFF\t0\t0\t0
+"""
+
+
+def test_connection_addresses_name_interface_prefix_and_gateway() -> None:
+    import socket
+    from types import SimpleNamespace as NS
+
+    import psutil
+
+    from seamless.collect.resources import connection_addresses, default_gateways
+
+    def conn(pid: int, ip: str, status: str = psutil.CONN_ESTABLISHED) -> NS:
+        return NS(pid=pid, status=status, laddr=NS(ip=ip, port=22))
+
+    conns = [conn(10, "10.0.2.15"), conn(10, "127.0.0.1"), conn(11, "fd00::5"),
+             conn(10, "192.168.9.9", psutil.CONN_LISTEN), conn(99, "172.16.0.1")]
+    interfaces = {
+        "lo": [NS(family=socket.AF_INET, address="127.0.0.1", netmask="255.0.0.0")],
+        "eth0": [NS(family=socket.AF_INET, address="10.0.2.15", netmask="255.255.255.0"),
+                 NS(family=socket.AF_INET6, address="fd00::5", netmask="ffff:ffff:ffff:ffff::"),
+                 NS(family=socket.AF_INET, address="192.168.9.9", netmask="255.255.255.0")],
+        "eth1": [NS(family=socket.AF_INET, address="172.16.0.1", netmask="255.255.0.0")],
+    }
+    assert default_gateways(ROUTES) == {"eth0": "10.0.2.2"}
+
+    found = connection_addresses([10, 11], conns, interfaces, default_gateways(ROUTES))
+
+    # loopback, a listening socket and another process's connection are left out
+    assert found == [
+        {"interface": "eth0", "address": "10.0.2.15", "prefix": 24, "gateway": "10.0.2.2"},
+        {"interface": "eth0", "address": "fd00::5", "prefix": 64},
+    ]
+
+
+def test_bring_up_adds_only_missing_addresses() -> None:
+    from seamless.restore.restorer import bring_up_addresses
+
+    commands: list[list[str]] = []
+
+    def ip(args: list[str]) -> bool:
+        commands.append(args)
+        return True
+
+    wanted = [{"interface": "eth0", "address": "10.0.2.15", "prefix": 24, "gateway": "10.0.2.2"},
+              {"interface": "eth0", "address": "fd00::5", "prefix": 64},
+              {"interface": "eth1", "address": "172.16.0.1", "prefix": 16}]
+
+    added = bring_up_addresses(wanted, present=lambda: {"172.16.0.1"}, command=ip)
+
+    assert added == ["10.0.2.15/24 on eth0", "fd00::5/64 on eth0"]
+    assert commands == [
+        ["link", "set", "eth0", "up"],
+        ["addr", "add", "10.0.2.15/24", "dev", "eth0"],
+        ["route", "add", "default", "via", "10.0.2.2", "dev", "eth0"],
+        ["link", "set", "eth0", "up"],
+        ["addr", "add", "fd00::5/64", "dev", "eth0", "nodad"],
+    ]
+    assert bring_up_addresses([], present=lambda: set(), command=ip) == []

@@ -10,24 +10,11 @@ from vmtest import config
 from vmtest.log import record
 from vmtest.probe import free_port, measure_blackout
 from vmtest.qemu import BootGuest
-from vmtest.workloads import HTTP_STATE, http, wait_http
+from vmtest.workloads import PORT, http, start_web_unit
 
 pytestmark = pytest.mark.vm
 
 A, B = config.KERNELS["A"], config.KERNELS["B"]
-PORT = 8080
-
-WEB_UNIT = f"""\
-[Unit]
-Description=HTTP server holding state in memory
-After=network.target
-
-[Service]
-ExecStart=/usr/bin/python3 /usr/local/lib/web.py {PORT}
-
-[Install]
-WantedBy=multi-user.target
-"""
 
 
 def test_blackout_of_seamless_upgrade_against_systemctl_kexec(boot_guest: BootGuest) -> None:
@@ -38,12 +25,7 @@ def test_blackout_of_seamless_upgrade_against_systemctl_kexec(boot_guest: BootGu
     port = free_port()
     g = boot_guest("A", forwards={PORT: port})
     g.run("seamless", "store", "format")
-    g.channel.run(["sh", "-c", "cat > /usr/local/lib/web.py"], input=HTTP_STATE.encode(),
-                  check=True)
-    g.channel.run(["sh", "-c", "cat > /etc/systemd/system/web.service"],
-                  input=WEB_UNIT.encode(), check=True)
-    g.run("systemctl", "enable", "--now", "web.service")
-    wait_http(g, PORT)
+    start_web_unit(g)
     for _ in range(3):
         http(g, PORT, "POST")
 

@@ -43,7 +43,12 @@ from seamless.collect.criu import (
 )
 from seamless.collect.freeze import Freezer, describe
 from seamless.collect.processes import ProcessTree
-from seamless.collect.resources import journald_streams, socket_dirs, unix_sockets
+from seamless.collect.resources import (
+    connection_addresses,
+    journald_streams,
+    socket_dirs,
+    unix_sockets,
+)
 from seamless.errors import ExitCode, SeamlessError
 from seamless.log import complete_step, log
 from seamless.memstore.generation import Generation, Hashed
@@ -84,6 +89,7 @@ def tree_info(tree: ProcessTree, options: CriuOptions, order: int) -> dict[str, 
         "user": tree.root.user,
         "external": list(options.external),
         "socket_dirs": socket_dirs(tree.pids),
+        "addresses": connection_addresses(tree.pids),
     }
 
 

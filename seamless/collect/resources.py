@@ -7,12 +7,17 @@ streams).  Each finding says what to do about it.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import socket
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import psutil
 
 from seamless.collect.processes import ProcessInfo, ProcessTree
 from seamless.run import CommandError, run
@@ -141,6 +146,57 @@ def socket_dirs(
             dirs[parent] = {"path": parent, "mode": stat.S_IMODE(st.st_mode),
                             "uid": st.st_uid, "gid": st.st_gid}
     return sorted(dirs.values(), key=lambda d: str(d["path"]))
+
+
+def prefix_length(netmask: str) -> int:
+    """255.255.255.0 -> 24; ffff:ffff:ffff:ffff:: -> 64."""
+    return bin(int(ipaddress.ip_address(netmask))).count("1")
+
+
+def default_gateways(proc_net_route: str | None = None) -> dict[str, str]:
+    """The IPv4 default gateway of each interface that has one (from /proc/net/route)."""
+    text = (proc_net_route if proc_net_route is not None
+            else Path("/proc/net/route").read_text())
+    found: dict[str, str] = {}
+    for line in text.splitlines()[1:]:
+        # Iface Destination Gateway Flags RefCnt Use Metric Mask MTU Window IRTT
+        fields = line.split()
+        if len(fields) >= 8 and fields[1] == "00000000" and fields[7] == "00000000":
+            gateway = int(fields[2], 16)
+            if gateway:
+                found.setdefault(fields[0], str(ipaddress.IPv4Address(
+                    socket.ntohl(gateway))))
+    return found
+
+
+def connection_addresses(
+    pids: Iterable[int],
+    connections: Sequence[Any] | None = None,
+    interfaces: Mapping[str, Sequence[Any]] | None = None,
+    gateways: Mapping[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """The interface addresses the established TCP connections of these processes are
+    bound to, with each interface, prefix length and IPv4 default gateway: CRIU binds
+    and connects every connection back to its address, so the restore brings those up
+    when the new boot has not yet (the restore runs before the network is configured)."""
+    wanted = set(pids)
+    conns = psutil.net_connections("inet") if connections is None else connections
+    local = {c.laddr.ip for c in conns
+             if c.pid in wanted and c.status == psutil.CONN_ESTABLISHED and c.laddr}
+    local = {ip for ip in local if not ipaddress.ip_address(ip.split("%")[0]).is_loopback}
+    interfaces = psutil.net_if_addrs() if interfaces is None else interfaces
+    gateways = default_gateways() if gateways is None else gateways
+    found = []
+    for name, addrs in interfaces.items():
+        for a in addrs:
+            if a.family in (socket.AF_INET, socket.AF_INET6) and a.address in local \
+                    and a.netmask:
+                entry: dict[str, Any] = {"interface": name, "address": a.address,
+                                         "prefix": prefix_length(a.netmask)}
+                if a.family == socket.AF_INET and name in gateways:
+                    entry["gateway"] = gateways[name]
+                found.append(entry)
+    return sorted(found, key=lambda e: (e["interface"], e["address"]))
 
 
 def _fds(pid: int) -> Iterable[tuple[str, str]]:

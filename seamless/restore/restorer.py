@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import psutil
+
 from seamless.collect.checkpoint import TREE_INFO
 from seamless.collect.criu import (
     CgroupMode,
@@ -28,6 +30,7 @@ from seamless.collect.criu import (
 )
 from seamless.collect.resources import JOURNALD_STDOUT
 from seamless.log import log
+from seamless.run import run
 
 
 class Restorer(Protocol):
@@ -144,6 +147,7 @@ def restore_all(
         fds: list[int] = []
         try:
             recreate_dirs(info.get("socket_dirs", []))
+            bring_up_addresses(info.get("addresses", []))
             inherit = []
             for external in info.get("external", []):
                 inode = external.removeprefix("unix[").removesuffix("]")
@@ -178,6 +182,46 @@ def recreate_dirs(dirs: list[dict[str, Any]]) -> None:
         os.chown(path, int(d["uid"]), int(d["gid"]))
         os.chmod(path, int(d["mode"]))
         log.info("made %s again for the sockets bound in it", path)
+
+
+def bring_up_addresses(addresses: list[dict[str, Any]],
+                       present: Callable[[], set[str]] | None = None,
+                       command: Callable[[list[str]], bool] | None = None) -> list[str]:
+    """Put the addresses a tree's TCP connections are bound to on their interfaces when
+    the new boot has not yet (its network is configured later): CRIU binds and connects
+    each connection to them. The network manager takes them over as it configures the
+    interface (DHCP gives the same lease back). Returns what was added."""
+    if not addresses:
+        return []
+    present = present or _local_addresses
+    command = command or _ip
+    have = present()
+    added = []
+    for a in addresses:
+        if a["address"] in have:
+            continue
+        interface, address = str(a["interface"]), str(a["address"])
+        command(["link", "set", interface, "up"])
+        extra = ["nodad"] if ":" in address else []  # usable at once, not tentative
+        if command(["addr", "add", f"{address}/{int(a['prefix'])}", "dev", interface, *extra]):
+            added.append(f"{address}/{a['prefix']} on {interface}")
+            log.info("put %s/%s on %s for the tree's connections", address, a["prefix"],
+                     interface)
+        if a.get("gateway"):
+            command(["route", "add", "default", "via", str(a["gateway"]), "dev", interface])
+        have.add(address)
+    return added
+
+
+def _local_addresses() -> set[str]:
+    return {a.address for addrs in psutil.net_if_addrs().values() for a in addrs}
+
+
+def _ip(args: list[str]) -> bool:
+    result = run(["ip", *args], check=False)
+    if result.returncode != 0:
+        log.warning("ip %s: %s", " ".join(args), result.stderr.decode(errors="replace").strip())
+    return result.returncode == 0
 
 
 def _open_stream(stream: Callable[[str, str | None], int] | None, tree: TreeRestore) -> int:
