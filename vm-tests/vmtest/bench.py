@@ -150,17 +150,24 @@ def upgrade(guest: qemu.Guest, port: int, target: config.Kernel, digest: str,
     }
 
 
-def one_size(guest: qemu.Guest, size: int, port: int) -> dict[str, Any]:
+def one_size(guest: qemu.Guest, size: int, port: int,
+             initramfs_tools: bool = False) -> dict[str, Any]:
     a, b = config.KERNELS["A"], config.KERNELS["B"]
+
+    def initrd(k: config.Kernel) -> tuple[str, ...]:
+        """The upgrade's initramfs: initramfs-tools' (restore before init) or the
+        kernel's own (dracut with systemd: restore in seamless-restore.service)."""
+        return ("--initrd", k.initramfs_tools_initrd) if initramfs_tools else ()
+
     log.info("%d MiB of state: starting the service", size)
     guest.sh("umount /run/seamless/store 2>/dev/null || true; seamless store format --force")
     start_state(guest, size)
     digest = ask(guest, "/sum")
 
     log.info("%d MiB: seamless upgrade --no-pre-dump %s -> %s", size, a.release, b.release)
-    whole = upgrade(guest, port, b, digest, "--no-pre-dump")
+    whole = upgrade(guest, port, b, digest, "--no-pre-dump", *initrd(b))
     log.info("%d MiB: seamless upgrade (pre-dump) %s -> %s", size, b.release, a.release)
-    pre_dumped = upgrade(guest, port, a, digest, "--pre-dump")
+    pre_dumped = upgrade(guest, port, a, digest, "--pre-dump", *initrd(a))
 
     log.info("%d MiB: systemctl kexec %s -> %s", size, a.release, b.release)
     guest.run("kexec", "-s", "-l", b.vmlinuz, f"--initrd={b.initrd}",
@@ -217,7 +224,8 @@ VARIANTS = (("seamless_upgrade_whole_dump", "whole dump"),
 
 def table(result: dict[str, Any]) -> str:
     rows = result["sizes"]
-    lines = [f"guest memory copy bandwidth (dd 1 GiB into tmpfs): "
+    lines = [f"the upgrades' initramfs: {result.get('upgrade_initramfs', 'dracut')}",
+             f"guest memory copy bandwidth (dd 1 GiB into tmpfs): "
              f"{result['copy_bandwidth_mib_s']:.0f} MiB/s", "",
              "blackout in seconds (kept: the service's counter and memory checksum)",
              f"{'state':>8} {'whole':>7} {'pre-dump':>9} {'kept':>5} {'kexec':>7} {'reboot':>7}"
@@ -245,13 +253,15 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(*, sizes: tuple[int, ...] = SIZES, with_initramfs: bool = True,
-         json_path: Path | None = None) -> int:
+         initramfs_tools: bool = False, json_path: Path | None = None) -> int:
     img = image.build()
     port = free_port()
     spec = qemu.GuestSpec(image=str(img.directory), kernel="A", memory=MEMORY, region=REGION,
                           forwards={PORT: port})
     result: dict[str, Any] = {"kernels": {k: v.release for k, v in config.KERNELS.items()},
-                              "memory": MEMORY, "region": REGION, "sizes": []}
+                              "memory": MEMORY, "region": REGION, "sizes": [],
+                              "upgrade_initramfs": "initramfs-tools" if initramfs_tools
+                              else "dracut"}
     start = time.monotonic()
     with qemu.booted(img, spec, config.CACHE_DIR / "run" / "bench") as guest:
         guest.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
@@ -261,7 +271,7 @@ def main(*, sizes: tuple[int, ...] = SIZES, with_initramfs: bool = True,
         result["digest_rates_mib_s"] = json.loads(guest.run("python3", "-c", DIGEST_RATES))
         try:
             for size in sizes:
-                result["sizes"].append(one_size(guest, size, port))
+                result["sizes"].append(one_size(guest, size, port, initramfs_tools))
                 log.info("%s", json.dumps(result["sizes"][-1]))
             if with_initramfs:
                 result["initramfs"] = initramfs(guest)

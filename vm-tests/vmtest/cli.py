@@ -145,6 +145,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(sizes=tuple(args.sizes), with_initramfs=args.initramfs,
+                      initramfs_tools=args.initramfs_tools,
                       json_path=Path(args.json) if args.json else None)
 
 
@@ -197,6 +198,9 @@ def parser() -> argparse.ArgumentParser:
                     help="sizes of state in MiB (default %(default)s)")
     bn.add_argument("--no-initramfs", dest="initramfs", action="store_false",
                     help="skip the initramfs with/without the module (size, time in it)")
+    bn.add_argument("--initramfs-tools", action="store_true",
+                    help="upgrade into each kernel's initramfs-tools initramfs (the restore "
+                    "runs there, before init) instead of its dracut one")
     bn.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
     bn.set_defaults(func=cmd_bench)
     return p

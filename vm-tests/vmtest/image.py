@@ -304,12 +304,13 @@ def _configure(root: Path, wheel: Path) -> None:
         for kernel in config.KERNELS.values():
             _run(["chroot", str(root), "dracut", "--force", "--quiet", kernel.initrd,
                   kernel.release])
-        # B's initramfs from initramfs-tools too, with only the drivers the guest needs.
+        # An initramfs from initramfs-tools too, with only the drivers the guest needs.
         itools = root / "etc/initramfs-tools"
         (itools / "conf.d/seamless-vm.conf").write_text("MODULES=list\nCOMPRESS=zstd\n")
         (itools / "modules").write_text(INITRAMFS_TOOLS_MODULES)
-        b = config.KERNELS["B"]
-        _run(["chroot", str(root), "mkinitramfs", "-o", b.initramfs_tools_initrd, b.release])
+        for kernel in config.KERNELS.values():
+            _run(["chroot", str(root), "mkinitramfs", "-o", kernel.initramfs_tools_initrd,
+                  kernel.release])
 
 
 @contextlib.contextmanager
