@@ -75,3 +75,9 @@ def test_upgrade_with_an_initramfs_tools_initramfs_restores_before_init(
     assert servers == "1", f"{servers} HTTP servers: systemd started a second copy"
     for name, value in status["phases"].items():
         record(f"initramfs-tools upgrade phase: {name}", value)
+    # What was restored before init can be checkpointed again: its files are on the
+    # running system's mounts (/dev/null, sockets in /run), not on detached ones.
+    again = g.channel.run(["seamless", "checkpoint", "--leave-running", "--no-pre-dump",
+                           "--json"], timeout=600)
+    assert again.returncode == 0, again.stderr.decode(errors="replace")
+    assert {t["root"] for t in json.loads(again.stdout)["trees"]} >= set(pids.values())

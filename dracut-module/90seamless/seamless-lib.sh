@@ -7,7 +7,11 @@
 SEAMLESS_MODULES="libnvdimm nd_btt nd_pmem nd_e820 inet_diag tcp_diag udp_diag raw_diag unix_diag netlink_diag af_packet_diag nfnetlink nf_tables tun veth"
 
 seamless_log() {
-    echo "seamless: $*" >/dev/kmsg 2>/dev/null || echo "seamless: $*" >&2
+    if [ -c /dev/kmsg ]; then
+        echo "seamless: $*" >/dev/kmsg
+    else
+        echo "seamless: $*" >&2
+    fi
 }
 
 # seamless_reserve_pids LAST: every process started from now on gets a PID above
@@ -42,11 +46,11 @@ seamless_restore() {
     # shellcheck disable=SC2086 # a list of module names
     modprobe -a $SEAMLESS_MODULES 2>/dev/null
     ip link set lo up 2>/dev/null
-    # util-linux's mount where the initramfs carries it (initramfs-tools: klibc's mount
-    # cannot bind); dracut's mount is util-linux already.
-    _mount=mount _umount=umount
+    # util-linux's mount where the initramfs carries it (initramfs-tools: klibc's);
+    # dracut's mount is util-linux already.
+    _mount=mount
     if [ -x /lib/seamless/bin/mount ]; then
-        _mount=/lib/seamless/bin/mount _umount=/lib/seamless/bin/umount
+        _mount=/lib/seamless/bin/mount
     fi
     # The restored processes open their files as they had them (for writing too): a real
     # root mounted read-only (the usual "ro" of the command line) becomes writable now,
@@ -59,18 +63,26 @@ seamless_restore() {
     if [ -n "$_ro" ]; then
         $_mount -o remount,rw "$_root" && seamless_log "remounted $_root read-write"
     fi
-    _mounted=""
-    for _d in proc sys dev dev/pts run; do
-        if [ -d "/$_d" ] && [ -d "$_root/$_d" ] && $_mount --bind "/$_d" "$_root/$_d"; then
-            _mounted="$_d $_mounted"
+    seamless_log "restoring generation $_gen"
+    # The initramfs's /dev, /proc, /sys and /run are moved into the real root for the
+    # restore and back after it, not bound: a move keeps the mount itself, which the
+    # boot then moves into the real root for good, so the files the restored processes
+    # hold there stay on mounts of the running system (a later checkpoint finds them).
+    # /proc goes last and comes back first: mount reads /proc/self/mountinfo. -n: no
+    # userspace mount table (/run/utab) to write, and no exit code 16 for it.
+    _moved=""
+    for _d in dev sys run proc; do
+        if [ -d "$_root/$_d" ] && $_mount -n --move "/$_d" "$_root/$_d"; then
+            _moved="$_moved $_d"
         fi
     done
-    seamless_log "restoring generation $_gen"
     # shellcheck disable=SC2016 # $1 expands in the chrooted shell
     chroot "$_root" /bin/sh -c 'PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin exec seamless restore --boot --generation "$1"' seamless "$_gen"
     _rc=$?
-    for _d in $_mounted; do
-        $_umount -l "$_root/$_d"
+    for _d in proc dev sys run; do
+        case " $_moved " in
+        *" $_d "*) $_mount -n --move "$_root/$_d" "/$_d" ;;
+        esac
     done
     seamless_log "restore finished with exit code $_rc"
     return $_rc
