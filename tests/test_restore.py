@@ -7,6 +7,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import pytest
+
 from seamless.collect.checkpoint import TREE_INFO
 from seamless.collect.criu import (
     CgroupMode,
@@ -193,3 +195,68 @@ def test_bring_up_adds_only_missing_addresses() -> None:
         ["addr", "add", "fd00::5/64", "dev", "eth0", "nodad"],
     ]
     assert bring_up_addresses([], present=lambda: set(), command=ip) == []
+
+
+def test_named_pipes_on_tmpfs_are_recorded_and_made_again(tmp_path: Path) -> None:
+    """pam_systemd's session pipe (/run/systemd/sessions/N.ref, held by sshd) lives on
+    tmpfs: recorded with mode and owner, not a blocking finding, made again (with its
+    directory) before the restore."""
+    from seamless.collect.resources import volatile_fifos
+    from seamless.restore.restorer import recreate_fifos
+
+    run = tmp_path / "run"
+    fifo = run / "systemd/sessions/3.ref"
+    fifo.parent.mkdir(parents=True)
+    os.mkfifo(fifo, 0o600)
+    fifo.chmod(0o620)
+    fd = os.open(fifo, os.O_RDWR)  # open, as sshd holds it
+    try:
+        tmpfs = [(str(run), "tmpfs"), ("/", "ext4")]
+        recorded = volatile_fifos([os.getpid()], tmpfs)
+        assert recorded == [{"path": str(fifo), "mode": 0o620, "uid": os.getuid(),
+                             "gid": os.getgid()}]
+        assert volatile_fifos([os.getpid()], [("/", "ext4")]) == []  # on disk: it stays
+    finally:
+        os.close(fd)
+    fifo.unlink()
+    fifo.parent.rmdir()
+
+    recreate_fifos(recorded)
+
+    import stat as statlib
+    st = fifo.stat()
+    assert statlib.S_ISFIFO(st.st_mode) and statlib.S_IMODE(st.st_mode) == 0o620
+    recreate_fifos(recorded)  # already there: left alone
+
+
+def test_pipes_from_another_mount_namespace_become_external_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """logind passes sshd its session pipe from its own mount namespace: CRIU cannot
+    find that mount, so the pipe is dumped as an external file (file[MNT:INODE]) and
+    not recorded to be made again at its path; the restore hands it a new named pipe."""
+    import stat as statlib
+
+    from seamless.collect import resources
+    from seamless.restore.restorer import new_pipe
+
+    fifo = tmp_path / "1.ref"
+    os.mkfifo(fifo, 0o600)
+    fd = os.open(fifo, os.O_RDWR)
+    try:
+        mnt = resources._fd_mount_id(os.getpid(), str(fd))
+        assert mnt is not None and mnt in resources._mount_ids(os.getpid())
+        assert resources.foreign_fifos([os.getpid()]) == {}  # our own namespace's
+        monkeypatch.setattr(resources, "_mount_ids", lambda pid: {-1})  # as if foreign
+        found = resources.foreign_fifos([os.getpid()])
+        assert found == {f"file[{mnt:x}:{fifo.stat().st_ino:x}]": str(fifo)}
+        assert resources.volatile_fifos([os.getpid()], [(str(tmp_path), "tmpfs")]) == []
+    finally:
+        os.close(fd)
+
+    new = new_pipe(4242, 0, tmp_path / "pipes")
+    try:
+        assert statlib.S_ISFIFO(os.fstat(new).st_mode)
+        assert (tmp_path / "pipes" / "4242-0").exists()
+    finally:
+        os.close(new)

@@ -37,6 +37,10 @@ def test_an_established_ssh_session_keeps_working_across_the_upgrade(
     with Session(port, key) as session:
         session.send("X=41; echo ready-$((X + 1)) $$")
         shell = int(session.expect("ready-42").rsplit("ready-42 ", 1)[1].split()[0])
+        # a logind session, as on a standard server: its scope, and the pipe sshd holds
+        assert "/session-" in g.run("cat", f"/proc/{shell}/cgroup")
+        plan = g.run("seamless", "plan")
+        assert "a named pipe opened in another mount namespace" in plan, plan
 
         g.switch_kernel(["seamless", "upgrade", "--kernel", B.vmlinuz, "--yes"])
 

@@ -45,9 +45,11 @@ from seamless.collect.freeze import Freezer, describe
 from seamless.collect.processes import ProcessTree
 from seamless.collect.resources import (
     connection_addresses,
+    foreign_fifos,
     journald_streams,
     socket_dirs,
     unix_sockets,
+    volatile_fifos,
 )
 from seamless.errors import ExitCode, SeamlessError
 from seamless.log import complete_step, log
@@ -89,6 +91,7 @@ def tree_info(tree: ProcessTree, options: CriuOptions, order: int) -> dict[str, 
         "user": tree.root.user,
         "external": list(options.external),
         "socket_dirs": socket_dirs(tree.pids),
+        "fifos": volatile_fifos(tree.pids),
         "addresses": connection_addresses(tree.pids),
     }
 
@@ -111,16 +114,19 @@ class PreDumper(Protocol):
     ) -> CriuResult: ...
 
 
-def dump_options(tree: ProcessTree, journald: Sequence[int] = ()) -> CriuOptions:
+def dump_options(tree: ProcessTree, journald: Sequence[int] = (),
+                 foreign: Sequence[str] = ()) -> CriuOptions:
     """How every tree is dumped: what a real host has must come along.
 
     ``journald``: inodes of the tree's stdout/stderr streams to journald, dumped
-    as external sockets (the restore hands each a new stream).
+    as external sockets (the restore hands each a new stream). ``foreign``: CRIU keys
+    (``file[MNT:INODE]``) of named pipes opened in another mount namespace, dumped as
+    external files (the restore hands each a new named pipe).
     """
     return CriuOptions(
         pid=tree.root.pid,
         ext_unix_sk=bool(journald),
-        external=tuple(f"unix[{inode}]" for inode in journald),
+        external=tuple(f"unix[{inode}]" for inode in journald) + tuple(foreign),
         leave_running=True,  # thawed when we answer post-dump (or never: the kexec)
         shell_job=True,  # terminals and sessions of interactive programs
         tcp_established=True,
@@ -247,7 +253,8 @@ def dump_all(
         sockets = unix_sockets() or {}
 
         def options(tree: ProcessTree) -> CriuOptions:
-            return dump_options(tree, journald_streams(tree.pids, sockets))
+            return dump_options(tree, journald_streams(tree.pids, sockets),
+                                tuple(foreign_fifos(tree.pids)))
 
     try:
         if freezer is not None:
@@ -393,7 +400,8 @@ def take_checkpoint(
     ahead: dict[Path, Hashed] = {}
 
     def options(tree: ProcessTree) -> CriuOptions:
-        opts = dump_options(tree, journald_streams(tree.pids, sockets))
+        opts = dump_options(tree, journald_streams(tree.pids, sockets),
+                                tuple(foreign_fifos(tree.pids)))
         opts = dataclasses.replace(opts, leave_running=leave_running)
         if tree.root.pid in pre_dumped:  # only what changed since; the rest is "parent"
             opts = dataclasses.replace(opts, parent_img=PRE_DUMP_DIR, track_mem=True)

@@ -148,6 +148,73 @@ def socket_dirs(
     return sorted(dirs.values(), key=lambda d: str(d["path"]))
 
 
+def _mount_ids(pid: int) -> set[int]:
+    try:
+        text = Path(f"/proc/{pid}/mountinfo").read_text()
+    except OSError:
+        return set()
+    return {int(line.split(None, 1)[0]) for line in text.splitlines() if line}
+
+
+def _fd_mount_id(pid: int, fd: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
+            if line.startswith("mnt_id:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def foreign_fifos(pids: Iterable[int]) -> dict[str, str]:
+    """Named pipes these processes hold that were opened in another mount namespace
+    (CRIU key ``file[MNT:INODE]`` -> path): CRIU cannot find their mount and refuses
+    to dump them. sshd's login sessions hold one: logind, in a namespace of its own,
+    passes pam_systemd the session pipe (/run/systemd/sessions/N.ref). They are dumped
+    as external files, and the restore hands each a new named pipe."""
+    found: dict[str, str] = {}
+    for pid in pids:
+        ids = _mount_ids(pid)
+        for fd, target in _fds(pid):
+            if not target.startswith("/"):
+                continue
+            mnt = _fd_mount_id(pid, fd)
+            if mnt is None or mnt in ids:
+                continue
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if stat.S_ISFIFO(st.st_mode):
+                found[f"file[{mnt:x}:{st.st_ino:x}]"] = target
+    return found
+
+
+def volatile_fifos(pids: Iterable[int],
+                   table: list[tuple[str, str]] | None = None) -> list[dict[str, int | str]]:
+    """The named pipes on tmpfs these processes have open, with mode and owner: the new
+    boot's /run does not have them and CRIU reopens each by its path (its buffered data
+    travels in the images). pam_systemd's session pipe, /run/systemd/sessions/N.ref,
+    which sshd holds for every login session, is one."""
+    table = mounts() if table is None else table
+    found: dict[str, dict[str, int | str]] = {}
+    for pid in pids:
+        ids = _mount_ids(pid)
+        for fd, target in _fds(pid):
+            if not target.startswith("/") or target in found:
+                continue
+            if ids and _fd_mount_id(pid, fd) not in ids:
+                continue  # another namespace's: see foreign_fifos
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if stat.S_ISFIFO(st.st_mode) and fs_type(target, table) in VOLATILE_FS:
+                found[target] = {"path": target, "mode": stat.S_IMODE(st.st_mode),
+                                 "uid": st.st_uid, "gid": st.st_gid}
+    return sorted(found.values(), key=lambda f: str(f["path"]))
+
+
 def prefix_length(netmask: str) -> int:
     """255.255.255.0 -> 24; ffff:ffff:ffff:ffff:: -> 64."""
     return bin(int(ipaddress.ip_address(netmask))).count("1")
@@ -260,9 +327,25 @@ def inspect(
                         f"exclude the process (--exclude pid:{pid}) or stop it first",
                         blocking=True))
                     continue
+        fifos = {str(f["path"]) for f in volatile_fifos([pid], table)}
+        for path in sorted(fifos):
+            findings.append(Finding(
+                pid, path, "a named pipe on tmpfs: it does not survive the kexec",
+                "made again before the restore (the data in it travels in the images)",
+                blocking=False))
+        foreign = set(foreign_fifos([pid]).values())
+        for path in sorted(foreign):
+            findings.append(Finding(
+                pid, path, "a named pipe opened in another mount namespace (logind's "
+                "session pipe): CRIU cannot dump it as it is",
+                "dumped as an external file; the restore hands it a new named pipe",
+                blocking=False))
+        fifos |= foreign
         for path in sorted({t for _, t in fds if t.startswith("/")} | _mapped_files(pid)):
             if path.endswith(" (deleted)") or path.startswith(("/dev/", "/proc/", "/sys/")):
                 continue  # deleted files travel as ghost files; devices handled above
+            if path in fifos:
+                continue
             if fs_type(path, table) in VOLATILE_FS:
                 findings.append(Finding(
                     pid, path, "a file on tmpfs: it does not survive the kexec and CRIU "

@@ -155,7 +155,7 @@ def _plumbing_reason(p: ProcessInfo) -> str | None:
         return PLUMBING[template]
     if p.name in PLUMBING_COMMS:
         return PLUMBING[PLUMBING_COMMS[p.name]]
-    if p.name == "systemd" and p.pid != 1 and "/user@" in p.cgroup:
+    if p.name in ("systemd", "(sd-pam)") and p.pid != 1 and "/user@" in p.cgroup:
         return USER_MANAGER_REASON
     return None
 

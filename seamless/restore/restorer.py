@@ -147,9 +147,15 @@ def restore_all(
         fds: list[int] = []
         try:
             recreate_dirs(info.get("socket_dirs", []))
+            recreate_fifos(info.get("fifos", []))
             bring_up_addresses(info.get("addresses", []))
             inherit = []
             for external in info.get("external", []):
+                if external.startswith("file["):
+                    fd = new_pipe(tree.root, len(fds))
+                    fds.append(fd)
+                    inherit.append(InheritFd(external, fd))
+                    continue
                 inode = external.removeprefix("unix[").removesuffix("]")
                 fd = _open_stream(stream, tree)
                 fds.append(fd)
@@ -182,6 +188,34 @@ def recreate_dirs(dirs: list[dict[str, Any]]) -> None:
         os.chown(path, int(d["uid"]), int(d["gid"]))
         os.chmod(path, int(d["mode"]))
         log.info("made %s again for the sockets bound in it", path)
+
+
+#: Where the restore makes the named pipes that replace another namespace's.
+PIPES = Path("/run/seamless/pipes")
+
+
+def new_pipe(root: int, n: int, directory: Path = PIPES) -> int:
+    """A new named pipe, open (read-write: no wait for a peer), for a tree's pipe from
+    another mount namespace (logind's session pipe): nobody else holds it."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = directory / f"{root}-{n}"
+    path.unlink(missing_ok=True)
+    os.mkfifo(path, 0o600)
+    return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+def recreate_fifos(fifos: list[dict[str, Any]]) -> None:
+    """Make a tree's named pipes on tmpfs again (the new boot's /run has none): CRIU
+    reopens each by its path."""
+    for f in fifos:
+        path = Path(f["path"])
+        if path.exists():
+            continue
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        os.mkfifo(path, 0o600)
+        os.chown(path, int(f["uid"]), int(f["gid"]))
+        os.chmod(path, int(f["mode"]))
+        log.info("made the named pipe %s again", path)
 
 
 def bring_up_addresses(addresses: list[dict[str, Any]],

@@ -69,6 +69,9 @@ PACKAGES: tuple[str, ...] = (
     "redis-server",
     "tmux",
     "openssh-server",
+    # Logins get a logind session (session-N.scope, the session pipe sshd holds), as on
+    # a standard Debian server.
+    "libpam-systemd",
 )
 
 #: The reserved RAM region, as ``memmap=SIZE!OFFSET``: inside the guest's RAM,
