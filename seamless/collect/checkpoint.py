@@ -44,6 +44,7 @@ from seamless.collect.criu import (
 from seamless.collect.freeze import Freezer, describe
 from seamless.collect.processes import ProcessTree
 from seamless.collect.resources import (
+    UnixPeer,
     connection_addresses,
     foreign_fifos,
     journald_streams,
@@ -141,6 +142,13 @@ def dump_options(tree: ProcessTree, journald: Sequence[int] = (),
         file_locks=True,
         ghost_limit=GHOST_LIMIT,
     )
+
+
+def tree_dump_options(tree: ProcessTree, sockets: dict[int, UnixPeer]) -> CriuOptions:
+    """:func:`dump_options` with what this tree holds: its journald streams (from the
+    unix socket table ``sockets``) and its pipes from another mount namespace."""
+    return dump_options(tree, journald_streams(tree.pids, sockets),
+                        tuple(foreign_fifos(tree.pids)))
 
 
 @dataclass
@@ -253,8 +261,7 @@ def dump_all(
         sockets = unix_sockets() or {}
 
         def options(tree: ProcessTree) -> CriuOptions:
-            return dump_options(tree, journald_streams(tree.pids, sockets),
-                                tuple(foreign_fifos(tree.pids)))
+            return tree_dump_options(tree, sockets)
 
     try:
         if freezer is not None:
@@ -400,8 +407,7 @@ def take_checkpoint(
     ahead: dict[Path, Hashed] = {}
 
     def options(tree: ProcessTree) -> CriuOptions:
-        opts = dump_options(tree, journald_streams(tree.pids, sockets),
-                                tuple(foreign_fifos(tree.pids)))
+        opts = tree_dump_options(tree, sockets)
         opts = dataclasses.replace(opts, leave_running=leave_running)
         if tree.root.pid in pre_dumped:  # only what changed since; the rest is "parent"
             opts = dataclasses.replace(opts, parent_img=PRE_DUMP_DIR, track_mem=True)

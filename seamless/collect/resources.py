@@ -12,7 +12,7 @@ import os
 import re
 import socket
 import stat
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,6 +166,21 @@ def _fd_mount_id(pid: int, fd: str) -> int | None:
     return None
 
 
+def _path_fifos(pid: int) -> Iterator[tuple[str, os.stat_result, int | None, set[int]]]:
+    """The named pipes ``pid`` holds by path: (path, its stat, the fd's mount ID, the
+    mount IDs of the process's own namespace)."""
+    ids = _mount_ids(pid)
+    for fd, target in _fds(pid):
+        if not target.startswith("/"):
+            continue
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if stat.S_ISFIFO(st.st_mode):
+            yield target, st, _fd_mount_id(pid, fd), ids
+
+
 def foreign_fifos(pids: Iterable[int]) -> dict[str, str]:
     """Named pipes these processes hold that were opened in another mount namespace
     (CRIU key ``file[MNT:INODE]`` -> path): CRIU cannot find their mount and refuses
@@ -174,18 +189,8 @@ def foreign_fifos(pids: Iterable[int]) -> dict[str, str]:
     as external files, and the restore hands each a new named pipe."""
     found: dict[str, str] = {}
     for pid in pids:
-        ids = _mount_ids(pid)
-        for fd, target in _fds(pid):
-            if not target.startswith("/"):
-                continue
-            mnt = _fd_mount_id(pid, fd)
-            if mnt is None or mnt in ids:
-                continue
-            try:
-                st = os.stat(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if stat.S_ISFIFO(st.st_mode):
+        for target, st, mnt, ids in _path_fifos(pid):
+            if mnt is not None and mnt not in ids:
                 found[f"file[{mnt:x}:{st.st_ino:x}]"] = target
     return found
 
@@ -194,22 +199,14 @@ def volatile_fifos(pids: Iterable[int],
                    table: list[tuple[str, str]] | None = None) -> list[dict[str, int | str]]:
     """The named pipes on tmpfs these processes have open, with mode and owner: the new
     boot's /run does not have them and CRIU reopens each by its path (its buffered data
-    travels in the images). pam_systemd's session pipe, /run/systemd/sessions/N.ref,
-    which sshd holds for every login session, is one."""
+    travels in the images). Pipes from another namespace are left to foreign_fifos."""
     table = mounts() if table is None else table
     found: dict[str, dict[str, int | str]] = {}
     for pid in pids:
-        ids = _mount_ids(pid)
-        for fd, target in _fds(pid):
-            if not target.startswith("/") or target in found:
+        for target, st, mnt, ids in _path_fifos(pid):
+            if target in found or (ids and mnt not in ids):
                 continue
-            if ids and _fd_mount_id(pid, fd) not in ids:
-                continue  # another namespace's: see foreign_fifos
-            try:
-                st = os.stat(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if stat.S_ISFIFO(st.st_mode) and fs_type(target, table) in VOLATILE_FS:
+            if fs_type(target, table) in VOLATILE_FS:
                 found[target] = {"path": target, "mode": stat.S_IMODE(st.st_mode),
                                  "uid": st.st_uid, "gid": st.st_gid}
     return sorted(found.values(), key=lambda f: str(f["path"]))

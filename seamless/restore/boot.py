@@ -126,11 +126,11 @@ def boot_restore(number: int | None, *, keep: bool = False,
         manifest = gen.manifest()
         report.update(generation=n, **{"from": manifest.source_release})
         running = still_running(previous, n)
-        retry = bool(previous and previous.get("generation") == n)
-        if retry and previous:
+        retry = previous if previous is not None and previous.get("generation") == n else None
+        if retry is not None:
             # a retry: the upgrade's phases are those of the boot; this one is the retry
-            report["times"] = {**previous.get("times", {}), "retry_started": started}
-            report["stage"] = previous.get("stage")
+            report["times"] = {**retry.get("times", {}), "retry_started": started}
+            report["stage"] = retry.get("stage")
         else:
             report["stage"] = restore_stage(root)
             record = store.root / UPGRADE_RECORD
@@ -145,7 +145,7 @@ def boot_restore(number: int | None, *, keep: bool = False,
         with complete_step(f"restoring {len(manifest.trees) - len(running)} trees"):
             restored = restore_all(gen.final, criu or Criu(), skip=corrupt_trees(bad),
                                    running=running)
-        report["times"]["retry_restored" if retry else "restored"] = time.time()
+        report["times"]["retry_restored" if retry is not None else "restored"] = time.time()
         report.update(ok=restored.ok, trees=restored.to_json()["trees"],
                       adopted=adopt_services(restored, root))
         if report["adopted"]:
