@@ -30,7 +30,10 @@ def start_counter(guest: Guest, unit: str, path: str) -> int:
 
 
 def read_counter(guest: Guest, path: str) -> int:
-    return int(guest.run("cat", path))
+    """The number a workload keeps in ``path``. COUNTER and the pipe pair's reader
+    truncate and rewrite their file: wait out the instant it is empty."""
+    return int(guest.sh(f'for i in $(seq 50); do v=$(cat {path}); [ -n "$v" ] &&'
+                        ' { echo "$v"; exit 0; }; sleep 0.1; done; exit 1'))
 
 #: 256 MiB of known memory; on SIGUSR1 writes its PID and the memory's SHA-256 to FILE.
 BIG_MEMORY = (
@@ -102,9 +105,7 @@ def memory_report(guest: Guest, pid: int) -> str:
 
 
 def pipe_count(guest: Guest) -> int:
-    # The reader truncates and rewrites the file: wait out the instant it is empty.
-    return int(guest.sh('for i in $(seq 50); do v=$(cat /root/pipe.last); [ -n "$v" ] &&'
-                        ' { echo "$v"; exit 0; }; sleep 0.1; done; exit 1'))
+    return read_counter(guest, "/root/pipe.last")
 
 #: A TCP echo server on 127.0.0.1:PORT, a thread per connection.
 ECHO_SERVER = (
