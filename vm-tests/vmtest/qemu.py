@@ -321,6 +321,10 @@ def qemu_argv(image: Image, spec: GuestSpec, run_dir: Path) -> list[str]:
     netdev = "user,id=net0,restrict=on" + "".join(
         f",hostfwd=tcp:127.0.0.1:{host}-:{guest}" for guest, host in spec.forwards.items()
     )
+    # SEAMLESS_VM_PCAP=1: the guest's network traffic is written to net.pcap in the run
+    # directory, for finding who resets a connection and when.
+    capture = (["-object", f"filter-dump,id=pcap,netdev=net0,file={run_dir / 'net.pcap'}"]
+               if os.environ.get("SEAMLESS_VM_PCAP") == "1" else [])
     return [
         "qemu-system-x86_64",
         "-accel", accel,
@@ -339,6 +343,7 @@ def qemu_argv(image: Image, spec: GuestSpec, run_dir: Path) -> list[str]:
         "-device", f"virtserialport,chardev=agent,name={config.AGENT_PORT}",
         "-netdev", netdev,
         "-device", "virtio-net-pci,netdev=net0",
+        *capture,
         "-device", "virtio-rng-pci",
     ]
 

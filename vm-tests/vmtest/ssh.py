@@ -38,6 +38,7 @@ class Session:
              "-o", "LogLevel=ERROR", "-o", "ServerAliveInterval=0", "root@127.0.0.1"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.output = b""
+        self.ended: float | None = None  # time.monotonic() when ssh's output ended
         self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -47,6 +48,7 @@ class Session:
         while data := self.proc.stdout.read1(65536):  # type: ignore[attr-defined]
             with self._lock:
                 self.output += data
+        self.ended = time.monotonic()
 
     def send(self, line: str) -> None:
         assert self.proc.stdin is not None
