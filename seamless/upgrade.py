@@ -47,6 +47,16 @@ def _criu_check() -> None:
                                 "(run `criu check` by hand)") from e
 
 
+def _lazy_pages_check() -> None:
+    try:
+        works = Criu().features("lazy_pages").get("lazy_pages", False)
+    except CriuError as e:
+        raise SeamlessError(f"cannot ask CRIU about lazy restore: {e}") from e
+    if not works:
+        raise SeamlessError("this kernel cannot restore lazily (CRIU needs userfaultfd)",
+                            hint="upgrade without --lazy-pages")
+
+
 def _write_record(path: Path, record: dict[str, Any]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -67,10 +77,17 @@ def _write_record(path: Path, record: dict[str, Any]) -> None:
               help="Do everything up to the kexec, check the generation, thaw, and report.")
 @click.option("--yes", is_flag=True, help="Do not ask before freezing the processes.")
 @pre_dump_option
+@click.option("--lazy-pages", is_flag=True,
+              help="In the new kernel, run the trees before all their memory is back: CRIU's "
+              "lazy restore (userfaultfd) copies it while they run. The blackout no longer "
+              "grows with their memory. A tree whose memory does not all arrive is stopped. "
+              "Implies --no-pre-dump unless --pre-dump is given: CRIU restores the pages a "
+              "pre-dump copied before the tree runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
                     includes: tuple[str, ...], excludes: tuple[str, ...], config_path: Path,
-                    dry_run: bool, yes: bool, pre_dump: bool | None, as_json: bool) -> None:
+                    dry_run: bool, yes: bool, pre_dump: bool | None, lazy_pages: bool,
+                    as_json: bool) -> None:
     """Upgrade to another kernel, keeping the running processes.
 
     Every user process tree is checkpointed into the preserved RAM region, the
@@ -85,6 +102,10 @@ def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
         raise SeamlessError("upgrading the kernel needs root", hint="run it with sudo")
     started = time.time()
     selection = selection_from(includes, excludes, config_path)
+    if lazy_pages and pre_dump is None:
+        # CRIU (3.17) restores a pre-dump's pages before the tree runs, lazily or not: only
+        # the pages of the final dump can come back lazily.
+        pre_dump = False
 
     # -- preflight: nothing is touched yet
     with complete_step("preflight"):
@@ -105,6 +126,8 @@ def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
         initrd_used, rebuilt = prepare_initrd(image, initrd_path, False, dry_run)
         load_criu_modules()
         _criu_check()
+        if lazy_pages:
+            _lazy_pages_check()
         plan = make_plan(read_table(), selection,
                          StoreSpace(device=str(store.root), free=store.free()))
         if not plan.ok:
@@ -144,7 +167,7 @@ def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
     result: dict[str, Any] = {
         "from": os.uname().release, "to": image.release, "kernel": str(image.path),
         "initrd": str(initrd_used), "initrd_rebuilt": rebuilt, "cmdline": new_cmdline,
-        "generation": number, "dry_run": dry_run,
+        "generation": number, "dry_run": dry_run, "lazy_pages": lazy_pages,
         "trees": [{"root": t.root, "unit": t.unit, "command": t.command, "bytes": t.bytes,
                    "dump_seconds": t.dump_seconds} for t in manifest.trees],
         "bytes": manifest.total_bytes,
@@ -188,7 +211,8 @@ def _enter(held: HeldTrees, gen: Generation, record_path: Path, times: dict[str,
     times["entering"] = time.time()
     try:
         _write_record(record_path, {"generation": result["generation"], "times": times,
-                                    "from": result["from"], "to": result["to"]})
+                                    "from": result["from"], "to": result["to"],
+                                    "lazy_pages": result["lazy_pages"]})
         click.echo(f"entering {result['to']}: the processes come back there "
                    "(seamless status shows how it went)", err=True)
         sys.stdout.flush()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -29,7 +30,7 @@ from seamless.errors import ExitCode, SeamlessError
 from seamless.memstore.generation import MANIFEST, Generation
 from seamless.memstore.records import Manifest, TreeRecord
 from seamless.memstore.store import GENERATIONS, Store
-from seamless.restore import adopt, boot
+from seamless.restore import adopt, boot, lazy
 
 SOURCE = "6.1.0-55-cloud-amd64"
 
@@ -265,6 +266,10 @@ def test_wipe_generation_overwrites_then_removes(tmp_path: Path) -> None:
     size = pages.stat().st_size
     kept = tmp_path / "kept-link"
     os.link(pages, kept)  # another name for the same inode sees what the wipe wrote
+    # what else a tree's directory may hold: a link to a pre-dump, a lazy daemon's socket
+    (gen.final / "101" / "parent").symlink_to("../../gen-3/none")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(gen.final / "101" / "lazy-pages.socket"))
 
     boot.wipe_generation(gen)
 
@@ -279,17 +284,23 @@ def test_wipe_generation_overwrites_then_removes(tmp_path: Path) -> None:
 class FakeRestorer:
     """CRIU's restore, answering for each tree's directory name."""
 
-    def __init__(self, fail: set[str] | None = None) -> None:
+    def __init__(self, fail: set[str] | None = None, lazy_works: bool = True) -> None:
         self.fail = fail or set()
         self.calls: list[str] = []
+        self.lazy: list[bool] = []
+        self.lazy_works = lazy_works
 
     def restore(self, images_dir: Path, options: CriuOptions | None = None,
                 on_notify: Mapping[str, NotifyHandler] | None = None) -> CriuResult:
         assert (images_dir / TREE_INFO).is_file()
         self.calls.append(images_dir.name)
+        self.lazy.append(bool(options and options.lazy_pages))
         if images_dir.name in self.fail:
             raise CriuError("restore", "CRIU reported failure", cr_errno=17)
         return CriuResult("restore", 0.25, images_dir=images_dir, pid=int(images_dir.name))
+
+    def features(self, *names: str) -> dict[str, bool]:
+        return dict.fromkeys(names, self.lazy_works)
 
 
 @dataclass
@@ -550,6 +561,19 @@ def test_status_json_has_phases(reports: tuple[Path, Path]) -> None:
         "total blackout (freeze to restored)": 12.0}
 
 
+def test_status_says_whether_the_memory_of_a_lazy_restore_is_back(
+    reports: tuple[Path, Path],
+) -> None:
+    reports[0].parent.mkdir(parents=True)
+    reports[0].write_text(json.dumps({**REPORT, "memory": "arriving"}))
+    assert "memory: still arriving" in status().stdout
+    times = {"restored": 112.0, "memory_back": 121.0}
+    reports[0].write_text(json.dumps({**REPORT, "memory": "back", "times": times}))
+    out = status().stdout
+    assert "memory: all back" in out
+    assert "9.00 s" in next(line for line in out.splitlines() if "memory back" in line)
+
+
 def test_status_without_a_report() -> None:
     result = status()
     assert isinstance(result.exception, SeamlessError)
@@ -601,3 +625,123 @@ def test_a_retry_restores_again_a_tree_that_no_longer_runs(
     criu = FakeRestorer()
     boot.boot_restore(3, criu=criu, root=env.root, previous={**first, "generation": 2})
     assert criu.calls == ["202", "101"]  # an older report says nothing of generation 3
+
+
+# --- lazy restore -----------------------------------------------------------------------------
+
+
+class FakePager:
+    """A `criu lazy-pages` daemon that has finished with ``status``."""
+
+    status = 0
+
+    def __init__(self, images_dir: Path) -> None:
+        self.images_dir = images_dir
+
+    @classmethod
+    def start(cls, images_dir: Path) -> FakePager:
+        return cls(images_dir)
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.status
+
+    def log_tail(self) -> str:
+        return "Error (criu/uffd.c:900): uffd_copy: Bad address" if self.status else ""
+
+    def stop(self) -> None:
+        raise AssertionError("no restore failed")
+
+
+@dataclass
+class Finisher:
+    """What boot_restore leaves to the process it forks."""
+
+    calls: list[tuple[Any, ...]] = field(default_factory=list)
+
+    def __call__(self, *args: Any) -> None:
+        self.calls.append(args)
+
+
+def lazy_upgrade(env: BootEnv, monkeypatch: pytest.MonkeyPatch) -> Finisher:
+    (env.store.root / boot.UPGRADE_RECORD).write_text(json.dumps({
+        "generation": 3, "lazy_pages": True, "times": {"frozen": 5.0}}))
+    monkeypatch.setattr(boot, "Pager", FakePager)
+    finisher = Finisher()
+    monkeypatch.setattr(boot, "finish_in_background", finisher)
+    return finisher
+
+
+def test_a_lazy_restore_leaves_the_wipe_to_when_the_memory_is_back(
+    env: BootEnv, reports: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    finisher = lazy_upgrade(env, monkeypatch)
+    criu = FakeRestorer()
+
+    report = env.restore(criu)
+
+    assert criu.lazy == [True, True]
+    assert report["ok"] and report["memory"] == "arriving"
+    assert env.gen.final.exists() and env.unmounted == []  # the daemons read from it
+    assert json.loads(reports[0].read_text())["memory"] == "arriving"
+    assert env.handed_over == [["app.service"]]
+    ((rep, store, gen, pagers, keep),) = finisher.calls
+    assert sorted(pagers) == [101, 202] and keep is False
+
+    boot.finish_lazy(rep, store, gen, pagers, keep)
+
+    final = json.loads(reports[0].read_text())
+    assert final["ok"] and final["memory"] == "back" and final["wiped"]
+    assert final["times"]["restored"] <= final["times"]["memory_back"]
+    assert not env.gen.final.exists() and env.unmounted == [env.store.root]
+    assert ("memory back (lazy restore, trees running)"
+            in dict(boot.phases(final)))
+
+
+def test_a_tree_whose_memory_did_not_arrive_is_stopped_and_the_generation_kept(
+    env: BootEnv, reports: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    finisher = lazy_upgrade(env, monkeypatch)
+    killed: list[int] = []
+    monkeypatch.setattr(lazy, "kill_tree", killed.append)
+    env.restore(FakeRestorer())
+    ((rep, store, gen, pagers, keep),) = finisher.calls
+    pagers[101].status = 2
+
+    boot.finish_lazy(rep, store, gen, pagers, keep)
+
+    final = json.loads(reports[0].read_text())
+    assert killed == [101]
+    assert not final["ok"] and final["memory"] == "incomplete"
+    tree = trees_by_root(final)[101]
+    assert not tree["restored"] and "Bad address" in tree["error"]
+    assert trees_by_root(final)[202]["restored"]
+    assert env.gen.final.exists() and "wiped" not in final
+
+
+def test_without_userfaultfd_the_restore_copies_every_page_first(
+    env: BootEnv, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    finisher = lazy_upgrade(env, monkeypatch)
+    criu = FakeRestorer(lazy_works=False)
+
+    report = env.restore(criu)
+
+    assert criu.lazy == [False, False] and finisher.calls == []
+    assert report["ok"] and report["wiped"] and "memory" not in report
+
+
+def test_a_failed_wipe_after_a_lazy_restore_is_reported_not_left_arriving(
+    env: BootEnv, reports: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    finisher = lazy_upgrade(env, monkeypatch)
+    env.restore(FakeRestorer())
+
+    def wipe(gen: Generation) -> None:
+        raise OSError(39, "Directory not empty")
+
+    monkeypatch.setattr(boot, "wipe_generation", wipe)
+    boot.finish_lazy(*finisher.calls[0])
+
+    final = json.loads(reports[0].read_text())
+    assert final["memory"] == "back" and "not wiped" in final["error"]
+    assert env.unmounted == [env.store.root]

@@ -6,6 +6,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,6 +35,9 @@ class FakeCriu:
         if images_dir.name in self.fail:
             raise CriuError("restore", "CRIU reported failure; errno 17 EEXIST")
         return CriuResult("restore", 0.1, pid=int(images_dir.name))
+
+    def features(self, *names: str) -> dict[str, bool]:
+        return dict.fromkeys(names, True)
 
 
 def write_tree(root: Path, pid: int, order: int, external: list[str]) -> None:
@@ -78,6 +82,39 @@ def test_trees_come_back_in_order_and_a_failure_stops_none(tmp_path: Path) -> No
         except OSError:
             pass
     assert report.to_json()["trees"][1]["restored"] is False
+
+
+class FakePager:
+    def __init__(self, images_dir: Path) -> None:
+        self.images_dir = images_dir
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def test_a_lazy_restore_keeps_the_daemon_of_each_tree_restored(tmp_path: Path) -> None:
+    """Each tree gets its daemon before CRIU restores it lazily; a tree that fails ends its
+    daemon; the report keeps the others'."""
+    write_tree(tmp_path, 300, 0, [])
+    write_tree(tmp_path, 200, 1, [])
+    criu = FakeCriu(fail={"200"})
+    started: list[FakePager] = []
+
+    def pager(images_dir: Path) -> Any:
+        started.append(FakePager(images_dir))
+        return started[-1]
+
+    report = restore_all(tmp_path, criu, stream=lambda *_: os.open(os.devnull, os.O_WRONLY),
+                         pager=pager)
+
+    assert [o.lazy_pages for _, o in criu.calls] == [True, True]
+    assert [p.images_dir.name for p in started] == ["300", "200"]
+    assert list(report.pagers) == [300] and report.pagers[300] is started[0]  # type: ignore[comparison-overlap]
+    assert not started[0].stopped
+    assert started[1].stopped  # its restore failed
+    lazy = {t.root: t.lazy for t in report.trees}
+    assert lazy == {300: True, 200: False}
 
 
 def test_restore_command_refuses_a_directory_without_trees(tmp_path: Path) -> None:
@@ -260,3 +297,94 @@ def test_pipes_from_another_mount_namespace_become_external_files(
         assert (tmp_path / "pipes" / "4242-0").exists()
     finally:
         os.close(new)
+
+
+# --- the lock of TCP connections, made again in the new kernel -------------------------------
+
+
+def test_established_connections_are_recorded_as_criu_locks_them() -> None:
+    from types import SimpleNamespace as NS
+
+    import psutil
+
+    from seamless.collect.resources import established_connections
+
+    def conn(pid: int, local: str, remote: str | None,
+             status: str = psutil.CONN_ESTABLISHED) -> NS:
+        return NS(pid=pid, status=status, laddr=NS(ip=local, port=22),
+                  raddr=NS(ip=remote, port=47306) if remote else ())
+
+    conns = [conn(10, "::ffff:10.0.2.15", "::ffff:10.0.2.2"), conn(11, "fd00::5", "fd00::1"),
+             conn(10, "127.0.0.1", "127.0.0.1"), conn(10, "0.0.0.0", None, psutil.CONN_LISTEN),
+             conn(99, "10.0.2.15", "10.0.2.9")]
+
+    found = established_connections([10, 11], conns)
+
+    assert found == [
+        {"family": 4, "local": "10.0.2.15", "lport": 22, "remote": "10.0.2.2", "rport": 47306},
+        {"family": 6, "local": "fd00::5", "lport": 22, "remote": "fd00::1", "rport": 47306},
+    ]
+
+
+def test_the_lock_is_criu_s_table_with_each_connection_both_ways() -> None:
+    from seamless.restore.netlock import lock_script
+
+    script = lock_script(501, [
+        {"family": 4, "local": "10.0.2.15", "lport": 22, "remote": "10.0.2.2", "rport": 47306}])
+    lines = script.splitlines()
+    # a table left by an earlier attempt goes first
+    assert lines[:3] == ["add table inet CRIU-501", "delete table inet CRIU-501",
+                         "add table inet CRIU-501"]
+    assert ("add chain inet CRIU-501 input { type filter hook input priority 0; }" in lines)
+    assert "add rule inet CRIU-501 output meta mark 0xC114 accept" in lines
+    assert ("add rule inet CRIU-501 input ip saddr . tcp sport . ip daddr . tcp dport @conns4 "
+            "drop") in lines
+    assert lines[-2:] == [
+        "add element inet CRIU-501 conns4 { 10.0.2.2 . 47306 . 10.0.2.15 . 22 }",
+        "add element inet CRIU-501 conns4 { 10.0.2.15 . 22 . 10.0.2.2 . 47306 }"]
+
+
+def test_connections_are_locked_before_any_address_and_unlocked_after_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from seamless.restore import restorer
+
+    conn: dict[str, Any] = {"family": 4, "local": "10.0.2.15", "lport": 22,
+                            "remote": "10.0.2.2", "rport": 47306}
+    for pid, order in ((300, 0), (200, 1), (100, 2)):
+        write_tree(tmp_path, pid, order, [])
+        info_file = tmp_path / str(pid) / TREE_INFO
+        info = json.loads(info_file.read_text())
+        if pid != 100:  # 100 has no connection: nothing to lock
+            info["connections"] = [{**conn, "rport": conn["rport"] + pid}]
+            info["addresses"] = [{"interface": "eth0", "address": "10.0.2.15", "prefix": 24}]
+        info_file.write_text(json.dumps(info))
+    events: list[str] = []
+
+    def bring_up(addresses: list[Any]) -> list[str]:
+        events.append(f"addresses {len(addresses)}")
+        return []
+
+    monkeypatch.setattr(restorer, "bring_up_addresses", bring_up)
+
+    def nft(script: str) -> None:
+        table = script.splitlines()[0].removeprefix("add table inet ")
+        events.append(("lock " if "add element" in script else "unlock ") + table)
+
+    criu = FakeCriu(fail={"200"})
+    real_restore = criu.restore
+
+    def restore(images_dir: Path, options: CriuOptions | None = None,
+                on_notify: Mapping[str, NotifyHandler] | None = None) -> CriuResult:
+        events.append(f"restore {images_dir.name}")
+        return real_restore(images_dir, options, on_notify)
+
+    criu.restore = restore  # type: ignore[method-assign]
+    restore_all(tmp_path, criu, stream=lambda *_: os.open(os.devnull, os.O_WRONLY), nft=nft)
+
+    assert events == [
+        "lock CRIU-300", "lock CRIU-200",  # before the first address comes up
+        "addresses 1", "restore 300", "unlock CRIU-300",
+        "addresses 1", "restore 200", "unlock CRIU-200",  # failed: CRIU left it
+        "addresses 0", "restore 100",
+    ]

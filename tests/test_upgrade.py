@@ -33,6 +33,7 @@ from seamless.memstore.store import GENERATIONS, Store
 from seamless.restore.boot import UPGRADE_RECORD
 from tests.test_kexec import RELEASE, make_bzimage
 
+real_lazy_pages_check = upgrade._lazy_pages_check  # the fixture below forbids it
 MEMMAP = "memmap=256M!1G"
 RUNNING = f"BOOT_IMAGE=/boot/vmlinuz-old root=UUID=1234-abcd ro quiet {MEMMAP} console=ttyS0"
 
@@ -60,7 +61,8 @@ def no_real_effects(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(os, "posix_spawn", forbidden)
     monkeypatch.setattr(os, "posix_spawnp", forbidden)
     monkeypatch.setattr(syscalls, "_libc", ForbiddenLibc())
-    for name in ("loader", "take_checkpoint", "_criu_check", "load_criu_modules",
+    for name in ("loader", "take_checkpoint", "_criu_check", "_lazy_pages_check",
+                 "load_criu_modules",
                  "find_region", "open_store", "read_table", "make_plan", "check_policy",
                  "prepare_initrd"):
         monkeypatch.setattr(upgrade, name, forbidden)
@@ -284,6 +286,38 @@ def test_the_new_command_line_keeps_the_region_and_the_pids(world: World) -> Non
     assert (world.store.root / UPGRADE_RECORD).stat().st_mode & 0o777 == 0o600
     out = json.loads(result.stdout)
     assert out["cmdline"] == load[3] and out["generation"] == 1 and out["dry_run"] is False
+
+
+def test_lazy_pages_are_asked_of_the_restorer_through_the_record(
+    world: World, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    checked: list[bool] = []
+    monkeypatch.setattr(upgrade, "_lazy_pages_check", lambda: checked.append(True))
+    result = invoke(world, "--kernel", world.image, "--yes", "--lazy-pages")
+    assert exit_status(result) == 0, result.output
+    assert checked == [True]
+    record = json.loads((world.store.root / UPGRADE_RECORD).read_text())
+    assert record["lazy_pages"] is True
+    # CRIU restores a pre-dump's pages eagerly: no pre-dump unless asked for
+    assert world.checkpoints[0]["pre_dump"] is False
+    invoke(world, "--kernel", world.image, "--yes", "--lazy-pages", "--pre-dump")
+    assert world.checkpoints[1]["pre_dump"] is True
+
+
+def test_lazy_pages_without_userfaultfd_freeze_and_load_nothing(
+    world: World, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class NoLazyCriu:
+        def features(self, *names: str) -> dict[str, bool]:
+            return dict.fromkeys(names, False)
+
+    monkeypatch.setattr(upgrade, "_lazy_pages_check", real_lazy_pages_check)
+    monkeypatch.setattr(upgrade, "Criu", NoLazyCriu)
+    result = invoke(world, "--kernel", world.image, "--yes", "--lazy-pages")
+    assert exit_status(result) == ExitCode.UNCHANGED
+    assert "cannot restore lazily" in message(result)
+    assert "without --lazy-pages" in (result.exception.hint or "")  # type: ignore[union-attr]
+    assert world.loader.calls == [] and world.checkpoints == []
 
 
 def test_a_failed_checkpoint_unloads_the_kernel(world: World) -> None:

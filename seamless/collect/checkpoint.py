@@ -46,6 +46,7 @@ from seamless.collect.processes import ProcessTree
 from seamless.collect.resources import (
     UnixPeer,
     connection_addresses,
+    established_connections,
     foreign_fifos,
     journald_streams,
     socket_dirs,
@@ -94,6 +95,7 @@ def tree_info(tree: ProcessTree, options: CriuOptions, order: int) -> dict[str, 
         "socket_dirs": socket_dirs(tree.pids),
         "fifos": volatile_fifos(tree.pids),
         "addresses": connection_addresses(tree.pids),
+        "connections": established_connections(tree.pids),
     }
 
 

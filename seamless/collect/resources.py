@@ -263,6 +263,33 @@ def connection_addresses(
     return sorted(found, key=lambda e: (e["interface"], e["address"]))
 
 
+def established_connections(
+    pids: Iterable[int], connections: Sequence[Any] | None = None,
+) -> list[dict[str, Any]]:
+    """The established TCP connections (not over loopback) of these processes, as
+    4-tuples: the restore in the new kernel locks them again before their addresses come
+    up, as CRIU's dump had them locked in the old one (see restore/netlock.py). An IPv4
+    connection on an IPv6 socket is given as IPv4, as CRIU locks it."""
+    wanted = set(pids)
+    conns: Sequence[Any] = (psutil.net_connections("tcp") if connections is None
+                            else connections)
+    found = []
+    for c in conns:
+        if c.pid not in wanted or c.status != psutil.CONN_ESTABLISHED or not c.raddr:
+            continue
+        local = ipaddress.ip_address(c.laddr.ip.split("%")[0])
+        remote = ipaddress.ip_address(c.raddr.ip.split("%")[0])
+        if isinstance(local, ipaddress.IPv6Address) and local.ipv4_mapped:
+            local = local.ipv4_mapped
+        if isinstance(remote, ipaddress.IPv6Address) and remote.ipv4_mapped:
+            remote = remote.ipv4_mapped
+        if local.is_loopback:
+            continue
+        found.append({"family": local.version, "local": str(local), "lport": c.laddr.port,
+                      "remote": str(remote), "rport": c.raddr.port})
+    return sorted(found, key=lambda e: (e["local"], e["lport"], e["remote"], e["rport"]))
+
+
 def _fds(pid: int) -> Iterable[tuple[str, str]]:
     base = f"/proc/{pid}/fd"
     try:

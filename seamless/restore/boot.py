@@ -24,7 +24,8 @@ from seamless.errors import SeamlessError
 from seamless.log import complete_step, log
 from seamless.memstore.generation import Generation
 from seamless.memstore.store import Store, open_store, unmount
-from seamless.restore import adopt
+from seamless.restore import adopt, lazy
+from seamless.restore.lazy import Pager
 from seamless.restore.restorer import Restorer, RestoreReport, restore_all
 from seamless.run import run
 
@@ -48,9 +49,7 @@ def wipe_generation(gen: Generation) -> None:
     """Overwrite every file of the generation with zeros, then remove it."""
     zeros = bytes(1 << 20)
     for path in sorted(gen.final.rglob("*"), reverse=True):
-        if path.is_symlink():
-            path.unlink()
-        elif path.is_file():
+        if path.is_file() and not path.is_symlink():
             size = path.stat().st_size
             with open(path, "r+b") as f:
                 for offset in range(0, size, len(zeros)):
@@ -58,8 +57,10 @@ def wipe_generation(gen: Generation) -> None:
                 f.flush()
                 os.fsync(f.fileno())
             path.unlink()
-        elif path.is_dir():
+        elif path.is_dir() and not path.is_symlink():
             path.rmdir()
+        else:  # a symbolic link, the socket of a lazy restore's daemon
+            path.unlink()
     gen.final.rmdir()
 
 
@@ -111,11 +112,16 @@ def restore_stage(root: Path = Path("/")) -> str:
 
 def boot_restore(number: int | None, *, keep: bool = False,
                  criu: Restorer | None = None, root: Path = Path("/"),
-                 previous: dict[str, Any] | None = None) -> dict[str, Any]:
+                 previous: dict[str, Any] | None = None,
+                 lazy: bool | None = None) -> dict[str, Any]:
     """Restore a generation of the store (at boot, or by hand to retry); returns the report
     (also written). ``previous``: the report of an earlier restore of the generation,
-    whose trees that still run are left alone and kept in the new report."""
+    whose trees that still run are left alone and kept in the new report. ``lazy``: the
+    trees run before their memory is back (default: as the upgrade asked); a process
+    left behind then waits for the memory, wipes the generation and completes the report.
+    """
     started = time.time()
+    pagers: dict[int, Pager] = {}
     report: dict[str, Any] = {"generation": number, "to": os.uname().release, "ok": False,
                               "times": {**boot_times(started), "restorer_started": started}}
     store = None
@@ -138,19 +144,26 @@ def boot_restore(number: int | None, *, keep: bool = False,
                 upgrade = json.loads(record.read_text())
                 if upgrade.get("generation") == n:
                     report["times"] = {**upgrade.get("times", {}), **report["times"]}
+                    lazy = upgrade.get("lazy_pages", False) if lazy is None else lazy
         with complete_step(f"verifying generation {n}"):
             bad = gen.verify()
         report["corrupt"] = bad
         load_criu_modules()
-        with complete_step(f"restoring {len(manifest.trees) - len(running)} trees"):
-            restored = restore_all(gen.final, criu or Criu(), skip=corrupt_trees(bad),
-                                   running=running)
+        criu = criu or Criu()
+        lazy = bool(lazy) and lazy_pages_work(criu)
+        with complete_step(f"restoring {len(manifest.trees) - len(running)} trees"
+                           + (" (their memory follows while they run)" if lazy else "")):
+            restored = restore_all(gen.final, criu, skip=corrupt_trees(bad), running=running,
+                                   pager=Pager.start if lazy else None)
+        pagers = restored.pagers
         report["times"]["retry_restored" if retry is not None else "restored"] = time.time()
         report.update(ok=restored.ok, trees=restored.to_json()["trees"],
                       adopted=adopt_services(restored, root))
         if report["adopted"]:
             hand_over(report["adopted"])
-        if restored.ok and not keep:
+        if pagers:
+            report["memory"] = "arriving"
+        elif restored.ok and not keep:
             with complete_step(f"overwriting generation {n} (it held process memory)"):
                 wipe_generation(gen)
             report["wiped"] = True
@@ -160,12 +173,83 @@ def boot_restore(number: int | None, *, keep: bool = False,
     finally:
         report["times"]["finished"] = time.time()
         write_report(report, store)
-        if store is not None:
-            try:
-                unmount(store.root)
-            except SeamlessError as e:
-                log.warning("%s", e)
+        if store is not None and not pagers:
+            close_store(store)
+    if pagers:
+        assert store is not None
+        finish_in_background(report, store, gen, pagers, keep)
     return report
+
+
+def close_store(store: Store) -> None:
+    try:
+        unmount(store.root)
+    except SeamlessError as e:
+        log.warning("%s", e)
+
+
+def lazy_pages_work(criu: Restorer) -> bool:
+    """Whether this kernel and CRIU can restore lazily (userfaultfd); says so if not."""
+    try:
+        works = bool(criu.features("lazy_pages").get("lazy_pages"))
+    except SeamlessError as e:
+        works = False
+        log.debug("lazy-pages feature check: %s", e)
+    if not works:
+        log.warning("this kernel cannot restore lazily (userfaultfd): restoring every "
+                    "page before the trees run")
+    return works
+
+
+def finish_in_background(report: dict[str, Any], store: Store, gen: Generation,
+                         pagers: dict[int, Pager], keep: bool) -> None:
+    """Leave a process behind that finishes the lazy restore (:func:`finish_lazy`): the
+    boot goes on meanwhile."""
+    if os.fork() != 0:
+        return
+    code = 0
+    try:
+        os.setsid()
+        finish_lazy(report, store, gen, pagers, keep)
+    except BaseException:
+        log.exception("finishing the lazy restore failed")
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def finish_lazy(report: dict[str, Any], store: Store, gen: Generation,
+                pagers: dict[int, Pager], keep: bool) -> None:
+    """Wait until the lazily restored trees have all their memory (stopping a tree whose
+    memory did not all arrive), then wipe the generation, complete the report and
+    unmount the store."""
+    failed = lazy.finish(pagers)
+    report["times"]["memory_back"] = time.time()
+    for tree in report["trees"]:
+        if tree["root"] in failed:
+            tree.update(restored=False, error=failed[tree["root"]])
+    report.update(ok=report["ok"] and not failed, memory="back" if not failed else "incomplete")
+    # In an initramfs without systemd, /run is away for a moment (moved out of the real
+    # root and back): wait until it is there again.
+    _visible(REPORT_RUN)
+    if report["ok"] and not keep:
+        try:
+            wipe_generation(gen)
+            report["wiped"] = True
+        except OSError as e:
+            report["error"] = f"the generation was not wiped: {e}"
+            log.error("%s", report["error"])
+    report["times"]["finished"] = time.time()
+    write_report(report, store)
+    close_store(store)
+    log.info("the memory of %d lazily restored trees is back%s", len(pagers),
+             "" if not failed else f"; {len(failed)} trees stopped: it did not all arrive")
+
+
+def _visible(path: Path, within: float = 300) -> None:
+    deadline = time.monotonic() + within
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def hand_over(units: list[str]) -> None:
@@ -224,6 +308,7 @@ def phases(report: dict[str, Any]) -> list[tuple[str, float]]:
         ("  the restorer's start (python)", "restorer_exec", "restorer_started"),
         ("restore", "restorer_started", "restored"),
         ("total blackout (freeze to restored)", "frozen", "restored"),
+        ("memory back (lazy restore, trees running)", "restored", "memory_back"),
         ("retry by hand (seamless restore)", "retry_started", "retry_restored"),
     ]
     return [(name, t[b] - t[a]) for name, a, b in spans if a in t and b in t]

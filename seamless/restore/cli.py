@@ -141,6 +141,12 @@ def status_command(as_json: bool) -> None:
         click.echo(f"restored {where}")
     if report.get("error"):
         click.echo(f"error: {report['error']}")
+    memory = {"arriving": "still arriving (lazy restore: the trees run meanwhile)",
+              "back": "all back (lazy restore)",
+              "incomplete": "did NOT all arrive: those trees were stopped"}.get(
+        report.get("memory") or "")
+    if memory:
+        click.echo(f"the trees' memory: {memory}")
     for t in report.get("trees", []):
         state = f"restored as {t['pid']}" if t["restored"] else f"FAILED: {t['error']}"
         click.echo(f"  {t['root']:>7}  {(t['unit'] or '-')[:30]:<30} {t['command'][:30]:<30} "

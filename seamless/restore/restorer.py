@@ -21,7 +21,6 @@ import psutil
 from seamless.collect.checkpoint import TREE_INFO
 from seamless.collect.criu import (
     CgroupMode,
-    CriuError,
     CriuOptions,
     CriuResult,
     InheritFd,
@@ -29,7 +28,10 @@ from seamless.collect.criu import (
     NotifyHandler,
 )
 from seamless.collect.resources import JOURNALD_STDOUT
+from seamless.errors import SeamlessError
 from seamless.log import log
+from seamless.restore import netlock
+from seamless.restore.lazy import Pager
 from seamless.run import run
 
 
@@ -40,6 +42,8 @@ class Restorer(Protocol):
         self, images_dir: Path, options: CriuOptions | None = None,
         on_notify: Mapping[str, NotifyHandler] | None = None,
     ) -> CriuResult: ...
+
+    def features(self, *names: str) -> dict[str, bool]: ...
 
 
 @dataclass
@@ -53,12 +57,16 @@ class TreeRestore:
     error: str | None = None
     #: Already running when this restore began (restored by an earlier attempt).
     earlier: bool = False
+    #: Its memory comes back while it runs (a lazy restore).
+    lazy: bool = False
 
 
 @dataclass
 class RestoreReport:
     trees: list[TreeRestore] = field(default_factory=list)
     seconds: float = 0.0
+    #: By tree root: the daemons still bringing back the memory of lazily restored trees.
+    pagers: dict[int, Pager] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -91,8 +99,9 @@ def null_stream() -> int:
     return os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
 
 
-def restore_options(inherit: tuple[InheritFd, ...]) -> CriuOptions:
+def restore_options(inherit: tuple[InheritFd, ...], lazy: bool = False) -> CriuOptions:
     return CriuOptions(
+        lazy_pages=lazy,
         shell_job=True,
         tcp_established=True,
         network_lock=NetworkLock.NFTABLES,  # as dumped: see dump_options
@@ -120,6 +129,8 @@ def restore_all(
     progress: Callable[[str], None] = log.info,
     skip: Mapping[str, str] | None = None,
     running: Mapping[int, int] | None = None,
+    pager: Callable[[Path], Pager] | None = None,
+    nft: netlock.Runner | None = None,
 ) -> RestoreReport:
     """Restore every tree under ``images_root``; failures are reported, not raised.
 
@@ -129,10 +140,20 @@ def restore_all(
     example a corrupt image): such a tree is reported failed with that reason.
     ``running`` maps a tree's root PID to the PID an earlier attempt restored it as:
     such a tree is reported restored and not restored again (a retry after a failure).
+    ``pager(images_dir)``: restore lazily, with the daemon it starts serving the tree's
+    memory (:meth:`Pager.start`); the report keeps the daemons of the trees restored.
+    ``nft`` runs the nftables commands that lock the trees' TCP connections again
+    (default: libnftables; see :mod:`.netlock`).
     """
     report = RestoreReport()
     start = time.monotonic()
-    for images_dir, info in trees_in(images_root):
+    trees = trees_in(images_root)
+    todo = [(d, i) for d, i in trees if not (running and int(i["root"]) in running)
+            and not (skip and d.name in skip)]
+    # Before any tree's address comes up: every connection to restore is locked again.
+    locked = {int(i["root"]) for _, i in todo
+              if netlock.lock(int(i["root"]), i.get("connections", []), nft)}
+    for images_dir, info in trees:
         tree = TreeRestore(int(info["root"]), info.get("unit"), str(info.get("command", "")),
                            restored=False)
         report.trees.append(tree)
@@ -160,18 +181,31 @@ def restore_all(
                 fd = _open_stream(stream, tree)
                 fds.append(fd)
                 inherit.append(InheritFd(f"socket:[{inode}]", fd))
-            result = criu.restore(images_dir, restore_options(tuple(inherit)))
+            lazy = pager(images_dir) if pager is not None else None
+            try:
+                result = criu.restore(images_dir, restore_options(tuple(inherit),
+                                                                  lazy is not None))
+            except BaseException:
+                if lazy is not None:
+                    lazy.stop()
+                raise
+            if lazy is not None:
+                report.pagers[tree.root] = lazy
+                tree.lazy = True
             tree.restored = True
             tree.pid = result.pid
             tree.seconds = result.seconds
-            progress(f"restored tree {tree.root} ({tree.command[:50]}) in {result.seconds:.2f} s")
-        except (CriuError, OSError, ValueError) as e:
+            progress(f"restored tree {tree.root} ({tree.command[:50]}) in {result.seconds:.2f} s"
+                     + (" (its memory arrives while it runs)" if tree.lazy else ""))
+        except (SeamlessError, OSError, ValueError) as e:  # CriuError is one
             tree.error = str(e)
             progress(f"FAILED to restore tree {tree.root} ({tree.command[:50]}): "
                      f"{tree.error.splitlines()[0]}")
         finally:
             for fd in fds:
                 os.close(fd)
+            if tree.root in locked:  # CRIU unlocks after a restore; not after a failure
+                netlock.unlock(tree.root, nft)
     report.seconds = time.monotonic() - start
     return report
 

@@ -104,6 +104,8 @@ class CriuOptions:
     cgroup_root: tuple[CgroupRoot, ...] = ()
     #: Restore: make the restored tree's root a child of the client (not of CRIU).
     rst_sibling: bool = False
+    #: RESTORE: leave the memory to a ``criu lazy-pages`` daemon (see restore/lazy.py).
+    lazy_pages: bool = False
     #: Restore: the root directory of the restored tasks' mount namespace.
     root: str | None = None
     #: Freeze the tree with this cgroup's freezer instead of ptrace.

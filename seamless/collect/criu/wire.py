@@ -86,7 +86,7 @@ def _set_options(msg: Any, options: CriuOptions) -> None:
         "leave_running", "shell_job", "tcp_established", "tcp_close", "tcp_skip_in_flight",
         "ext_unix_sk", "file_locks", "link_remap", "evasive_devices", "track_mem", "auto_dedup",
         "orphan_pts_master", "rst_sibling", "weak_sysctls", "auto_ext_mnt", "ext_sharing",
-        "ext_masters", "force_irmap",
+        "ext_masters", "force_irmap", "lazy_pages",
     ):
         if getattr(o, name):
             setattr(msg, name, True)

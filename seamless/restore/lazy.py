@@ -1,0 +1,149 @@
+"""Lazy restore: a tree runs again before all of its memory is back.
+
+For each tree, ``criu lazy-pages`` serves the tree's memory from its page images
+in the store: CRIU restores the tree without copying its pages, registers them
+with userfaultfd, and the daemon fills each page when the tree first touches it,
+then copies the rest in the background. The restore no longer grows with the
+tree's memory; the memory arrives while the tree already runs.
+
+The daemon runs under a shell that writes its exit status next to the images,
+so that whoever waits for it (the restorer's finisher, a process that is not
+its parent) knows whether every page arrived. A tree whose memory did not all
+arrive must not run on: its missing pages would read as zeros.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from seamless.errors import SeamlessError
+from seamless.log import log
+
+#: Written by the shell around the daemon: its exit status.
+STATUS = "lazy-pages.status"
+LOG = "lazy-pages.log"
+#: CRIU's restore and the daemon meet at this socket in the work directory (the images).
+SOCKET = "lazy-pages.socket"
+
+
+@dataclass
+class Pager:
+    """One ``criu lazy-pages`` daemon (under its shell) serving a tree's memory."""
+
+    images_dir: Path
+    pid: int  #: the shell's
+
+    @classmethod
+    def start(cls, images_dir: Path, binary: str = "criu", ready_within: float = 30) -> Pager:
+        """Start the daemon and wait until it listens for the restore."""
+        for name in (STATUS, SOCKET):
+            (images_dir / name).unlink(missing_ok=True)
+        ready_r, ready_w = os.pipe()
+        script = (f'"$0" lazy-pages -D . --status-fd {ready_w} -o {LOG} -v2; '
+                  f"echo $? > {STATUS}")
+        try:
+            proc = subprocess.Popen(
+                ["sh", "-c", script, binary], cwd=images_dir, pass_fds=(ready_w,),
+                stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as e:
+            os.close(ready_r)
+            os.close(ready_w)
+            raise SeamlessError(f"cannot start criu lazy-pages: {e.strerror}") from e
+        os.close(ready_w)
+        pager = cls(images_dir, proc.pid)
+        try:
+            ready, _, _ = select.select([ready_r], [], [], ready_within)
+            if not ready or not os.read(ready_r, 1):
+                pager.stop()
+                raise SeamlessError(
+                    f"criu lazy-pages did not start for {images_dir}: {pager.log_tail()}")
+        finally:
+            os.close(ready_r)
+        # The shell is our child: a thread-free reaper is not needed, the finisher
+        # (another process) waits on it through a pidfd.
+        return pager
+
+    def log_tail(self) -> str:
+        try:
+            lines = (self.images_dir / LOG).read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return lines[-1] if lines else "(empty log)"
+
+    def status(self) -> int | None:
+        """The daemon's exit status, once it has exited (None before)."""
+        try:
+            text = (self.images_dir / STATUS).read_text().strip()
+        except FileNotFoundError:
+            return None
+        return int(text) if text.lstrip("-").isdigit() else 255
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait until every page has arrived (the daemon exits); its exit status."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            fd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            fd = None
+        try:
+            while (status := self.status()) is None:
+                if fd is None:  # gone without a status: killed with its shell
+                    return 255
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if left == 0.0:
+                    raise TimeoutError(f"criu lazy-pages for {self.images_dir} still runs")
+                if select.select([fd], [], [], left)[0]:
+                    os.close(fd)
+                    fd = None
+                    status = self.status()
+                    return 255 if status is None else status
+            return status
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def stop(self) -> None:
+        """End the daemon (the restore it served failed)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+
+
+def finish(pagers: dict[int, Pager], timeout: float = 3600) -> dict[int, str]:
+    """Wait for every tree's memory to arrive. A tree whose daemon failed is killed (its
+    missing pages would read as zeros). Returns, by tree root, why each failed."""
+    failed: dict[int, str] = {}
+    for root, pager in pagers.items():
+        try:
+            status = pager.wait(timeout)
+        except TimeoutError as e:
+            pager.stop()
+            status, why = 255, str(e)
+        else:
+            why = f"criu lazy-pages exited with {status}: {pager.log_tail()}"
+        if status != 0:
+            failed[root] = why
+            log.error("the memory of tree %d did not all arrive (%s): stopping it", root, why)
+            kill_tree(root)
+    return failed
+
+
+def kill_tree(root: int) -> None:
+    try:
+        top = psutil.Process(root)
+        procs = [top, *top.children(recursive=True)]
+    except psutil.Error:
+        return
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
