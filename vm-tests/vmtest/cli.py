@@ -145,7 +145,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(sizes=tuple(args.sizes), with_initramfs=args.initramfs,
-                      initramfs_tools=args.initramfs_tools,
+                      initramfs_tools=args.initramfs_tools, lazy_pages=args.lazy_pages,
                       json_path=Path(args.json) if args.json else None)
 
 
@@ -201,6 +201,9 @@ def parser() -> argparse.ArgumentParser:
     bn.add_argument("--initramfs-tools", action="store_true",
                     help="upgrade into each kernel's initramfs-tools initramfs (the restore "
                     "runs there, before init) instead of its dracut one")
+    bn.add_argument("--lazy-pages", action="store_true",
+                    help="upgrade with a pre-dump, then with a lazy restore (instead of a "
+                    "whole dump, then a pre-dump)")
     bn.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
     bn.set_defaults(func=cmd_bench)
     return p
