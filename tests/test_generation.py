@@ -83,3 +83,21 @@ def test_a_generation_sealed_with_another_algorithm_still_verifies(
     assert gen.verify() == []
     (gen.final / "pages-2.img").write_bytes(b"x" * 11000)  # same size, new contents
     assert gen.verify() == ["pages-2.img"]
+
+
+def test_a_big_file_is_hashed_in_pieces_by_every_cpu_and_named_so(tmp_path: Path) -> None:
+    import hashlib
+    import os
+
+    data = os.urandom(3 << 20) + b"tail"
+    path = tmp_path / "pages-1.img"
+    path.write_bytes(data)
+    pieces = [hashlib.md5(data[i:i + (1 << 20)]).digest() for i in range(0, len(data), 1 << 20)]
+    assert len(pieces) == 4
+    assert generation.digest(path, "md5/1MiB") == hashlib.md5(b"".join(pieces)).digest()
+    assert generation.digest(path, "md5") == hashlib.md5(data).digest()  # older generations
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert generation.digest(empty, "md5/1MiB") == hashlib.md5(hashlib.md5(b"").digest()).digest()
+    with pytest.raises(SeamlessError, match="unknown checksum algorithm"):
+        generation.digest(path, "md5/64KiB")
