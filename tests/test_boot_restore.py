@@ -745,3 +745,19 @@ def test_a_failed_wipe_after_a_lazy_restore_is_reported_not_left_arriving(
     final = json.loads(reports[0].read_text())
     assert final["memory"] == "back" and "not wiped" in final["error"]
     assert env.unmounted == [env.store.root]
+
+
+def test_an_error_after_a_lazy_restore_still_leaves_the_memory_to_the_finisher(
+    env: BootEnv, reports: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    finisher = lazy_upgrade(env, monkeypatch)
+
+    def hand_over(units: list[str]) -> None:
+        raise SeamlessError("systemctl daemon-reload failed")
+
+    monkeypatch.setattr(boot, "hand_over", hand_over)
+    with pytest.raises(SeamlessError):
+        env.restore(FakeRestorer())
+
+    assert len(finisher.calls) == 1 and env.unmounted == []  # the daemons still read
+    assert "daemon-reload" in json.loads(reports[0].read_text())["error"]

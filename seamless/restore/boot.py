@@ -173,11 +173,11 @@ def boot_restore(number: int | None, *, keep: bool = False,
     finally:
         report["times"]["finished"] = time.time()
         write_report(report, store)
-        if store is not None and not pagers:
-            close_store(store)
-    if pagers:
-        assert store is not None
-        finish_in_background(report, store, gen, pagers, keep)
+        if store is not None:
+            if pagers:  # even after an error: the daemons read from the store
+                finish_in_background(report, store, gen, pagers, keep)
+            else:
+                close_store(store)
     return report
 
 
