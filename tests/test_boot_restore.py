@@ -761,3 +761,18 @@ def test_an_error_after_a_lazy_restore_still_leaves_the_memory_to_the_finisher(
 
     assert len(finisher.calls) == 1 and env.unmounted == []  # the daemons still read
     assert "daemon-reload" in json.loads(reports[0].read_text())["error"]
+
+
+def test_a_retry_while_a_lazy_restore_s_memory_arrives_is_refused(
+    env: BootEnv, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first = {"generation": 3, "memory": "arriving", "times": {"restored": 1.0},
+             "trees": [{"root": 202, "pid": 202, "restored": True}]}
+    monkeypatch.setattr(boot, "lazy_daemons_run", lambda: True)
+    criu = FakeRestorer()
+    with pytest.raises(SeamlessError, match="still arriving"):
+        boot.boot_restore(3, criu=criu, root=env.root, previous=first)
+    assert criu.calls == [] and env.gen.final.exists()
+    monkeypatch.setattr(boot, "lazy_daemons_run", lambda: False)  # the daemons are gone
+    report = boot.boot_restore(3, criu=criu, root=env.root, previous=first)
+    assert criu.calls and report["generation"] == 3

@@ -388,3 +388,46 @@ def test_connections_are_locked_before_any_address_and_unlocked_after_a_failure(
         "addresses 1", "restore 200", "unlock CRIU-200",  # failed: CRIU left it
         "addresses 0", "restore 100",
     ]
+
+
+def test_an_interrupted_lazy_restore_stops_what_it_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An error no tree catches: the trees restored lazily are stopped with their daemons
+    (their memory would never arrive) and no connection stays locked."""
+    from seamless.restore import restorer
+
+    for pid, order in ((300, 0), (200, 1)):
+        write_tree(tmp_path, pid, order, [])
+        info_file = tmp_path / str(pid) / TREE_INFO
+        info = json.loads(info_file.read_text())
+        info["connections"] = [{"family": 4, "local": "10.0.2.15", "lport": 22,
+                                "remote": "10.0.2.2", "rport": pid}]
+        info_file.write_text(json.dumps(info))
+    killed: list[int] = []
+    monkeypatch.setattr(restorer, "kill_tree", killed.append)
+    scripts: list[str] = []
+    criu = FakeCriu(fail=set())
+    real_restore = criu.restore
+
+    def restore(images_dir: Path, options: CriuOptions | None = None,
+                on_notify: Mapping[str, NotifyHandler] | None = None) -> CriuResult:
+        if images_dir.name == "200":
+            raise KeyboardInterrupt
+        return real_restore(images_dir, options, on_notify)
+
+    criu.restore = restore  # type: ignore[method-assign]
+    started: list[FakePager] = []
+
+    def pager(images_dir: Path) -> Any:
+        started.append(FakePager(images_dir))
+        return started[-1]
+
+    with pytest.raises(KeyboardInterrupt):
+        restore_all(tmp_path, criu, stream=lambda *_: os.open(os.devnull, os.O_WRONLY),
+                    pager=pager, nft=scripts.append)
+
+    assert [p.stopped for p in started] == [True, True]
+    assert killed == [300]
+    unlocked = [s.splitlines()[0] for s in scripts if "add element" not in s]
+    assert "add table inet CRIU-200" in unlocked

@@ -133,6 +133,11 @@ def boot_restore(number: int | None, *, keep: bool = False,
         report.update(generation=n, **{"from": manifest.source_release})
         running = still_running(previous, n)
         retry = previous if previous is not None and previous.get("generation") == n else None
+        if retry is not None and retry.get("memory") == "arriving" and lazy_daemons_run():
+            raise SeamlessError(
+                f"the memory of generation {n}'s lazily restored trees is still arriving "
+                "from it: a retry now would wipe it under them",
+                hint="wait until seamless status says the memory is back, then retry")
         if retry is not None:
             # a retry: the upgrade's phases are those of the boot; this one is the retry
             report["times"] = {**retry.get("times", {}), "retry_started": started}
@@ -181,6 +186,15 @@ def boot_restore(number: int | None, *, keep: bool = False,
     return report
 
 
+def lazy_daemons_run() -> bool:
+    """Whether a `criu lazy-pages` daemon still serves a lazy restore's memory."""
+    for p in psutil.process_iter(["cmdline"]):
+        cmdline = p.info.get("cmdline") or []
+        if "lazy-pages" in cmdline and any(c.endswith("criu") for c in cmdline[:1]):
+            return True
+    return False
+
+
 def close_store(store: Store) -> None:
     try:
         unmount(store.root)
@@ -225,23 +239,24 @@ def finish_lazy(report: dict[str, Any], store: Store, gen: Generation,
     unmount the store."""
     failed = lazy.finish(pagers)
     report["times"]["memory_back"] = time.time()
-    for tree in report["trees"]:
+    for tree in report.get("trees", []):
         if tree["root"] in failed:
             tree.update(restored=False, error=failed[tree["root"]])
     report.update(ok=report["ok"] and not failed, memory="back" if not failed else "incomplete")
     # In an initramfs without systemd, /run is away for a moment (moved out of the real
     # root and back): wait until it is there again.
     _visible(REPORT_RUN)
-    if report["ok"] and not keep:
-        try:
+    try:
+        if report["ok"] and not keep:
             wipe_generation(gen)
             report["wiped"] = True
-        except OSError as e:
-            report["error"] = f"the generation was not wiped: {e}"
-            log.error("%s", report["error"])
-    report["times"]["finished"] = time.time()
-    write_report(report, store)
-    close_store(store)
+    except OSError as e:
+        report["error"] = f"the generation was not wiped: {e}"
+        log.error("%s", report["error"])
+    finally:
+        report["times"]["finished"] = time.time()
+        write_report(report, store)
+        close_store(store)
     log.info("the memory of %d lazily restored trees is back%s", len(pagers),
              "" if not failed else f"; {len(failed)} trees stopped: it did not all arrive")
 

@@ -20,7 +20,7 @@ import select
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -41,6 +41,10 @@ class Pager:
 
     images_dir: Path
     pid: int  #: the shell's
+    #: A pidfd of the shell, opened while it was surely ours (a forked finisher inherits it):
+    #: waiting and signalling never reach another process that took the PID later.
+    pidfd: int | None = field(default=None, repr=False, compare=False)
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def start(cls, images_dir: Path, binary: str = "criu", ready_within: float = 30) -> Pager:
@@ -48,8 +52,9 @@ class Pager:
         for name in (STATUS, SOCKET):
             (images_dir / name).unlink(missing_ok=True)
         ready_r, ready_w = os.pipe()
+        # The status appears whole (renamed into place) once the daemon has exited.
         script = (f'"$0" lazy-pages -D . --status-fd {ready_w} -o {LOG} -v2; '
-                  f"echo $? > {STATUS}")
+                  f"echo $? > {STATUS}.tmp && mv {STATUS}.tmp {STATUS}")
         try:
             proc = subprocess.Popen(
                 ["sh", "-c", script, binary], cwd=images_dir, pass_fds=(ready_w,),
@@ -59,7 +64,7 @@ class Pager:
             os.close(ready_w)
             raise SeamlessError(f"cannot start criu lazy-pages: {e.strerror}") from e
         os.close(ready_w)
-        pager = cls(images_dir, proc.pid)
+        pager = cls(images_dir, proc.pid, os.pidfd_open(proc.pid), proc)
         try:
             ready, _, _ = select.select([ready_r], [], [], ready_within)
             if not ready or not os.read(ready_r, 1):
@@ -68,8 +73,6 @@ class Pager:
                     f"criu lazy-pages did not start for {images_dir}: {pager.log_tail()}")
         finally:
             os.close(ready_r)
-        # The shell is our child: a thread-free reaper is not needed, the finisher
-        # (another process) waits on it through a pidfd.
         return pager
 
     def log_tail(self) -> str:
@@ -87,36 +90,31 @@ class Pager:
             return None
         return int(text) if text.lstrip("-").isdigit() else 255
 
+    def running(self) -> bool:
+        return self.pidfd is not None and not select.select([self.pidfd], [], [], 0)[0]
+
     def wait(self, timeout: float | None = None) -> int:
         """Wait until every page has arrived (the daemon exits); its exit status."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            fd = os.pidfd_open(self.pid)
-        except ProcessLookupError:
-            fd = None
-        try:
-            while (status := self.status()) is None:
-                if fd is None:  # gone without a status: killed with its shell
-                    return 255
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                if left == 0.0:
-                    raise TimeoutError(f"criu lazy-pages for {self.images_dir} still runs")
-                if select.select([fd], [], [], left)[0]:
-                    os.close(fd)
-                    fd = None
-                    status = self.status()
-                    return 255 if status is None else status
-            return status
-        finally:
-            if fd is not None:
-                os.close(fd)
+        while (status := self.status()) is None:
+            if self.pidfd is None:
+                return 255
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if left == 0.0:
+                raise TimeoutError(f"criu lazy-pages for {self.images_dir} still runs")
+            if select.select([self.pidfd], [], [], left)[0]:  # the shell has exited
+                status = self.status()
+                return 255 if status is None else status  # killed before writing it
+        return status
 
     def stop(self) -> None:
-        """End the daemon (the restore it served failed)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(self.pid, 0)
+        """End the daemon and its shell (the restore it served failed)."""
+        if self.running():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+        if self.proc is not None:
+            with contextlib.suppress(ChildProcessError, subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
 
 
 def finish(pagers: dict[int, Pager], timeout: float = 3600) -> dict[int, str]:

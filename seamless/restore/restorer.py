@@ -31,7 +31,7 @@ from seamless.collect.resources import JOURNALD_STDOUT
 from seamless.errors import SeamlessError
 from seamless.log import log
 from seamless.restore import netlock
-from seamless.restore.lazy import Pager
+from seamless.restore.lazy import Pager, kill_tree
 from seamless.run import run
 
 
@@ -153,59 +153,70 @@ def restore_all(
     # Before any tree's address comes up: every connection to restore is locked again.
     locked = {int(i["root"]) for _, i in todo
               if netlock.lock(int(i["root"]), i.get("connections", []), nft)}
-    for images_dir, info in trees:
-        tree = TreeRestore(int(info["root"]), info.get("unit"), str(info.get("command", "")),
-                           restored=False)
-        report.trees.append(tree)
-        if running and tree.root in running:
-            tree.restored, tree.earlier, tree.pid = True, True, running[tree.root]
-            progress(f"tree {tree.root} ({tree.command[:50]}) runs already: not restored again")
-            continue
-        if skip and images_dir.name in skip:
-            tree.error = skip[images_dir.name]
-            progress(f"NOT restoring tree {tree.root} ({tree.command[:50]}): {tree.error}")
-            continue
-        fds: list[int] = []
-        try:
-            recreate_dirs(info.get("socket_dirs", []))
-            recreate_fifos(info.get("fifos", []))
-            bring_up_addresses(info.get("addresses", []))
-            inherit = []
-            for external in info.get("external", []):
-                if external.startswith("file["):
-                    fd = new_pipe(tree.root, len(fds))
-                    fds.append(fd)
-                    inherit.append(InheritFd(external, fd))
-                    continue
-                inode = external.removeprefix("unix[").removesuffix("]")
-                fd = _open_stream(stream, tree)
-                fds.append(fd)
-                inherit.append(InheritFd(f"socket:[{inode}]", fd))
-            lazy = pager(images_dir) if pager is not None else None
+    try:
+        for images_dir, info in trees:
+            tree = TreeRestore(int(info["root"]), info.get("unit"), str(info.get("command", "")),
+                               restored=False)
+            report.trees.append(tree)
+            if running and tree.root in running:
+                tree.restored, tree.earlier, tree.pid = True, True, running[tree.root]
+                progress(f"tree {tree.root} ({tree.command[:50]}) runs already: not restored again")
+                continue
+            if skip and images_dir.name in skip:
+                tree.error = skip[images_dir.name]
+                progress(f"NOT restoring tree {tree.root} ({tree.command[:50]}): {tree.error}")
+                continue
+            fds: list[int] = []
             try:
-                result = criu.restore(images_dir, restore_options(tuple(inherit),
-                                                                  lazy is not None))
-            except BaseException:
+                recreate_dirs(info.get("socket_dirs", []))
+                recreate_fifos(info.get("fifos", []))
+                bring_up_addresses(info.get("addresses", []))
+                inherit = []
+                for external in info.get("external", []):
+                    if external.startswith("file["):
+                        fd = new_pipe(tree.root, len(fds))
+                        fds.append(fd)
+                        inherit.append(InheritFd(external, fd))
+                        continue
+                    inode = external.removeprefix("unix[").removesuffix("]")
+                    fd = _open_stream(stream, tree)
+                    fds.append(fd)
+                    inherit.append(InheritFd(f"socket:[{inode}]", fd))
+                lazy = pager(images_dir) if pager is not None else None
+                try:
+                    result = criu.restore(images_dir, restore_options(tuple(inherit),
+                                                                      lazy is not None))
+                except BaseException:
+                    if lazy is not None:
+                        lazy.stop()
+                    raise
                 if lazy is not None:
-                    lazy.stop()
-                raise
-            if lazy is not None:
-                report.pagers[tree.root] = lazy
-                tree.lazy = True
-            tree.restored = True
-            tree.pid = result.pid
-            tree.seconds = result.seconds
-            progress(f"restored tree {tree.root} ({tree.command[:50]}) in {result.seconds:.2f} s"
-                     + (" (its memory arrives while it runs)" if tree.lazy else ""))
-        except (SeamlessError, OSError, ValueError) as e:  # CriuError is one
-            tree.error = str(e)
-            progress(f"FAILED to restore tree {tree.root} ({tree.command[:50]}): "
-                     f"{tree.error.splitlines()[0]}")
-        finally:
-            for fd in fds:
-                os.close(fd)
-            if tree.root in locked:  # CRIU unlocks after a restore; not after a failure
-                netlock.unlock(tree.root, nft)
+                    report.pagers[tree.root] = lazy
+                    tree.lazy = True
+                tree.restored = True
+                tree.pid = result.pid
+                tree.seconds = result.seconds
+                progress(f"restored tree {tree.root} ({tree.command[:50]}) in "
+                         f"{result.seconds:.2f} s"
+                         + (" (its memory arrives while it runs)" if tree.lazy else ""))
+            except (SeamlessError, OSError, ValueError) as e:  # CriuError is one
+                tree.error = str(e)
+                progress(f"FAILED to restore tree {tree.root} ({tree.command[:50]}): "
+                         f"{tree.error.splitlines()[0]}")
+            finally:
+                for fd in fds:
+                    os.close(fd)
+                if tree.root in locked:  # CRIU unlocks after a restore; not after a failure
+                    netlock.unlock(tree.root, nft)
+    except BaseException:
+        # Something no tree catches (an interruption, a bug): no tree may run on with
+        # memory that will never arrive, and no connection stays locked.
+        for root, lazy in report.pagers.items():
+            lazy.stop()
+            kill_tree(root)
+        for root in locked:
+            netlock.unlock(root, nft)
+        raise
     report.seconds = time.monotonic() - start
     return report
 
