@@ -99,5 +99,8 @@ def test_a_big_file_is_hashed_in_pieces_by_every_cpu_and_named_so(tmp_path: Path
     empty = tmp_path / "empty"
     empty.write_bytes(b"")
     assert generation.digest(empty, "md5/1MiB") == hashlib.md5(hashlib.md5(b"").digest()).digest()
-    with pytest.raises(SeamlessError, match="unknown checksum algorithm"):
-        generation.digest(path, "md5/64KiB")
+    both = generation.digests([path, empty, path], "md5/1MiB")
+    assert both[0] == both[2] == generation.digest(path, "md5/1MiB")
+    for wrong in ("md5/64KiB", "md5/0MiB"):
+        with pytest.raises(SeamlessError, match="unknown checksum algorithm"):
+            generation.digest(path, wrong)

@@ -39,7 +39,8 @@ def _algorithm(name: str) -> tuple[str, int | None]:
     base, _, piece = name.partition("/")
     if not piece:
         return base, None
-    if not piece.endswith("MiB") or not piece.removesuffix("MiB").isdigit():
+    if not piece.endswith("MiB") or not piece.removesuffix("MiB").isdigit() \
+            or int(piece.removesuffix("MiB")) == 0:
         raise SeamlessError(f"unknown checksum algorithm {name!r}")
     return base, int(piece.removesuffix("MiB")) << 20
 
@@ -67,24 +68,24 @@ def digests(paths: list[Path], algorithm: str | None = None) -> list[bytes]:
     """The digests of ``paths``, several files and pieces of files at a time (hashlib
     lets go of the GIL, so every CPU hashes)."""
     name, piece = _algorithm(algorithm or DIGEST)
-    tasks: list[tuple[Path, int, int | None]]
+    # (which path, path, offset, length): a path given twice is hashed twice, not mixed
+    tasks: list[tuple[int, Path, int, int | None]]
     if piece is None:
-        tasks = [(p, 0, None) for p in paths]
+        tasks = [(n, p, 0, None) for n, p in enumerate(paths)]
     else:
-        tasks = [(p, offset, piece) for p in paths
+        tasks = [(n, p, offset, piece) for n, p in enumerate(paths)
                  for offset in range(0, max(p.stat().st_size, 1), piece)]
     if len(tasks) < 2:
-        sums = [_hash_range(p, name, o, n) for p, o, n in tasks]
+        sums = [_hash_range(p, name, o, size) for _, p, o, size in tasks]
     else:
         with ThreadPoolExecutor(max_workers=min(len(tasks), os.cpu_count() or 1)) as pool:
-            sums = list(pool.map(lambda t: _hash_range(t[0], name, t[1], t[2]), tasks))
+            sums = list(pool.map(lambda t: _hash_range(t[1], name, t[2], t[3]), tasks))
     if piece is None:
         return sums
-    pieces: dict[Path, list[bytes]] = {}
-    for (p, _, _), d in zip(tasks, sums, strict=True):
-        pieces.setdefault(p, []).append(d)
-    return [hashlib.new(name, b"".join(pieces[p]), usedforsecurity=False).digest()
-            for p in paths]
+    pieces: list[list[bytes]] = [[] for _ in paths]
+    for (n, _, _, _), d in zip(tasks, sums, strict=True):
+        pieces[n].append(d)
+    return [hashlib.new(name, b"".join(ds), usedforsecurity=False).digest() for ds in pieces]
 
 
 @dataclass(frozen=True)
