@@ -166,46 +166,9 @@ def restore_all(
                 tree.error = skip[images_dir.name]
                 progress(f"NOT restoring tree {tree.root} ({tree.command[:50]}): {tree.error}")
                 continue
-            fds: list[int] = []
             try:
-                recreate_dirs(info.get("socket_dirs", []))
-                recreate_fifos(info.get("fifos", []))
-                bring_up_addresses(info.get("addresses", []))
-                inherit = []
-                for external in info.get("external", []):
-                    if external.startswith("file["):
-                        fd = new_pipe(tree.root, len(fds))
-                        fds.append(fd)
-                        inherit.append(InheritFd(external, fd))
-                        continue
-                    inode = external.removeprefix("unix[").removesuffix("]")
-                    fd = _open_stream(stream, tree)
-                    fds.append(fd)
-                    inherit.append(InheritFd(f"socket:[{inode}]", fd))
-                lazy = pager(images_dir) if pager is not None else None
-                try:
-                    result = criu.restore(images_dir, restore_options(tuple(inherit),
-                                                                      lazy is not None))
-                except BaseException:
-                    if lazy is not None:
-                        lazy.stop()
-                    raise
-                if lazy is not None:
-                    report.pagers[tree.root] = lazy
-                    tree.lazy = True
-                tree.restored = True
-                tree.pid = result.pid
-                tree.seconds = result.seconds
-                progress(f"restored tree {tree.root} ({tree.command[:50]}) in "
-                         f"{result.seconds:.2f} s"
-                         + (" (its memory arrives while it runs)" if tree.lazy else ""))
-            except (SeamlessError, OSError, ValueError) as e:  # CriuError is one
-                tree.error = str(e)
-                progress(f"FAILED to restore tree {tree.root} ({tree.command[:50]}): "
-                         f"{tree.error.splitlines()[0]}")
+                _restore_tree(images_dir, info, tree, criu, report, stream, pager, progress)
             finally:
-                for fd in fds:
-                    os.close(fd)
                 if tree.root in locked:  # CRIU unlocks after a restore; not after a failure
                     netlock.unlock(tree.root, nft)
     except BaseException:
@@ -219,6 +182,52 @@ def restore_all(
         raise
     report.seconds = time.monotonic() - start
     return report
+
+
+def _restore_tree(
+    images_dir: Path, info: dict[str, Any], tree: TreeRestore, criu: Restorer,
+    report: RestoreReport, stream: Callable[[str, str | None], int] | None,
+    pager: Callable[[Path], Pager] | None, progress: Callable[[str], None],
+) -> None:
+    """Restore one tree (see :func:`restore_all`); a failure is recorded in ``tree``."""
+    fds: list[int] = []
+    try:
+        recreate_dirs(info.get("socket_dirs", []))
+        recreate_fifos(info.get("fifos", []))
+        bring_up_addresses(info.get("addresses", []))
+        inherit = []
+        for external in info.get("external", []):
+            if external.startswith("file["):
+                fd = new_pipe(tree.root, len(fds))
+                fds.append(fd)
+                inherit.append(InheritFd(external, fd))
+                continue
+            inode = external.removeprefix("unix[").removesuffix("]")
+            fd = _open_stream(stream, tree)
+            fds.append(fd)
+            inherit.append(InheritFd(f"socket:[{inode}]", fd))
+        lazy = pager(images_dir) if pager is not None else None
+        try:
+            result = criu.restore(images_dir, restore_options(tuple(inherit), lazy is not None))
+        except BaseException:
+            if lazy is not None:
+                lazy.stop()
+            raise
+        if lazy is not None:
+            report.pagers[tree.root] = lazy
+            tree.lazy = True
+        tree.restored = True
+        tree.pid = result.pid
+        tree.seconds = result.seconds
+        progress(f"restored tree {tree.root} ({tree.command[:50]}) in {result.seconds:.2f} s"
+                 + (" (its memory arrives while it runs)" if tree.lazy else ""))
+    except (SeamlessError, OSError, ValueError) as e:  # CriuError is one
+        tree.error = str(e)
+        progress(f"FAILED to restore tree {tree.root} ({tree.command[:50]}): "
+                 f"{tree.error.splitlines()[0]}")
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def recreate_dirs(dirs: list[dict[str, Any]]) -> None:
