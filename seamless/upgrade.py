@@ -21,9 +21,10 @@ from typing import Any
 
 import click
 
-from seamless.collect.checkpoint import HeldTrees, load_criu_modules, take_checkpoint
+from seamless.collect.checkpoint import HeldTrees, take_checkpoint
 from seamless.collect.cli import pre_dump_option, selection_from, selection_options
 from seamless.collect.criu import Criu, CriuError
+from seamless.collect.layout import load_criu_modules
 from seamless.collect.plan import StoreSpace, make_plan, render
 from seamless.collect.processes import read_table
 from seamless.errors import ExitCode, SeamlessError

@@ -24,8 +24,8 @@ from click.testing import CliRunner, Result
 import seamless.run
 from seamless import syscalls
 from seamless.cli import cli
-from seamless.collect.checkpoint import TREE_INFO
 from seamless.collect.criu import CriuError, CriuOptions, CriuResult, NotifyHandler
+from seamless.collect.layout import TREE_INFO
 from seamless.errors import ExitCode, SeamlessError
 from seamless.memstore.generation import MANIFEST, Generation
 from seamless.memstore.records import Manifest, TreeRecord
@@ -201,6 +201,10 @@ def test_phases_only_spans_with_both_times() -> None:
     assert dict(boot.phases(split))["  leaving the old kernel"] == 1.0
     assert dict(boot.phases(split))["  new kernel's boot to the restorer"] == 2.5
     assert dict(boot.phases(split))["  the restorer's start (python)"] == 0.5
+    assert "    importing the restorer" not in dict(boot.phases(split))
+    split["times"]["python_started"] = 6.75
+    assert dict(boot.phases(split))["    the interpreter's start"] == 0.25
+    assert dict(boot.phases(split))["    importing the restorer"] == 0.25
 
 
 def test_boot_times_from_uptime_and_the_process_start(tmp_path: Path) -> None:

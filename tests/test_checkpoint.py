@@ -12,7 +12,6 @@ import pytest
 
 from seamless.collect.checkpoint import (
     PRE_DUMP_DIR,
-    TREE_INFO,
     dump_all,
     dump_options,
     room_to_pre_dump,
@@ -26,6 +25,7 @@ from seamless.collect.criu import (
     Notification,
     NotifyHandler,
 )
+from seamless.collect.layout import TREE_INFO
 from seamless.collect.processes import ProcessInfo, ProcessTree
 from seamless.errors import ExitCode, SeamlessError
 from seamless.memstore import generation

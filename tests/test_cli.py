@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from seamless import __version__
-from seamless.cli import cli, main
+from seamless.cli import COMMANDS, cli, main
 from seamless.errors import ExitCode, SeamlessError
 
 
@@ -23,6 +23,28 @@ def test_help_lists_exit_codes_and_debug() -> None:
     assert result.exit_code == 0
     assert "--debug" in result.output
     assert "Exit codes" in result.output
+
+
+def test_every_command_loads_under_its_name() -> None:
+    ctx = click.Context(cli)
+    for name in COMMANDS:
+        command = cli.get_command(ctx, name)
+        assert isinstance(command, click.Command) and command.name == name
+    assert cli.get_command(ctx, "no-such-command") is None
+
+
+def test_a_command_imports_its_stage_alone() -> None:
+    """The boot-time restorer (seamless restore --boot) starts without the checkpoint,
+    kexec and upgrade modules, nor importlib.metadata: seconds under TCG."""
+    code = ("import sys; from seamless.cli import main; sys.argv = ['seamless', 'restore', "
+            "'--help']\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print(' '.join(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    loaded = set(out.stdout.split())
+    assert "seamless.restore.cli" in loaded
+    assert not loaded & {"seamless.collect.checkpoint", "seamless.collect.cli",
+                         "seamless.kexec.cli", "seamless.upgrade", "importlib.metadata"}
 
 
 def test_installed_command_runs() -> None:

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from seamless.collect.checkpoint import TREE_INFO
 from seamless.collect.criu import (
     CgroupMode,
     CriuError,
@@ -18,6 +17,7 @@ from seamless.collect.criu import (
     CriuResult,
     NotifyHandler,
 )
+from seamless.collect.layout import TREE_INFO
 from seamless.restore.restorer import restore_all, restore_options
 
 

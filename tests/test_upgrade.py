@@ -23,7 +23,7 @@ from click.testing import CliRunner, Result
 import seamless.run
 from seamless import syscalls, upgrade
 from seamless.cli import cli
-from seamless.collect.checkpoint import TREE_INFO
+from seamless.collect.layout import TREE_INFO
 from seamless.errors import ExitCode, SeamlessError
 from seamless.kexec import cmdline
 from seamless.memstore.generation import Generation

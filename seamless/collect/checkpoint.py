@@ -42,6 +42,7 @@ from seamless.collect.criu import (
     NotifyHandler,
 )
 from seamless.collect.freeze import Freezer, describe
+from seamless.collect.layout import TREE_INFO
 from seamless.collect.processes import ProcessTree
 from seamless.collect.resources import (
     UnixPeer,
@@ -57,29 +58,11 @@ from seamless.errors import ExitCode, SeamlessError
 from seamless.log import complete_step, log
 from seamless.memstore.generation import Generation, Hashed
 from seamless.memstore.records import Manifest, TreeRecord
-from seamless.run import run
 
 #: Deleted-but-mapped files (libraries replaced by the upgrade) travel as ghost files.
 GHOST_LIMIT = 512 << 20
 #: How long a dump may take before we give up on it (CRIU is then killed and thaws it).
 DUMP_TIMEOUT = 600.0
-
-
-#: What CRIU needs loaded: socket diagnostics to dump sockets, nftables for the
-#: network lock, tun and veth for its checks.
-CRIU_MODULES = ("inet_diag", "tcp_diag", "udp_diag", "raw_diag", "unix_diag", "netlink_diag",
-                "af_packet_diag", "nf_tables", "tun", "veth")
-
-
-def load_criu_modules() -> None:
-    """Load what CRIU needs (a module that is missing shows in criu check)."""
-    result = run(["modprobe", "-a", *CRIU_MODULES], check=False)
-    if result.returncode != 0:
-        log.debug("modprobe: %s", result.stderr.decode(errors="replace").strip())
-
-
-#: Beside each tree's images: what the restore needs to know about the tree.
-TREE_INFO = "seamless-tree.json"
 
 
 def tree_info(tree: ProcessTree, options: CriuOptions, order: int) -> dict[str, object]:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from seamless.collect.checkpoint import load_criu_modules, take_checkpoint
+from seamless.collect.checkpoint import take_checkpoint
+from seamless.collect.layout import load_criu_modules
 from seamless.collect.plan import StoreSpace, make_plan, render
 from seamless.collect.processes import read_table
 from seamless.collect.select import CONFIG_PATH, RULE_KINDS, Selection, load_config

@@ -19,6 +19,7 @@ from typing import Any
 
 import psutil
 
+from seamless.collect.layout import JOURNALD_STDOUT
 from seamless.collect.processes import ProcessInfo, ProcessTree
 from seamless.run import CommandError, run
 
@@ -26,8 +27,6 @@ from seamless.run import CommandError, run
 HARMLESS_DEVICES = re.compile(
     r"^/dev/(null|zero|full|random|urandom|tty|ptmx|console|pts/\d+|tty\d*|ttyS\d+|net/tun)$"
 )
-#: Unix sockets of journald that a service's stdout/stderr stream into.
-JOURNALD_STDOUT = "/run/systemd/journal/stdout"
 VOLATILE_FS = {"tmpfs", "ramfs", "devtmpfs"}
 
 

@@ -18,8 +18,9 @@ from typing import Any
 
 import psutil
 
-from seamless.collect.checkpoint import load_criu_modules
+import seamless
 from seamless.collect.criu import Criu
+from seamless.collect.layout import load_criu_modules
 from seamless.errors import SeamlessError
 from seamless.log import complete_step, log
 from seamless.memstore.generation import Generation
@@ -123,7 +124,8 @@ def boot_restore(number: int | None, *, keep: bool = False,
     started = time.time()
     pagers: dict[int, Pager] = {}
     report: dict[str, Any] = {"generation": number, "to": os.uname().release, "ok": False,
-                              "times": {**boot_times(started), "restorer_started": started}}
+                              "times": {**boot_times(started), "python_started": seamless.STARTED,
+                                        "restorer_started": started}}
     store = None
     try:
         with complete_step("opening the store"):
@@ -321,6 +323,8 @@ def phases(report: dict[str, Any]) -> list[tuple[str, float]]:
         ("  leaving the old kernel", "entering", "kernel_started"),
         ("  new kernel's boot to the restorer", "kernel_started", "restorer_exec"),
         ("  the restorer's start (python)", "restorer_exec", "restorer_started"),
+        ("    the interpreter's start", "restorer_exec", "python_started"),
+        ("    importing the restorer", "python_started", "restorer_started"),
         ("restore", "restorer_started", "restored"),
         ("total blackout (freeze to restored)", "frozen", "restored"),
         ("memory back (lazy restore, trees running)", "restored", "memory_back"),

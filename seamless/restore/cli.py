@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from seamless.collect.checkpoint import TREE_INFO
 from seamless.collect.criu import Criu
+from seamless.collect.layout import TREE_INFO
 from seamless.errors import ExitCode, SeamlessError
 from seamless.log import complete_step
 from seamless.restore import boothooks

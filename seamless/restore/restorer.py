@@ -18,7 +18,6 @@ from typing import Any, Protocol
 
 import psutil
 
-from seamless.collect.checkpoint import TREE_INFO
 from seamless.collect.criu import (
     CgroupMode,
     CriuOptions,
@@ -27,7 +26,7 @@ from seamless.collect.criu import (
     NetworkLock,
     NotifyHandler,
 )
-from seamless.collect.resources import JOURNALD_STDOUT
+from seamless.collect.layout import JOURNALD_STDOUT, TREE_INFO
 from seamless.errors import SeamlessError
 from seamless.log import log
 from seamless.restore import netlock
