@@ -169,14 +169,17 @@ def one_size(guest: qemu.Guest, size: int, port: int,
     digest = ask(guest, "/sum")
 
     upgrades: dict[str, dict[str, Any]] = {}
-    if lazy_pages:  # pre-dump, then a lazy restore (a whole dump: see --lazy-pages)
-        log.info("%d MiB: seamless upgrade --pre-dump %s -> %s", size, a.release, b.release)
-        upgrades["seamless_upgrade_pre_dump"] = upgrade(guest, port, b, digest, "--pre-dump",
-                                                        *initrd(b))
-        log.info("%d MiB: seamless upgrade --lazy-pages %s -> %s", size, b.release,
-                 a.release)
-        upgrades["seamless_upgrade_lazy"] = upgrade(guest, port, a, digest, "--lazy-pages",
-                                                    *initrd(a))
+    if lazy_pages:
+        # The lazy restore (a whole dump: see --lazy-pages) goes A -> B like the kexec
+        # baseline, so the two it is compared with boot the same kernel and initramfs;
+        # the pre-dump upgrade comes back B -> A.
+        log.info("%d MiB: seamless upgrade --lazy-pages %s -> %s", size, a.release,
+                 b.release)
+        upgrades["seamless_upgrade_lazy"] = upgrade(guest, port, b, digest, "--lazy-pages",
+                                                    *initrd(b))
+        log.info("%d MiB: seamless upgrade --pre-dump %s -> %s", size, b.release, a.release)
+        upgrades["seamless_upgrade_pre_dump"] = upgrade(guest, port, a, digest, "--pre-dump",
+                                                        *initrd(a))
     else:  # a whole dump, then a pre-dump
         log.info("%d MiB: seamless upgrade --no-pre-dump %s -> %s", size, a.release,
                  b.release)
@@ -249,7 +252,7 @@ def table(result: dict[str, Any]) -> str:
              "blackout in seconds (kept: the service's counter and memory checksum)",
              f"{'state':>8}" + "".join(f" {short:>9}" for _, _, short in variants)
              + f" {'kept':>5} {'kexec':>7} {'reboot':>7}"
-             f" {'/kexec':>7} {'/reboot':>8} {'/64MiB':>7}   (ratios: {best[2]})"]
+             f" {'/kexec':>7} {'/reboot':>8} {'/64MiB':>7} {'+s':>6}   (ratios, growth: {best[2]})"]
     smallest = rows[0][best[0]]["blackout_seconds"]
     for r in rows:
         k = r["systemctl_kexec"]["blackout_seconds"]
@@ -259,10 +262,11 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"{r['size_mib']:>4} MiB"
                      + "".join(f" {r[v]['blackout_seconds']:>9.1f}" for v, _, _ in variants)
                      + f" {'yes' if kept else 'NO':>5} {k:>7.1f} {b:>7.1f}"
-                     f" {p / k:>7.2f} {p / b:>8.2f} {p / smallest:>7.2f}")
+                     f" {p / k:>7.2f} {p / b:>8.2f} {p / smallest:>7.2f} {p - smallest:>+6.1f}")
     lines += ["", "blackout: the longest gap between answered probes (every "
               f"{INTERVAL * 1000:.0f} ms) as the host sees it. kexec and reboot lose the "
-              "state: their service starts again empty."]
+              "state: their service starts again empty. +s: seconds more than at the "
+              "smallest state."]
     for key, title, _ in variants:
         names = list(dict.fromkeys(n for r in rows for n in r[key]["phases"]))
         lines += ["", f"seamless upgrade, {title}: phases in seconds (seamless status)"]
