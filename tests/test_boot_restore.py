@@ -24,7 +24,14 @@ from click.testing import CliRunner, Result
 import seamless.run
 from seamless import syscalls
 from seamless.cli import cli
-from seamless.collect.criu import CriuError, CriuOptions, CriuResult, NotifyHandler
+from seamless.collect.criu import (
+    CriuError,
+    CriuNotifyError,
+    CriuOptions,
+    CriuResult,
+    Notification,
+    NotifyHandler,
+)
 from seamless.collect.layout import TREE_INFO
 from seamless.errors import ExitCode, SeamlessError
 from seamless.memstore.generation import MANIFEST, Generation
@@ -291,6 +298,7 @@ class FakeRestorer:
     def __init__(self, fail: set[str] | None = None, lazy_works: bool = True) -> None:
         self.fail = fail or set()
         self.calls: list[str] = []
+        self.killed: list[str] = []  # made, then killed before it ran (post-restore)
         self.lazy: list[bool] = []
         self.lazy_works = lazy_works
 
@@ -301,6 +309,14 @@ class FakeRestorer:
         self.lazy.append(bool(options and options.lazy_pages))
         if images_dir.name in self.fail:
             raise CriuError("restore", "CRIU reported failure", cr_errno=17)
+        handler = (on_notify or {}).get("post-restore")
+        if handler is not None:  # as CRIU: a handler that fails kills the tree unrun
+            try:
+                handler(Notification("post-restore", int(images_dir.name), 0.2))
+            except Exception as e:
+                self.killed.append(images_dir.name)
+                raise CriuNotifyError("restore", f"the post-restore handler failed ({e}), "
+                                      "so CRIU stopped") from e
         return CriuResult("restore", 0.25, images_dir=images_dir, pid=int(images_dir.name))
 
     def features(self, *names: str) -> dict[str, bool]:
@@ -383,23 +399,28 @@ def test_all_restored_in_order_adopted_reported_and_wiped(
         assert json.loads(path.read_text()) == report
 
 
+@pytest.mark.parametrize(("image", "made"), [
+    ("core-202.img", []),  # what CRIU acts on is verified first: it never sees the tree
+    ("pages-1.img", ["202"]),  # verified while restoring: killed before it runs
+])
 def test_a_corrupt_tree_is_not_restored_and_the_generation_kept(
-    env: BootEnv, reports: tuple[Path, Path]
+    env: BootEnv, reports: tuple[Path, Path], image: str, made: list[str]
 ) -> None:
-    pages = env.gen.final / "202" / "pages-1.img"
+    pages = env.gen.final / "202" / image
     data = bytearray(pages.read_bytes())
-    data[100] ^= 0xFF  # one flipped byte, after the seal
+    data[10] ^= 0xFF  # one flipped byte, after the seal
     pages.write_bytes(bytes(data))
     criu = FakeRestorer()
 
     report = env.restore(criu)
 
-    assert criu.calls == ["101"]  # the corrupt tree never reaches CRIU
+    assert criu.calls == [*made, "101"]
+    assert criu.killed == made
     assert report["ok"] is False
-    assert report["corrupt"] == ["202/pages-1.img"]
+    assert report["corrupt"] == [f"202/{image}"]
     trees = trees_by_root(report)
     assert not trees[202]["restored"] and trees[202]["pid"] is None
-    assert trees[202]["error"] == "corrupt images: 202/pages-1.img"
+    assert trees[202]["error"] == f"corrupt images: 202/{image}"
     assert trees[101]["restored"] and trees[101]["pid"] == 101
     assert report["adopted"] == ["app.service"] and env.handed_over == [["app.service"]]
     assert "wiped" not in report

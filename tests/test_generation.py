@@ -36,6 +36,8 @@ def test_sealed_only_when_complete_and_verified(tmp_path: Path) -> None:
         f.seek(1234)
         f.write(b"q")
     assert gen.verify() == ["100/pages-1.img"]
+    assert gen.verify(lambda path: not generation.is_page_image(path)) == []
+    assert gen.verify(generation.is_page_image) == ["100/pages-1.img"]
     (gen.final / "100" / "pages-1.img").unlink()
     assert gen.verify() == ["100/pages-1.img"]
 
@@ -104,3 +106,11 @@ def test_a_big_file_is_hashed_in_pieces_by_every_cpu_and_named_so(tmp_path: Path
     for wrong in ("md5/64KiB", "md5/0MiB"):
         with pytest.raises(SeamlessError, match="unknown checksum algorithm"):
             generation.digest(path, wrong)
+
+
+@pytest.mark.parametrize(("path", "pages"), [
+    ("100/pages-1.img", True), ("100/parent/pages-12.img", True), ("pages-3.img", True),
+    ("100/pagemap-100.img", False), ("100/core-100.img", False), ("100/pages.log", False),
+])
+def test_page_images_are_told_apart_by_name(path: str, pages: bool) -> None:
+    assert generation.is_page_image(path) is pages

@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,13 @@ PARTIAL = ".partial"
 #: pieces' digests. Generations sealed with another algorithm name it in their
 #: manifest ("md5" or "blake2b": one digest over the whole file).
 DIGEST = "md5/64MiB"
+
+
+def is_page_image(path: str) -> bool:
+    """A file of CRIU's that holds process memory (``pages-N.img``): nearly all of a
+    generation's bytes, read only into processes that have not run yet."""
+    name = path.rsplit("/", 1)[-1]
+    return name.startswith("pages-") and name.endswith(".img")
 
 
 def _algorithm(name: str) -> tuple[str, int | None]:
@@ -190,12 +198,16 @@ class Generation:
                                 exit_code=ExitCode.CHECK_FAILED) from e
         return Manifest.from_bytes(data)
 
-    def verify(self) -> list[str]:
-        """The files whose size or checksum differ from the manifest's, or are missing."""
+    def verify(self, select: Callable[[str], bool] | None = None) -> list[str]:
+        """The files whose size or checksum differ from the manifest's, or are missing;
+        ``select(path)``: only the files it is true for (paths relative to the
+        generation)."""
         manifest = self.manifest()
         bad = []
         present = []
         for entry in manifest.files:
+            if select is not None and not select(entry.path):
+                continue
             path = self.final / entry.path
             if not path.is_file() or path.stat().st_size != entry.size:
                 bad.append(entry.path)

@@ -13,6 +13,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,11 @@ from seamless.collect.criu import Criu
 from seamless.collect.layout import load_criu_modules
 from seamless.errors import SeamlessError
 from seamless.log import complete_step, log
-from seamless.memstore.generation import Generation
+from seamless.memstore.generation import Generation, is_page_image
 from seamless.memstore.store import Store, open_store, unmount
 from seamless.restore import adopt, lazy
 from seamless.restore.lazy import Pager
-from seamless.restore.restorer import Restorer, RestoreReport, restore_all
+from seamless.restore.restorer import Restorer, RestoreReport, restore_all, trees_in
 from seamless.run import run
 
 #: Written by the restorer (in the initramfs /run, which becomes the real root's /run)...
@@ -44,6 +45,48 @@ def corrupt_trees(bad_files: list[str]) -> dict[str, str]:
     for path in bad_files:
         trees.setdefault(path.split("/", 1)[0], []).append(path)
     return {tree: "corrupt images: " + ", ".join(files) for tree, files in trees.items()}
+
+
+class PageCheck:
+    """A generation's page images verified in the background while its trees are
+    restored, a tree at a time in restore order: nearly all of a generation's bytes, so
+    the blackout no longer waits for all of them before the first restore. CRIU reads
+    them only into processes that do not run yet, and :func:`restore_all` asks this
+    gate before each tree runs: a tree with a corrupt page image is killed unrun. The
+    rest of the images (what CRIU acts on) is verified before the restore begins."""
+
+    def __init__(self, gen: Generation, trees: list[str]) -> None:
+        files: dict[str, set[str]] = {t: set() for t in trees}
+        for entry in gen.manifest().files:
+            tree = entry.path.split("/", 1)[0]
+            if tree in files and is_page_image(entry.path):
+                files[tree].add(entry.path)
+        self._files = files
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seamless-verify")
+        self._checks = {t: self._pool.submit(gen.verify, files[t].__contains__)
+                        for t in trees if files[t]}
+
+    def _bad(self, tree: str) -> list[str]:
+        check = self._checks.get(tree)
+        if check is None:
+            return []
+        try:
+            return check.result()
+        except (OSError, SeamlessError) as e:
+            log.warning("could not verify the page images of tree %s: %s", tree, e)
+            return sorted(self._files[tree])
+
+    def __call__(self, tree: str) -> str | None:
+        """Why ``tree`` must not run (its corrupt page images), once they are checked."""
+        return corrupt_trees(self._bad(tree)).get(tree)
+
+    def bad(self) -> list[str]:
+        """Every corrupt page image, once all are checked."""
+        return sorted(path for tree in self._checks for path in self._bad(tree))
+
+    def stop(self) -> None:
+        """Drop the checks not begun, and wait for the one running."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def wipe_generation(gen: Generation) -> None:
@@ -152,16 +195,24 @@ def boot_restore(number: int | None, *, keep: bool = False,
                 if upgrade.get("generation") == n:
                     report["times"] = {**upgrade.get("times", {}), **report["times"]}
                     lazy = upgrade.get("lazy_pages", False) if lazy is None else lazy
-        with complete_step(f"verifying generation {n}"):
-            bad = gen.verify()
-        report["corrupt"] = bad
+        with complete_step(f"verifying generation {n} (its page images: while the trees "
+                           "are restored)"):
+            bad = gen.verify(lambda path: not is_page_image(path))
         load_criu_modules()
         criu = criu or Criu()
         lazy = bool(lazy) and lazy_pages_work(criu)
-        with complete_step(f"restoring {len(manifest.trees) - len(running)} trees"
-                           + (" (their memory follows while they run)" if lazy else "")):
-            restored = restore_all(gen.final, criu, skip=corrupt_trees(bad), running=running,
-                                   pager=Pager.start if lazy else None)
+        todo = [d.name for d, info in trees_in(gen.final) if int(info["root"]) not in running]
+        pages = PageCheck(gen, todo)
+        try:
+            with complete_step(f"restoring {len(manifest.trees) - len(running)} trees"
+                               + (" (their memory follows while they run)" if lazy else "")):
+                restored = restore_all(gen.final, criu, skip=corrupt_trees(bad),
+                                       running=running, pager=Pager.start if lazy else None,
+                                       gate=pages)
+            bad = sorted(bad + pages.bad())
+        finally:
+            pages.stop()
+        report["corrupt"] = bad
         pagers = restored.pagers
         report["times"]["retry_restored" if retry is not None else "restored"] = time.time()
         report.update(ok=restored.ok, trees=restored.to_json()["trees"],

@@ -24,6 +24,7 @@ from seamless.collect.criu import (
     CriuResult,
     InheritFd,
     NetworkLock,
+    Notification,
     NotifyHandler,
 )
 from seamless.collect.layout import JOURNALD_STDOUT, TREE_INFO
@@ -130,6 +131,7 @@ def restore_all(
     running: Mapping[int, int] | None = None,
     pager: Callable[[Path], Pager] | None = None,
     nft: netlock.Runner | None = None,
+    gate: Callable[[str], str | None] | None = None,
 ) -> RestoreReport:
     """Restore every tree under ``images_root``; failures are reported, not raised.
 
@@ -143,6 +145,10 @@ def restore_all(
     memory (:meth:`Pager.start`); the report keeps the daemons of the trees restored.
     ``nft`` runs the nftables commands that lock the trees' TCP connections again
     (default: libnftables; see :mod:`.netlock`).
+    ``gate(name)``: asked for each tree (by its directory name) once CRIU has made it and
+    before it runs (CRIU's post-restore); it may wait, and when it returns a reason CRIU
+    kills the tree instead, which is then reported failed with that reason (the page
+    images are verified while the trees are restored: see :class:`.boot.PageCheck`).
     """
     report = RestoreReport()
     start = time.monotonic()
@@ -166,7 +172,8 @@ def restore_all(
                 progress(f"NOT restoring tree {tree.root} ({tree.command[:50]}): {tree.error}")
                 continue
             try:
-                _restore_tree(images_dir, info, tree, criu, report, stream, pager, progress)
+                _restore_tree(images_dir, info, tree, criu, report, stream, pager, progress,
+                              gate)
             finally:
                 if tree.root in locked:  # CRIU unlocks after a restore; not after a failure
                     netlock.unlock(tree.root, nft)
@@ -187,9 +194,17 @@ def _restore_tree(
     images_dir: Path, info: dict[str, Any], tree: TreeRestore, criu: Restorer,
     report: RestoreReport, stream: Callable[[str, str | None], int] | None,
     pager: Callable[[Path], Pager] | None, progress: Callable[[str], None],
+    gate: Callable[[str], str | None] | None = None,
 ) -> None:
     """Restore one tree (see :func:`restore_all`); a failure is recorded in ``tree``."""
     fds: list[int] = []
+    refused: list[str] = []
+
+    def before_it_runs(_: Notification) -> None:
+        reason = gate(images_dir.name) if gate is not None else None
+        if reason is not None:
+            refused.append(reason)
+            raise SeamlessError(reason)
     try:
         recreate_dirs(info.get("socket_dirs", []))
         recreate_fifos(info.get("fifos", []))
@@ -207,7 +222,8 @@ def _restore_tree(
             inherit.append(InheritFd(f"socket:[{inode}]", fd))
         lazy = pager(images_dir) if pager is not None else None
         try:
-            result = criu.restore(images_dir, restore_options(tuple(inherit), lazy is not None))
+            result = criu.restore(images_dir, restore_options(tuple(inherit), lazy is not None),
+                                  {"post-restore": before_it_runs} if gate is not None else None)
         except BaseException:
             if lazy is not None:
                 lazy.stop()
@@ -221,7 +237,7 @@ def _restore_tree(
         progress(f"restored tree {tree.root} ({tree.command[:50]}) in {result.seconds:.2f} s"
                  + (" (its memory arrives while it runs)" if tree.lazy else ""))
     except (SeamlessError, OSError, ValueError) as e:  # CriuError is one
-        tree.error = str(e)
+        tree.error = refused[0] if refused else str(e)
         progress(f"FAILED to restore tree {tree.root} ({tree.command[:50]}): "
                  f"{tree.error.splitlines()[0]}")
     finally:
