@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,51 @@ def test_a_big_file_is_hashed_in_pieces_by_every_cpu_and_named_so(tmp_path: Path
 ])
 def test_page_images_are_told_apart_by_name(path: str, pages: bool) -> None:
     assert generation.is_page_image(path) is pages
+
+
+def test_page_images_hashed_while_written_match_a_hash_of_the_whole(tmp_path: Path) -> None:
+    """The follower hashes each piece once the file has grown past it; finish() adds the
+    last pieces; the digests are those the seal would compute."""
+    algorithm = "md5/1MiB"
+    (tmp_path / "100").mkdir()
+    growing = tmp_path / "100" / "pages-1.img"
+    exact = tmp_path / "100" / "pages-2.img"
+    empty = tmp_path / "100" / "pages-3.img"
+    ignored = tmp_path / "100" / "core-100.img"
+    ignored.write_bytes(b"c" * 100)
+    reads: list[tuple[str, int]] = []
+    real = generation._hash_range
+
+    def counted(path: Path, name: str, offset: int, length: int | None) -> bytes:
+        reads.append((path.name, offset))
+        return real(path, name, offset, length)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(generation, "_hash_range", counted)
+        follower = generation.Follower(tmp_path, interval=0.01, algorithm=algorithm)
+        with follower:
+            with open(growing, "wb") as f:
+                for n in range(14):  # 3.5 MiB in quarters, as a dump appends
+                    f.write(bytes([n]) * (1 << 18))
+                    f.flush()
+                    time.sleep(0.02)
+            exact.write_bytes(b"x" * (2 << 20))
+            empty.write_bytes(b"")
+            deadline = time.monotonic() + 10
+            while follower.bytes_followed < 5 << 20 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert follower.bytes_followed == 5 << 20  # 3 pieces of one file, 2 of the other
+        during = list(reads)
+        hashed = follower.finish()
+    assert sorted(hashed) == [growing, exact, empty]
+    for path in (growing, exact, empty):
+        st = path.stat()
+        assert hashed[path] == generation.Hashed(
+            st.st_size, st.st_mtime_ns, generation.digests([path], algorithm)[0])
+    assert sorted(reads[len(during):]) == [("pages-1.img", 3 << 20), ("pages-3.img", 0)]
+    assert ("core-100.img", 0) not in reads
+
+
+def test_only_a_pieced_checksum_can_be_followed(tmp_path: Path) -> None:
+    with pytest.raises(SeamlessError, match="not hashed in pieces"):
+        generation.Follower(tmp_path, algorithm="md5")

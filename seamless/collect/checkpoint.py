@@ -56,7 +56,7 @@ from seamless.collect.resources import (
 )
 from seamless.errors import ExitCode, SeamlessError
 from seamless.log import complete_step, log
-from seamless.memstore.generation import Generation, Hashed
+from seamless.memstore.generation import Follower, Generation, Hashed
 from seamless.memstore.records import Manifest, TreeRecord
 
 #: Deleted-but-mapped files (libraries replaced by the upgrade) travel as ghost files.
@@ -406,11 +406,16 @@ def take_checkpoint(
             with complete_step("hashing the pre-dumped images while the trees run"):
                 ahead = images.hash_ahead()
         times["frozen"] = time.time()
-        with complete_step(f"dumping {len(trees)} trees into {root}"):
+        # The page images are hashed while CRIU writes them (a piece at a time).
+        follower = Follower(root)
+        with complete_step(f"dumping {len(trees)} trees into {root}"), follower:
             held = dump_all(trees, root, criu, options=options,
                             freezer=Freezer.for_trees(trees))
         times["dumped"] = time.time()
         try:
+            ahead.update(follower.finish())
+            log.info("%d MiB of page images hashed while they were written",
+                     follower.bytes_followed >> 20)
             with complete_step("sealing: checksums, manifest"):
                 manifest = images.seal(Manifest(
                     generation=number, source_release=os.uname().release,
