@@ -399,6 +399,17 @@ def test_all_restored_in_order_adopted_reported_and_wiped(
         assert json.loads(path.read_text()) == report
 
 
+def test_a_page_image_too_short_for_criu_is_reported_as_corrupt(
+    env: BootEnv, reports: tuple[Path, Path]
+) -> None:
+    pages = env.gen.final / "202" / "pages-1.img"
+    pages.write_bytes(pages.read_bytes()[:100])  # CRIU fails before its post-restore
+    report = env.restore(FakeRestorer(fail={"202"}))
+    assert report["corrupt"] == ["202/pages-1.img"]
+    assert trees_by_root(report)[202]["error"] == "corrupt images: 202/pages-1.img"
+    assert trees_by_root(report)[101]["restored"]
+
+
 @pytest.mark.parametrize(("image", "made"), [
     ("core-202.img", []),  # what CRIU acts on is verified first: it never sees the tree
     ("pages-1.img", ["202"]),  # verified while restoring: killed before it runs

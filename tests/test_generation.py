@@ -143,8 +143,8 @@ def test_page_images_hashed_while_written_match_a_hash_of_the_whole(tmp_path: Pa
                     f.write(bytes([n]) * (1 << 18))
                     f.flush()
                     time.sleep(0.02)
+            empty.write_bytes(b"")  # before: the step that hashes `exact` sees it
             exact.write_bytes(b"x" * (2 << 20))
-            empty.write_bytes(b"")
             deadline = time.monotonic() + 10
             while follower.bytes_followed < 5 << 20 and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -163,3 +163,15 @@ def test_page_images_hashed_while_written_match_a_hash_of_the_whole(tmp_path: Pa
 def test_only_a_pieced_checksum_can_be_followed(tmp_path: Path) -> None:
     with pytest.raises(SeamlessError, match="not hashed in pieces"):
         generation.Follower(tmp_path, algorithm="md5")
+
+
+def test_a_followed_file_gone_before_the_end_leaves_the_seal_to_hash(tmp_path: Path) -> None:
+    (tmp_path / "100").mkdir()
+    pages = tmp_path / "100" / "pages-1.img"
+    pages.write_bytes(b"p" * (3 << 20))
+    with generation.Follower(tmp_path, interval=0.01, algorithm="md5/1MiB") as follower:
+        deadline = time.monotonic() + 10
+        while follower.bytes_followed < 3 << 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    pages.unlink()
+    assert follower.finish() == {}

@@ -112,10 +112,15 @@ class Follower:
     as each piece is complete, so that the seal reads only their last pieces: the dump
     and the hashing use two CPUs at once, and the frozen trees wait less.
 
-    It relies on CRIU writing a page image only by appending to it (as it does without
-    auto-dedup, which seamless does not ask for): a piece read once the file has grown
-    past it does not change again. A file that did change after :meth:`finish` looked at
-    it (another size or modification time) is hashed again whole by the seal."""
+    It relies on CRIU writing a page image only by appending to it, once, before its
+    post-dump notification (CRIU 3.17: opened O_TRUNC, spliced at the file's end, no
+    pwrite or lseek; only auto-dedup, which seamless does not ask for, punches holes,
+    and in parent images). A piece read once the file has grown past it is then
+    final. Were that ever not so, the manifest would hold a digest of what was read,
+    and the restore's verify would refuse the tree: a false "corrupt", never a
+    silently wrong process. A file that changes after :meth:`finish` looked at it
+    (size or modification time) is hashed again whole by the seal.
+    """
 
     def __init__(self, root: Path, pattern: str = "*/pages-*.img", interval: float = 0.05,
                  algorithm: str = DIGEST):
@@ -125,6 +130,7 @@ class Follower:
             raise SeamlessError(f"{algorithm} is not hashed in pieces")
         self._piece = piece
         self._pieces: dict[Path, list[bytes]] = {}
+        self._lock = threading.Lock()  # _pieces gains files while bytes_followed reads it
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="seamless-hash", daemon=True)
@@ -140,7 +146,8 @@ class Follower:
     @property
     def bytes_followed(self) -> int:
         """How much was hashed while the files were written."""
-        return sum(len(done) for done in self._pieces.values()) * self._piece
+        with self._lock:
+            return sum(len(done) for done in self._pieces.values()) * self._piece
 
     def _run(self) -> None:
         try:
@@ -154,7 +161,8 @@ class Follower:
         """Hash the pieces complete now; whether there was any."""
         hashed = False
         for path in sorted(self._root.glob(self._pattern)):
-            done = self._pieces.setdefault(path, [])
+            with self._lock:
+                done = self._pieces.setdefault(path, [])
             size = path.stat().st_size
             while (len(done) + 1) * self._piece <= size and not self._stop.is_set():
                 done.append(_hash_range(path, self._name, len(done) * self._piece,
@@ -170,14 +178,25 @@ class Follower:
             log.warning("hashing the page images during the dump failed (%s): the seal "
                         "hashes them", self._error)
             return {}
+        try:
+            return self._finish()
+        except OSError as e:
+            log.warning("hashing the page images' last pieces failed (%s): the seal "
+                        "hashes them whole", e)
+            return {}
+
+    def _finish(self) -> dict[Path, Hashed]:
         stats = {p: p.stat() for p in self._pieces}
-        tasks = [(p, offset) for p, done in self._pieces.items()
+        # a file shorter than what was hashed of it (never from CRIU) is hashed whole
+        followed = {p: done for p, done in self._pieces.items()
+                    if len(done) * self._piece <= stats[p].st_size}
+        tasks = [(p, offset) for p, done in followed.items()
                  for offset in range(len(done) * self._piece, max(stats[p].st_size, 1),
                                      self._piece)]
         with ThreadPoolExecutor(max_workers=max(1, min(len(tasks), os.cpu_count() or 1))) as pool:
             sums = list(pool.map(lambda t: _hash_range(t[0], self._name, t[1], self._piece),
                                  tasks))
-        pieces = {p: list(done) for p, done in self._pieces.items()}
+        pieces = {p: list(done) for p, done in followed.items()}
         for (p, _), d in zip(tasks, sums, strict=True):
             pieces[p].append(d)
         return {p: Hashed(stats[p].st_size, stats[p].st_mtime_ns,

@@ -72,7 +72,7 @@ class PageCheck:
             return []
         try:
             return check.result()
-        except (OSError, SeamlessError) as e:
+        except Exception as e:  # a tree whose pages cannot be checked must not run
             log.warning("could not verify the page images of tree %s: %s", tree, e)
             return sorted(self._files[tree])
 
@@ -198,23 +198,23 @@ def boot_restore(number: int | None, *, keep: bool = False,
         with complete_step(f"verifying generation {n} (its page images: while the trees "
                            "are restored)"):
             bad = gen.verify(lambda path: not is_page_image(path))
+        report["corrupt"] = bad
         load_criu_modules()
         criu = criu or Criu()
         lazy = bool(lazy) and lazy_pages_work(criu)
-        todo = [d.name for d, info in trees_in(gen.final) if int(info["root"]) not in running]
-        pages = PageCheck(gen, todo)
+        skip = corrupt_trees(bad)
+        pages = PageCheck(gen, [d.name for d, info in trees_in(gen.final)
+                                if int(info["root"]) not in running and d.name not in skip])
         try:
             with complete_step(f"restoring {len(manifest.trees) - len(running)} trees"
                                + (" (their memory follows while they run)" if lazy else "")):
-                restored = restore_all(gen.final, criu, skip=corrupt_trees(bad),
-                                       running=running, pager=Pager.start if lazy else None,
-                                       gate=pages)
-            bad = sorted(bad + pages.bad())
+                restored = restore_all(gen.final, criu, skip=skip, running=running,
+                                       pager=Pager.start if lazy else None, gate=pages)
+            pagers = restored.pagers
+            report["times"]["retry_restored" if retry is not None else "restored"] = time.time()
+            report["corrupt"] = sorted(bad + pages.bad())
         finally:
             pages.stop()
-        report["corrupt"] = bad
-        pagers = restored.pagers
-        report["times"]["retry_restored" if retry is not None else "restored"] = time.time()
         report.update(ok=restored.ok, trees=restored.to_json()["trees"],
                       adopted=adopt_services(restored, root))
         if report["adopted"]:

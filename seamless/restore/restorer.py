@@ -237,7 +237,9 @@ def _restore_tree(
         progress(f"restored tree {tree.root} ({tree.command[:50]}) in {result.seconds:.2f} s"
                  + (" (its memory arrives while it runs)" if tree.lazy else ""))
     except (SeamlessError, OSError, ValueError) as e:  # CriuError is one
-        tree.error = refused[0] if refused else str(e)
+        # A page image too short for CRIU fails it before the gate: the check says why.
+        reason = refused[0] if refused else gate(images_dir.name) if gate is not None else None
+        tree.error = reason or str(e)
         progress(f"FAILED to restore tree {tree.root} ({tree.command[:50]}): "
                  f"{tree.error.splitlines()[0]}")
     finally:
