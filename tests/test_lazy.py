@@ -79,3 +79,14 @@ def test_a_stopped_daemon_ends_at_once_without_a_status(tmp_path: Path) -> None:
     started = time.monotonic()
     assert pager.wait(timeout=10) == 255
     assert time.monotonic() - started < 5
+
+
+def test_the_status_is_read_where_the_images_went(tmp_path: Path) -> None:
+    """In an initramfs without systemd the store's mount leaves the real root for a
+    moment (moved back to the initramfs) while the daemons serve: a daemon that ends
+    then is read through the open directory, not taken for killed."""
+    binary, images = fake_criu(tmp_path, "fails")
+    pager = Pager.start(images, str(binary))
+    images.rename(tmp_path / "moved")
+    assert pager.wait(timeout=30) == 2  # not 255: "killed before writing it"
+    assert "Bad address" in pager.log_tail()

@@ -45,6 +45,10 @@ class Pager:
     #: waiting and signalling never reach another process that took the PID later.
     pidfd: int | None = field(default=None, repr=False, compare=False)
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
+    #: The images directory, open: its status and log are read through it. In an
+    #: initramfs without systemd the store's mount is moved out of the real root and back
+    #: while the daemon runs, and a daemon done in between must not read as killed.
+    dir_fd: int | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def start(cls, images_dir: Path, binary: str = "criu", ready_within: float = 30) -> Pager:
@@ -64,7 +68,8 @@ class Pager:
             os.close(ready_w)
             raise SeamlessError(f"cannot start criu lazy-pages: {e.strerror}") from e
         os.close(ready_w)
-        pager = cls(images_dir, proc.pid, os.pidfd_open(proc.pid), proc)
+        pager = cls(images_dir, proc.pid, os.pidfd_open(proc.pid), proc,
+                    os.open(images_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
         try:
             ready, _, _ = select.select([ready_r], [], [], ready_within)
             if not ready or not os.read(ready_r, 1):
@@ -75,9 +80,16 @@ class Pager:
             os.close(ready_r)
         return pager
 
+    def _read(self, name: str) -> str:
+        if self.dir_fd is None:
+            return (self.images_dir / name).read_text(errors="replace")
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.dir_fd)
+        with os.fdopen(fd, errors="replace") as f:
+            return f.read()
+
     def log_tail(self) -> str:
         try:
-            lines = (self.images_dir / LOG).read_text(errors="replace").strip().splitlines()
+            lines = self._read(LOG).strip().splitlines()
         except OSError:
             return "(no log)"
         return lines[-1] if lines else "(empty log)"
@@ -85,7 +97,7 @@ class Pager:
     def status(self) -> int | None:
         """The daemon's exit status, once it has exited (None before)."""
         try:
-            text = (self.images_dir / STATUS).read_text().strip()
+            text = self._read(STATUS).strip()
         except FileNotFoundError:
             return None
         return int(text) if text.lstrip("-").isdigit() else 255
@@ -136,7 +148,12 @@ def finish(pagers: dict[int, Pager], timeout: float = 3600) -> dict[int, str]:
     return failed
 
 
-def kill_tree(root: int) -> None:
+def kill_tree(root: int, proc: Path = Path("/proc"), within: float = 300) -> None:
+    # In an initramfs without systemd /proc leaves the real root for a moment, and
+    # psutil finds the tree there.
+    deadline = time.monotonic() + within
+    while not (proc / "self").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
     try:
         top = psutil.Process(root)
         procs = [top, *top.children(recursive=True)]
