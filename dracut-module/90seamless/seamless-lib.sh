@@ -76,8 +76,18 @@ seamless_restore() {
             _moved="$_moved $_d"
         fi
     done
-    # shellcheck disable=SC2016 # $1 expands in the chrooted shell
-    chroot "$_root" /bin/sh -c 'PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin exec seamless restore --boot --generation "$1"' seamless "$_gen"
+    # seamless.debug on the command line: every step, and the time of every import
+    # (python's -X importtime) on the console.
+    _debug=""
+    read -r _cmdline </proc/cmdline
+    case " $_cmdline " in *" seamless.debug "*) _debug=1 ;; esac
+    # shellcheck disable=SC2016 # $1 and $2 expand in the chrooted shell
+    chroot "$_root" /bin/sh -c '
+        PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
+        if [ -n "$2" ]; then
+            PYTHONPROFILEIMPORTTIME=1 exec seamless --debug restore --boot --generation "$1"
+        fi
+        exec seamless restore --boot --generation "$1"' seamless "$_gen" "$_debug"
     _rc=$?
     for _d in proc dev sys run; do
         case " $_moved " in
