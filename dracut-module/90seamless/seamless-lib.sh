@@ -63,6 +63,11 @@ seamless_restore() {
     if [ -n "$_ro" ]; then
         $_mount -o remount,rw "$_root" && seamless_log "remounted $_root read-write"
     fi
+    # seamless.debug on the command line: every step, and the time of every import
+    # (python's -X importtime) on the console. Read now: /proc moves away below.
+    _debug=""
+    read -r _cmdline </proc/cmdline
+    case " $_cmdline " in *" seamless.debug "*) _debug=1 ;; esac
     seamless_log "restoring generation $_gen"
     # The initramfs's /dev, /proc, /sys and /run are moved into the real root for the
     # restore and back after it, not bound: a move keeps the mount itself, which the
@@ -76,11 +81,6 @@ seamless_restore() {
             _moved="$_moved $_d"
         fi
     done
-    # seamless.debug on the command line: every step, and the time of every import
-    # (python's -X importtime) on the console.
-    _debug=""
-    read -r _cmdline </proc/cmdline
-    case " $_cmdline " in *" seamless.debug "*) _debug=1 ;; esac
     # shellcheck disable=SC2016 # $1 and $2 expand in the chrooted shell
     chroot "$_root" /bin/sh -c '
         PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
