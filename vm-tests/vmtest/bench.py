@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,24 @@ def one_size(guest: qemu.Guest, size: int, port: int,
     }
 
 
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One size's rounds as one row: each variant's median blackout and phases, the
+    range of its blackouts, and whether every round kept the state; the rounds too."""
+    out: dict[str, Any] = {"size_mib": runs[0]["size_mib"], "rounds": runs}
+    for key in (k for k in runs[0] if k != "size_mib"):
+        got = [r[key] for r in runs]
+        seconds = [g["blackout_seconds"] for g in got]
+        out[key] = {"blackout_seconds": round(statistics.median(seconds), 2),
+                    "blackout_range": [min(seconds), max(seconds)],
+                    "state_kept": all(g["state_kept"] for g in got)}
+        if "phases" in got[0]:
+            names = dict.fromkeys(n for g in got for n in g["phases"])
+            out[key]["phases"] = {
+                n: round(statistics.median(g["phases"][n] for g in got if n in g["phases"]), 2)
+                for n in names}
+    return out
+
+
 WITHOUT = "/boot/initrd-without-seamless.img"
 
 
@@ -263,6 +282,15 @@ def table(result: dict[str, Any]) -> str:
                      + "".join(f" {r[v]['blackout_seconds']:>9.1f}" for v, _, _ in variants)
                      + f" {'yes' if kept else 'NO':>5} {k:>7.1f} {b:>7.1f}"
                      f" {p / k:>7.2f} {p / b:>8.2f} {p / smallest:>7.2f} {p - smallest:>+6.1f}")
+    if result.get("rounds", 1) > 1:
+        lines += ["", f"blackout range (min-max) over {result['rounds']} rounds; the table "
+                  "shows the medians"]
+        for r in rows:
+            lines.append(f"{r['size_mib']:>4} MiB" + "".join(
+                f"  {short} {r[v]['blackout_range'][0]:.1f}-{r[v]['blackout_range'][1]:.1f}"
+                for v, _, short in variants) + "".join(
+                f"  {name} {r[k]['blackout_range'][0]:.1f}-{r[k]['blackout_range'][1]:.1f}"
+                for k, name in (("systemctl_kexec", "kexec"), ("reboot", "reboot"))))
     lines += ["", "blackout: the longest gap between answered probes (every "
               f"{INTERVAL * 1000:.0f} ms) as the host sees it. kexec and reboot lose the "
               "state: their service starts again empty. +s: seconds more than at the "
@@ -278,7 +306,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(*, sizes: tuple[int, ...] = SIZES, with_initramfs: bool = True,
-         initramfs_tools: bool = False, lazy_pages: bool = False,
+         initramfs_tools: bool = False, lazy_pages: bool = False, rounds: int = 1,
          json_path: Path | None = None) -> int:
     img = image.build()
     port = free_port()
@@ -287,7 +315,7 @@ def main(*, sizes: tuple[int, ...] = SIZES, with_initramfs: bool = True,
     result: dict[str, Any] = {"kernels": {k: v.release for k, v in config.KERNELS.items()},
                               "memory": MEMORY, "region": REGION, "sizes": [],
                               "upgrade_initramfs": "initramfs-tools" if initramfs_tools
-                              else "dracut"}
+                              else "dracut", "rounds": rounds}
     start = time.monotonic()
     with qemu.booted(img, spec, config.CACHE_DIR / "run" / "bench") as guest:
         guest.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
@@ -295,11 +323,15 @@ def main(*, sizes: tuple[int, ...] = SIZES, with_initramfs: bool = True,
         guest.channel.run(["sh", "-c", "cat > /usr/local/lib/state-server.py"],
                           input=STATE_SERVER.encode(), check=True)
         result["digest_rates_mib_s"] = json.loads(guest.run("python3", "-c", DIGEST_RATES))
+        runs: dict[int, list[dict[str, Any]]] = {size: [] for size in sizes}
         try:
-            for size in sizes:
-                result["sizes"].append(one_size(guest, size, port, initramfs_tools,
-                                                lazy_pages))
-                log.info("%s", json.dumps(result["sizes"][-1]))
+            # the rounds interleave the sizes: a slow stretch of the machine hits them all
+            for n in range(rounds):
+                for size in sizes:
+                    log.info("round %d of %d, %d MiB", n + 1, rounds, size)
+                    runs[size].append(one_size(guest, size, port, initramfs_tools, lazy_pages))
+                    log.info("%s", json.dumps(runs[size][-1]))
+                result["sizes"] = [summary(r) for r in runs.values() if r]
             if with_initramfs:
                 result["initramfs"] = initramfs(guest)
         finally:

@@ -146,7 +146,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(sizes=tuple(args.sizes), with_initramfs=args.initramfs,
                       initramfs_tools=args.initramfs_tools, lazy_pages=args.lazy_pages,
-                      json_path=Path(args.json) if args.json else None)
+                      rounds=args.rounds, json_path=Path(args.json) if args.json else None)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -204,6 +204,9 @@ def parser() -> argparse.ArgumentParser:
     bn.add_argument("--lazy-pages", action="store_true",
                     help="upgrade with a pre-dump, then with a lazy restore (instead of a "
                     "whole dump, then a pre-dump)")
+    bn.add_argument("--rounds", type=int, default=1, metavar="N",
+                    help="measure every size N times (interleaved) and show the medians "
+                    "and ranges (default 1)")
     bn.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
     bn.set_defaults(func=cmd_bench)
     return p
