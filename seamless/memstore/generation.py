@@ -85,17 +85,27 @@ def digests(paths: list[Path], algorithm: str | None = None) -> list[bytes]:
     else:
         tasks = [(n, p, offset, piece) for n, p in enumerate(paths)
                  for offset in range(0, max(p.stat().st_size, 1), piece)]
-    if len(tasks) < 2:
-        sums = [_hash_range(p, name, o, size) for _, p, o, size in tasks]
-    else:
-        with ThreadPoolExecutor(max_workers=min(len(tasks), os.cpu_count() or 1)) as pool:
-            sums = list(pool.map(lambda t: _hash_range(t[1], name, t[2], t[3]), tasks))
+    sums = _hash_ranges(name, [(p, o, size) for _, p, o, size in tasks])
     if piece is None:
         return sums
     pieces: list[list[bytes]] = [[] for _ in paths]
     for (n, _, _, _), d in zip(tasks, sums, strict=True):
         pieces[n].append(d)
-    return [hashlib.new(name, b"".join(ds), usedforsecurity=False).digest() for ds in pieces]
+    return [_combined(name, ds) for ds in pieces]
+
+
+def _hash_ranges(name: str, ranges: list[tuple[Path, int, int | None]]) -> list[bytes]:
+    """The digest of each (path, offset, length), several at a time (hashlib lets go of
+    the GIL, so every CPU hashes)."""
+    if len(ranges) < 2:
+        return [_hash_range(p, name, o, size) for p, o, size in ranges]
+    with ThreadPoolExecutor(max_workers=min(len(ranges), os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda r: _hash_range(r[0], name, r[1], r[2]), ranges))
+
+
+def _combined(name: str, pieces: list[bytes]) -> bytes:
+    """A file's digest from its pieces' ("md5/64MiB": the MD5 of their digests)."""
+    return hashlib.new(name, b"".join(pieces), usedforsecurity=False).digest()
 
 
 @dataclass(frozen=True)
@@ -193,14 +203,11 @@ class Follower:
         tasks = [(p, offset) for p, done in followed.items()
                  for offset in range(len(done) * self._piece, max(stats[p].st_size, 1),
                                      self._piece)]
-        with ThreadPoolExecutor(max_workers=max(1, min(len(tasks), os.cpu_count() or 1))) as pool:
-            sums = list(pool.map(lambda t: _hash_range(t[0], self._name, t[1], self._piece),
-                                 tasks))
+        sums = _hash_ranges(self._name, [(p, offset, self._piece) for p, offset in tasks])
         pieces = {p: list(done) for p, done in followed.items()}
         for (p, _), d in zip(tasks, sums, strict=True):
             pieces[p].append(d)
-        return {p: Hashed(stats[p].st_size, stats[p].st_mtime_ns,
-                          hashlib.new(self._name, b"".join(ds), usedforsecurity=False).digest())
+        return {p: Hashed(stats[p].st_size, stats[p].st_mtime_ns, _combined(self._name, ds))
                 for p, ds in pieces.items()}
 
 
