@@ -88,9 +88,17 @@ def test_a_generation_sealed_with_another_algorithm_still_verifies(
     assert gen.verify() == ["pages-2.img"]
 
 
-def test_a_big_file_is_hashed_in_pieces_by_every_cpu_and_named_so(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "read"])
+def test_a_big_file_is_hashed_in_pieces_by_every_cpu_and_named_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mapped: bool) -> None:
     import hashlib
+    import mmap
     import os
+
+    if not mapped:  # a file that cannot be mapped is read: the same digests
+        def refuse(*args: object, **kwargs: object) -> mmap.mmap:
+            raise OSError(19, "No such device")
+        monkeypatch.setattr(mmap, "mmap", refuse)
 
     data = os.urandom(3 << 20) + b"tail"
     path = tmp_path / "pages-1.img"

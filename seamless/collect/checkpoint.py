@@ -413,10 +413,10 @@ def take_checkpoint(
                             freezer=Freezer.for_trees(trees))
         times["dumped"] = time.time()
         try:
-            ahead.update(follower.finish())
-            log.info("%d MiB of page images hashed while they were written",
-                     follower.bytes_followed >> 20)
             with complete_step("sealing: checksums, manifest"):
+                ahead.update(follower.finish())
+                log.info("%d MiB of page images hashed while they were written",
+                         follower.bytes_followed >> 20)
                 manifest = images.seal(Manifest(
                     generation=number, source_release=os.uname().release,
                     source_boot_id=boot_id(), target_release=target_release, created=created,
