@@ -168,7 +168,7 @@ def test_the_restore_locks_connections_the_way_the_dump_did() -> None:
     assert restored.network_lock == dumped.network_lock is not None
 
 
-# --- the addresses of established TCP connections ---------------------------------------------
+# --- the addresses of established and listening TCP sockets ----------------------------------
 
 ROUTES = """\
 Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
@@ -201,11 +201,29 @@ def test_connection_addresses_name_interface_prefix_and_gateway() -> None:
 
     found = connection_addresses([10, 11], conns, interfaces, default_gateways(ROUTES))
 
-    # loopback, a listening socket and another process's connection are left out
+    # a listening socket's address is in; loopback and another process's connection not
     assert found == [
         {"interface": "eth0", "address": "10.0.2.15", "prefix": 24, "gateway": "10.0.2.2"},
+        {"interface": "eth0", "address": "192.168.9.9", "prefix": 24, "gateway": "10.0.2.2"},
         {"interface": "eth0", "address": "fd00::5", "prefix": 64},
     ]
+
+    # Listening on every address: the addresses of the interface with the default route,
+    # global IPv6 ones too for "::" (not link-local: the kernel makes those), none of
+    # another interface's; an IPv4 connection on an IPv6 socket is its IPv4 address.
+    interfaces["eth0"].append(NS(family=socket.AF_INET6, address="fe80::1%eth0",
+                                 netmask="ffff:ffff:ffff:ffff::"))
+    addresses = {
+        listening: [e["address"] for e in connection_addresses(
+            [12], [conn(12, listening, psutil.CONN_LISTEN)], interfaces,
+            default_gateways(ROUTES))]
+        for listening in ("0.0.0.0", "::", "::ffff:172.16.0.1")}
+    assert addresses == {"0.0.0.0": ["10.0.2.15", "192.168.9.9"],
+                         "::": ["10.0.2.15", "192.168.9.9", "fd00::5"],
+                         "::ffff:172.16.0.1": ["172.16.0.1"]}
+    # a socket listening on every address, with no default route: nothing to bring up
+    assert connection_addresses([12], [conn(12, "0.0.0.0", psutil.CONN_LISTEN)],
+                                interfaces, {}) == []
 
 
 def test_bring_up_adds_only_missing_addresses() -> None:

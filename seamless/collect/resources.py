@@ -238,17 +238,32 @@ def connection_addresses(
     interfaces: Mapping[str, Sequence[Any]] | None = None,
     gateways: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """The interface addresses the established TCP connections of these processes are
-    bound to, with each interface, prefix length and IPv4 default gateway: CRIU binds
-    and connects every connection back to its address, so the restore brings those up
-    when the new boot has not yet (the restore runs before the network is configured)."""
+    """The interface addresses the TCP sockets of these processes need, with each
+    interface, prefix length and IPv4 default gateway, for the restore to bring up when
+    the new boot has not yet (it restores before the network is configured):
+
+    - an established connection's address: CRIU binds and connects it back to it;
+    - a listening socket's address: CRIU binds it there;
+    - for a socket listening on every address (0.0.0.0, ::), those of the interfaces
+      with a default route: the restored service answers its clients at once, not
+      once the network manager has configured the interface (DHCP: seconds later)."""
     wanted = set(pids)
     conns = psutil.net_connections("inet") if connections is None else connections
-    local = {c.laddr.ip for c in conns
-             if c.pid in wanted and c.status == psutil.CONN_ESTABLISHED and c.laddr}
-    local = {ip for ip in local if not ipaddress.ip_address(ip.split("%")[0]).is_loopback}
     interfaces = psutil.net_if_addrs() if interfaces is None else interfaces
     gateways = default_gateways() if gateways is None else gateways
+    local: set[str] = set()
+    for c in conns:
+        if c.pid not in wanted or not c.laddr \
+                or c.status not in (psutil.CONN_ESTABLISHED, psutil.CONN_LISTEN):
+            continue
+        ip = ipaddress.ip_address(c.laddr.ip.split("%")[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            local.add(str(ip.ipv4_mapped))  # IPv4 on an IPv6 socket
+        elif not ip.is_unspecified:
+            local.add(c.laddr.ip)
+        elif c.status == psutil.CONN_LISTEN:  # ::, unless IPV6_V6ONLY, takes IPv4 too
+            local |= _uplink_addresses(interfaces, gateways, ip.version == 6)
+    local = {ip for ip in local if not ipaddress.ip_address(ip.split("%")[0]).is_loopback}
     found = []
     for name, addrs in interfaces.items():
         for a in addrs:
@@ -260,6 +275,20 @@ def connection_addresses(
                     entry["gateway"] = gateways[name]
                 found.append(entry)
     return sorted(found, key=lambda e: (e["interface"], e["address"]))
+
+
+def _uplink_addresses(interfaces: Mapping[str, Sequence[Any]], gateways: Mapping[str, str],
+                      ipv6: bool) -> set[str]:
+    """The IPv4 addresses (and global IPv6 ones with ``ipv6``) of the interfaces with
+    a default route (IPv6 link-local addresses the kernel makes itself)."""
+    found = set()
+    for name in gateways:
+        for a in interfaces.get(name, ()):
+            if a.family == socket.AF_INET or (
+                    ipv6 and a.family == socket.AF_INET6
+                    and not ipaddress.ip_address(a.address.split("%")[0]).is_link_local):
+                found.add(a.address)
+    return found
 
 
 def established_connections(

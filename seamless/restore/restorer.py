@@ -292,10 +292,11 @@ def recreate_fifos(fifos: list[dict[str, Any]]) -> None:
 def bring_up_addresses(addresses: list[dict[str, Any]],
                        present: Callable[[], set[str]] | None = None,
                        command: Callable[[list[str]], bool] | None = None) -> list[str]:
-    """Put the addresses a tree's TCP connections are bound to on their interfaces when
-    the new boot has not yet (its network is configured later): CRIU binds and connects
-    each connection to them. The network manager takes them over as it configures the
-    interface (DHCP gives the same lease back). Returns what was added."""
+    """Put the addresses a tree's TCP sockets need (see ``connection_addresses``) on
+    their interfaces when the new boot has not yet (its network is configured later):
+    CRIU binds the sockets and connects the connections there, and clients reach a
+    listening service at once. The network manager takes them over as it configures
+    the interface (DHCP gives the same lease back). Returns what was added."""
     if not addresses:
         return []
     present = present or _local_addresses
@@ -310,7 +311,7 @@ def bring_up_addresses(addresses: list[dict[str, Any]],
         extra = ["nodad"] if ":" in address else []  # usable at once, not tentative
         if command(["addr", "add", f"{address}/{int(a['prefix'])}", "dev", interface, *extra]):
             added.append(f"{address}/{a['prefix']} on {interface}")
-            log.info("put %s/%s on %s for the tree's connections", address, a["prefix"],
+            log.info("put %s/%s on %s for the tree's sockets", address, a["prefix"],
                      interface)
         if a.get("gateway"):
             command(["route", "add", "default", "via", str(a["gateway"]), "dev", interface])
