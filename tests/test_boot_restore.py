@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -731,6 +732,30 @@ def test_a_lazy_restore_leaves_the_wipe_to_when_the_memory_is_back(
     assert not env.gen.final.exists() and env.unmounted == [env.store.root]
     assert ("memory back (lazy restore, trees running)"
             in dict(boot.phases(final)))
+
+
+def test_the_finisher_of_a_boot_restore_waits_until_run_is_in_the_real_root_for_good(
+    env: BootEnv, reports: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    # initramfs-tools: the memory can be back while /run is still in the real root from
+    # the restore's move, about to leave it until init moves it back: nothing is wiped or
+    # written before the boot script's mark shows it has come back.
+    import threading
+
+    finisher = lazy_upgrade(env, monkeypatch)
+    env.restore(FakeRestorer())
+    mark = tmp_path / "boot-handed-over"
+    monkeypatch.setenv(boot.HANDED_OVER_ENV, str(mark))
+    done = threading.Thread(target=boot.finish_lazy, args=finisher.calls[0])
+    done.start()
+    time.sleep(0.6)
+    assert done.is_alive() and env.gen.final.exists() and env.unmounted == []
+    assert json.loads(reports[0].read_text())["memory"] == "arriving"
+    mark.touch()
+    done.join(timeout=10)
+    assert not done.is_alive()
+    assert json.loads(reports[0].read_text())["wiped"] and not env.gen.final.exists()
 
 
 def test_a_tree_whose_memory_did_not_arrive_is_stopped_and_the_generation_kept(

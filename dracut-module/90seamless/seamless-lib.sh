@@ -82,8 +82,11 @@ seamless_restore() {
         fi
     done
     # shellcheck disable=SC2016 # $1 and $2 expand in the chrooted shell
+    # A lazy restore's finisher (left running, chrooted) waits for $SEAMLESS_HANDED_OVER:
+    # it appears once /run is back in the real root for good (see below).
     chroot "$_root" /bin/sh -c '
         PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
+        export SEAMLESS_HANDED_OVER=/run/seamless/boot-handed-over
         if [ -n "$2" ]; then
             PYTHONPROFILEIMPORTTIME=1 exec seamless --debug restore --boot --generation "$1"
         fi
@@ -94,6 +97,12 @@ seamless_restore() {
         *" $_d "*) $_mount -n --move "$_root/$_d" "/$_d" ;;
         esac
     done
+    # Written into the initramfs's /run: the chrooted finisher sees it only once the boot
+    # has moved /run into the real root (before init), not while /run is still there
+    # from the restore's move.
+    if [ -d /run/seamless ]; then
+        : >/run/seamless/boot-handed-over
+    fi
     seamless_log "restore finished with exit code $_rc"
     return $_rc
 }

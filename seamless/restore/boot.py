@@ -33,6 +33,9 @@ from seamless.run import run
 
 #: Written by the restorer (in the initramfs /run, which becomes the real root's /run)...
 REPORT_RUN = Path("/run/seamless/last-upgrade.json")
+#: Names the file that the initramfs-tools boot script makes once /run is in the real
+#: root for good (see :func:`finish_lazy`).
+HANDED_OVER_ENV = "SEAMLESS_HANDED_OVER"
 #: ...and kept across boots when the real root is writable.
 REPORT_VAR = Path("/var/lib/seamless/last-upgrade.json")
 #: Written into the store by `seamless upgrade` just before the kexec.
@@ -296,9 +299,12 @@ def finish_lazy(report: dict[str, Any], store: Store, gen: Generation,
         if tree["root"] in failed:
             tree.update(restored=False, error=failed[tree["root"]])
     report.update(ok=report["ok"] and not failed, memory="back" if not failed else "incomplete")
-    # In an initramfs without systemd, /run is away for a moment (moved out of the real
-    # root and back): wait until it is there again.
-    _visible(REPORT_RUN)
+    # In an initramfs without systemd /run, with the store, leaves the real root after
+    # the restore and comes back once the boot moves it there before init. The memory
+    # can be back before /run leaves: wait for the mark the boot script leaves in /run
+    # once it has left (seamless-lib.sh); a restore by hand has none to wait for.
+    handed_over = os.environ.get(HANDED_OVER_ENV)
+    _visible(Path(handed_over) if handed_over else REPORT_RUN)
     try:
         if report["ok"] and not keep:
             wipe_generation(gen)
