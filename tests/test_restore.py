@@ -208,22 +208,37 @@ def test_connection_addresses_name_interface_prefix_and_gateway() -> None:
         {"interface": "eth0", "address": "fd00::5", "prefix": 64},
     ]
 
-    # Listening on every address: the addresses of the interface with the default route,
-    # global IPv6 ones too for "::" (not link-local: the kernel makes those), none of
-    # another interface's; an IPv4 connection on an IPv6 socket is its IPv4 address.
+    # Listening on every address: the addresses of the uplinks (here eth0), global IPv6
+    # ones too for "::" (not link-local: the kernel makes those), none of another
+    # interface's; an IPv4 connection on an IPv6 socket is its IPv4 address.
     interfaces["eth0"].append(NS(family=socket.AF_INET6, address="fe80::1%eth0",
                                  netmask="ffff:ffff:ffff:ffff::"))
     addresses = {
         listening: [e["address"] for e in connection_addresses(
             [12], [conn(12, listening, psutil.CONN_LISTEN)], interfaces,
-            default_gateways(ROUTES))]
+            default_gateways(ROUTES), uplinks=["eth0"])]
         for listening in ("0.0.0.0", "::", "::ffff:172.16.0.1")}
     assert addresses == {"0.0.0.0": ["10.0.2.15", "192.168.9.9"],
                          "::": ["10.0.2.15", "192.168.9.9", "fd00::5"],
                          "::ffff:172.16.0.1": ["172.16.0.1"]}
-    # a socket listening on every address, with no default route: nothing to bring up
+    # listening on every address with no uplink: nothing to bring up
     assert connection_addresses([12], [conn(12, "0.0.0.0", psutil.CONN_LISTEN)],
-                                interfaces, {}) == []
+                                interfaces, {}, uplinks=[]) == []
+
+
+def test_uplinks_are_the_default_route_s_interfaces_and_the_network_devices(
+        tmp_path: Path) -> None:
+    from seamless.collect.resources import uplink_interfaces
+
+    for name, device in (("lo", False), ("eth0", True), ("br0", False), ("veth1", False),
+                         ("enp1s0", True)):
+        (tmp_path / name).mkdir()
+        if device:
+            (tmp_path / name / "device").symlink_to(tmp_path)
+    # the test bed's guest has no default route: its NIC is still an uplink
+    assert uplink_interfaces({}, tmp_path) == {"eth0", "enp1s0"}
+    assert uplink_interfaces({"br0": "192.0.2.1"}, tmp_path) == {"br0", "eth0", "enp1s0"}
+    assert uplink_interfaces({"br0": "192.0.2.1"}, tmp_path / "missing") == {"br0"}
 
 
 def test_bring_up_adds_only_missing_addresses() -> None:

@@ -237,6 +237,7 @@ def connection_addresses(
     connections: Sequence[Any] | None = None,
     interfaces: Mapping[str, Sequence[Any]] | None = None,
     gateways: Mapping[str, str] | None = None,
+    uplinks: Iterable[str] | None = None,
 ) -> list[dict[str, Any]]:
     """The interface addresses the TCP sockets of these processes need, with each
     interface, prefix length and IPv4 default gateway, for the restore to bring up when
@@ -244,13 +245,15 @@ def connection_addresses(
 
     - an established connection's address: CRIU binds and connects it back to it;
     - a listening socket's address: CRIU binds it there;
-    - for a socket listening on every address (0.0.0.0, ::), those of the interfaces
-      with a default route: the restored service answers its clients at once, not
-      once the network manager has configured the interface (DHCP: seconds later)."""
+    - for a socket listening on every address (0.0.0.0, ::), those of the
+      ``uplinks`` (:func:`uplink_interfaces`): the restored service answers its
+      clients at once, not once the network manager has configured the interface
+      (DHCP: seconds later)."""
     wanted = set(pids)
     conns = psutil.net_connections("inet") if connections is None else connections
     interfaces = psutil.net_if_addrs() if interfaces is None else interfaces
     gateways = default_gateways() if gateways is None else gateways
+    uplinks = uplink_interfaces(gateways) if uplinks is None else set(uplinks)
     local: set[str] = set()
     for c in conns:
         if c.pid not in wanted or not c.laddr \
@@ -262,7 +265,7 @@ def connection_addresses(
         elif not ip.is_unspecified:
             local.add(c.laddr.ip)
         elif c.status == psutil.CONN_LISTEN:  # ::, unless IPV6_V6ONLY, takes IPv4 too
-            local |= _uplink_addresses(interfaces, gateways, ip.version == 6)
+            local |= _uplink_addresses(interfaces, uplinks, ip.version == 6)
     local = {ip for ip in local if not ipaddress.ip_address(ip.split("%")[0]).is_loopback}
     found = []
     for name, addrs in interfaces.items():
@@ -277,12 +280,24 @@ def connection_addresses(
     return sorted(found, key=lambda e: (e["interface"], e["address"]))
 
 
-def _uplink_addresses(interfaces: Mapping[str, Sequence[Any]], gateways: Mapping[str, str],
+def uplink_interfaces(gateways: Mapping[str, str],
+                      sys_class_net: Path = Path("/sys/class/net")) -> set[str]:
+    """The interfaces clients reach this machine through: those with a default route
+    and those of a network device (not a bridge, veth or tunnel, which the new boot
+    makes later, if at all)."""
+    try:
+        devices = {d.name for d in sys_class_net.iterdir() if (d / "device").exists()}
+    except OSError:
+        devices = set()
+    return set(gateways) | devices
+
+
+def _uplink_addresses(interfaces: Mapping[str, Sequence[Any]], uplinks: Iterable[str],
                       ipv6: bool) -> set[str]:
-    """The IPv4 addresses (and global IPv6 ones with ``ipv6``) of the interfaces with
-    a default route (IPv6 link-local addresses the kernel makes itself)."""
+    """The IPv4 addresses (and global IPv6 ones with ``ipv6``) of the ``uplinks``
+    (IPv6 link-local addresses the kernel makes itself)."""
     found = set()
-    for name in gateways:
+    for name in uplinks:
         for a in interfaces.get(name, ()):
             if a.family == socket.AF_INET or (
                     ipv6 and a.family == socket.AF_INET6

@@ -59,6 +59,8 @@ class TreeRestore:
     earlier: bool = False
     #: Its memory comes back while it runs (a lazy restore).
     lazy: bool = False
+    #: The addresses the restore put up for its sockets ("10.0.2.15/24 on eth0").
+    addresses: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -208,7 +210,7 @@ def _restore_tree(
     try:
         recreate_dirs(info.get("socket_dirs", []))
         recreate_fifos(info.get("fifos", []))
-        bring_up_addresses(info.get("addresses", []))
+        tree.addresses = bring_up_addresses(info.get("addresses", []))
         inherit = []
         for external in info.get("external", []):
             if external.startswith("file["):
