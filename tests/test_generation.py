@@ -95,6 +95,8 @@ def test_a_big_file_is_hashed_in_pieces_by_every_cpu_and_named_so(
     import mmap
     import os
 
+    import xxhash
+
     if not mapped:  # a file that cannot be mapped is read: the same digests
         def refuse(*args: object, **kwargs: object) -> mmap.mmap:
             raise OSError(19, "No such device")
@@ -107,6 +109,8 @@ def test_a_big_file_is_hashed_in_pieces_by_every_cpu_and_named_so(
     assert len(pieces) == 4
     assert generation.digest(path, "md5/1MiB") == hashlib.md5(b"".join(pieces)).digest()
     assert generation.digest(path, "md5") == hashlib.md5(data).digest()  # older generations
+    xxh = [xxhash.xxh64(data[i:i + (1 << 20)]).digest() for i in range(0, len(data), 1 << 20)]
+    assert generation.digest(path, "xxh64/1MiB") == xxhash.xxh64(b"".join(xxh)).digest()
     empty = tmp_path / "empty"
     empty.write_bytes(b"")
     assert generation.digest(empty, "md5/1MiB") == hashlib.md5(hashlib.md5(b"").digest()).digest()
@@ -183,3 +187,16 @@ def test_a_followed_file_gone_before_the_end_leaves_the_seal_to_hash(tmp_path: P
             time.sleep(0.01)
     pages.unlink()
     assert follower.finish() == {}
+
+
+def test_seals_with_xxh64_and_says_what_is_missing_without_xxhash(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = Generation(tmp_path / "ckpt")
+    (gen.create() / "pages-1.img").write_bytes(b"memory" * 1000)
+    manifest = gen.seal(Manifest(generation=1, trees=[]))
+    assert manifest.digest_algorithm == generation.DIGEST == "xxh64/64MiB"
+    assert gen.verify() == []
+    monkeypatch.setattr(generation, "HAVE_XXHASH", False)
+    with pytest.raises(SeamlessError, match="xxhash module is missing") as e:
+        gen.verify()
+    assert e.value.hint == "install python3-xxhash"

@@ -55,12 +55,17 @@ http.server.HTTPServer(('', int(sys.argv[1])), H).serve_forever()
 #: MiB/s of the checksums the store could use, on 64 MiB in the guest.
 DIGEST_RATES = """\
 import hashlib, json, os, time, zlib
+try:
+    import xxhash
+except ImportError:
+    xxhash = None
 data = os.urandom(64 << 20)
 rates = {}
 for name, f in (("blake2b", lambda: hashlib.blake2b(data).digest()),
                 ("sha256", lambda: hashlib.sha256(data).digest()),
                 ("md5", lambda: hashlib.md5(data).digest()),
-                ("crc32", lambda: zlib.crc32(data))):
+                ("crc32", lambda: zlib.crc32(data))) + ((
+                    ("xxh64", lambda: xxhash.xxh64(data).digest()),) if xxhash else ()):
     t = time.perf_counter(); f(); rates[name] = round(64 / (time.perf_counter() - t), 1)
 print(json.dumps(rates))
 """

@@ -65,6 +65,7 @@ PACKAGES: tuple[str, ...] = (
     "python3-psutil",
     "python3-jinja2",
     "python3-pyudev",
+    "python3-xxhash",
     # The real services the upgrade is proven on.
     "redis-server",
     "tmux",
