@@ -199,31 +199,65 @@ def test_connection_addresses_name_interface_prefix_and_gateway() -> None:
     }
     assert default_gateways(ROUTES) == {"eth0": "10.0.2.2"}
 
-    found = connection_addresses([10, 11], conns, interfaces, default_gateways(ROUTES))
+    # 10.0.2.15 and fd00::5 are DHCP and SLAAC leases; 192.168.9.9 is static
+    leases = {"eth0": {"10.0.2.15": (3600, 1800), "fd00::5": (600, 600)}}
+    found = connection_addresses([10, 11], conns, interfaces, default_gateways(ROUTES),
+                                 uplinks=["eth0"], leases=leases, now=1000.0)
 
-    # a listening socket's address is in; loopback and another process's connection not
+    # a listening socket's address is in; loopback and another process's connection not;
+    # a leased address says until when
     assert found == [
-        {"interface": "eth0", "address": "10.0.2.15", "prefix": 24, "gateway": "10.0.2.2"},
+        {"interface": "eth0", "address": "10.0.2.15", "prefix": 24, "gateway": "10.0.2.2",
+         "valid_until": 4600, "preferred_until": 2800},
         {"interface": "eth0", "address": "192.168.9.9", "prefix": 24, "gateway": "10.0.2.2"},
-        {"interface": "eth0", "address": "fd00::5", "prefix": 64},
+        {"interface": "eth0", "address": "fd00::5", "prefix": 64,
+         "valid_until": 1600, "preferred_until": 1600},
     ]
 
-    # Listening on every address: the addresses of the uplinks (here eth0), global IPv6
-    # ones too for "::" (not link-local: the kernel makes those), none of another
-    # interface's; an IPv4 connection on an IPv6 socket is its IPv4 address.
-    interfaces["eth0"].append(NS(family=socket.AF_INET6, address="fe80::1%eth0",
-                                 netmask="ffff:ffff:ffff:ffff::"))
+    # Listening on every address: the leased addresses of the uplinks (here eth0), IPv6
+    # ones too for "::", not the static one (it may be a failover's virtual address, and
+    # the network manager configures it itself), none of another interface's; an IPv4
+    # connection on an IPv6 socket is its IPv4 address, ::ffff:0.0.0.0 every IPv4 one.
     addresses = {
         listening: [e["address"] for e in connection_addresses(
             [12], [conn(12, listening, psutil.CONN_LISTEN)], interfaces,
-            default_gateways(ROUTES), uplinks=["eth0"])]
-        for listening in ("0.0.0.0", "::", "::ffff:172.16.0.1")}
-    assert addresses == {"0.0.0.0": ["10.0.2.15", "192.168.9.9"],
-                         "::": ["10.0.2.15", "192.168.9.9", "fd00::5"],
-                         "::ffff:172.16.0.1": ["172.16.0.1"]}
+            default_gateways(ROUTES), uplinks=["eth0"], leases=leases)]
+        for listening in ("0.0.0.0", "::", "::ffff:172.16.0.1", "::ffff:0.0.0.0")}
+    assert addresses == {"0.0.0.0": ["10.0.2.15"],
+                         "::": ["10.0.2.15", "fd00::5"],
+                         "::ffff:172.16.0.1": ["172.16.0.1"],
+                         "::ffff:0.0.0.0": ["10.0.2.15"]}
     # listening on every address with no uplink: nothing to bring up
     assert connection_addresses([12], [conn(12, "0.0.0.0", psutil.CONN_LISTEN)],
-                                interfaces, {}, uplinks=[]) == []
+                                interfaces, {}, uplinks=[], leases=leases) == []
+
+
+IP_ADDR_JSON = """[
+ {"ifname": "lo", "addr_info": [{"family": "inet", "local": "127.0.0.1", "prefixlen": 8,
+   "scope": "host", "valid_life_time": 4294967295, "preferred_life_time": 4294967295}]},
+ {"ifname": "eth0", "addr_info": [
+  {"family": "inet", "local": "10.0.2.15", "prefixlen": 24, "scope": "global",
+   "dynamic": true, "valid_life_time": 86372, "preferred_life_time": 86372},
+  {"family": "inet", "local": "10.0.2.100", "prefixlen": 32, "scope": "global",
+   "valid_life_time": 4294967295, "preferred_life_time": 4294967295},
+  {"family": "inet6", "local": "fd00::5", "prefixlen": 64, "scope": "global",
+   "dynamic": true, "mngtmpaddr": true, "valid_life_time": 86000, "preferred_life_time": 14000},
+  {"family": "inet6", "local": "fd00::a1b2", "prefixlen": 64, "scope": "global",
+   "temporary": true, "dynamic": true, "valid_life_time": 600, "preferred_life_time": 300},
+  {"family": "inet6", "local": "fd00::dead", "prefixlen": 64, "scope": "global",
+   "dynamic": true, "deprecated": true, "valid_life_time": 60, "preferred_life_time": 0},
+  {"family": "inet6", "local": "fe80::1", "prefixlen": 64, "scope": "link",
+   "valid_life_time": 4294967295, "preferred_life_time": 4294967295}]}
+]"""
+
+
+def test_leased_addresses_are_the_dynamic_ones_in_use() -> None:
+    from seamless.collect.resources import leased_addresses
+
+    # not the static or virtual 10.0.2.100, a privacy, a deprecated or a link-local one
+    assert leased_addresses(IP_ADDR_JSON) == {
+        "eth0": {"10.0.2.15": (86372, 86372), "fd00::5": (86000, 14000)}}
+    assert leased_addresses("[]") == {}
 
 
 def test_uplinks_are_the_default_route_s_interfaces_and_the_network_devices(
@@ -250,17 +284,24 @@ def test_bring_up_adds_only_missing_addresses() -> None:
         commands.append(args)
         return True
 
-    wanted = [{"interface": "eth0", "address": "10.0.2.15", "prefix": 24, "gateway": "10.0.2.2"},
+    wanted = [{"interface": "eth0", "address": "10.0.2.15", "prefix": 24, "gateway": "10.0.2.2",
+               "valid_until": 4600, "preferred_until": 2800},
+              {"interface": "eth0", "address": "10.0.2.16", "prefix": 24, "gateway": "10.0.2.2"},
               {"interface": "eth0", "address": "fd00::5", "prefix": 64},
+              {"interface": "eth0", "address": "fd00::6", "prefix": 64, "valid_until": 900},
               {"interface": "eth1", "address": "172.16.0.1", "prefix": 16}]
 
-    added = bring_up_addresses(wanted, present=lambda: {"172.16.0.1"}, command=ip)
+    added = bring_up_addresses(wanted, present=lambda: {"172.16.0.1"}, command=ip, now=1000)
 
-    assert added == ["10.0.2.15/24 on eth0", "fd00::5/64 on eth0"]
+    # the lease's time left; one default route per gateway; none for a lease run out
+    assert added == ["10.0.2.15/24 on eth0", "10.0.2.16/24 on eth0", "fd00::5/64 on eth0"]
     assert commands == [
         ["link", "set", "eth0", "up"],
-        ["addr", "add", "10.0.2.15/24", "dev", "eth0"],
+        ["addr", "add", "10.0.2.15/24", "dev", "eth0", "valid_lft", "3600",
+         "preferred_lft", "1800"],
         ["route", "add", "default", "via", "10.0.2.2", "dev", "eth0"],
+        ["link", "set", "eth0", "up"],
+        ["addr", "add", "10.0.2.16/24", "dev", "eth0"],
         ["link", "set", "eth0", "up"],
         ["addr", "add", "fd00::5/64", "dev", "eth0", "nodad"],
     ]

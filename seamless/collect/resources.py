@@ -8,10 +8,12 @@ streams).  Each finding says what to do about it.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import socket
 import stat
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,6 +240,8 @@ def connection_addresses(
     interfaces: Mapping[str, Sequence[Any]] | None = None,
     gateways: Mapping[str, str] | None = None,
     uplinks: Iterable[str] | None = None,
+    leases: Mapping[str, Mapping[str, tuple[int, int]]] | None = None,
+    now: float | None = None,
 ) -> list[dict[str, Any]]:
     """The interface addresses the TCP sockets of these processes need, with each
     interface, prefix length and IPv4 default gateway, for the restore to bring up when
@@ -245,15 +249,22 @@ def connection_addresses(
 
     - an established connection's address: CRIU binds and connects it back to it;
     - a listening socket's address: CRIU binds it there;
-    - for a socket listening on every address (0.0.0.0, ::), those of the
-      ``uplinks`` (:func:`uplink_interfaces`): the restored service answers its
-      clients at once, not once the network manager has configured the interface
-      (DHCP: seconds later)."""
+    - for a socket listening on every address (0.0.0.0, ::), the leased addresses
+      (DHCP, SLAAC: see :func:`leased_addresses`) of the ``uplinks``
+      (:func:`uplink_interfaces`): the restored service answers its clients at once,
+      not once the network manager has leased them again (seconds later). Permanent
+      addresses (configured statically, or a failover's virtual address) are left to
+      the network manager: only a lease is surely this machine's again, for its time.
+
+    A leased address comes with the wall-clock time its lease ends ("valid_until",
+    "preferred_until"): the restore gives it only the time left."""
     wanted = set(pids)
     conns = psutil.net_connections("inet") if connections is None else connections
     interfaces = psutil.net_if_addrs() if interfaces is None else interfaces
     gateways = default_gateways() if gateways is None else gateways
     uplinks = uplink_interfaces(gateways) if uplinks is None else set(uplinks)
+    leases = leased_addresses() if leases is None else leases
+    now = time.time() if now is None else now
     local: set[str] = set()
     for c in conns:
         if c.pid not in wanted or not c.laddr \
@@ -261,11 +272,12 @@ def connection_addresses(
             continue
         ip = ipaddress.ip_address(c.laddr.ip.split("%")[0])
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            local.add(str(ip.ipv4_mapped))  # IPv4 on an IPv6 socket
-        elif not ip.is_unspecified:
-            local.add(c.laddr.ip)
+            ip = ip.ipv4_mapped  # IPv4 on an IPv6 socket
+        if not ip.is_unspecified:
+            local.add(str(ip) if ip.version == 4 else c.laddr.ip)
         elif c.status == psutil.CONN_LISTEN:  # ::, unless IPV6_V6ONLY, takes IPv4 too
-            local |= _uplink_addresses(interfaces, uplinks, ip.version == 6)
+            local |= {a for name in uplinks for a in leases.get(name, {})
+                      if ip.version == 6 or ":" not in a}
     local = {ip for ip in local if not ipaddress.ip_address(ip.split("%")[0]).is_loopback}
     found = []
     for name, addrs in interfaces.items():
@@ -276,8 +288,37 @@ def connection_addresses(
                                          "prefix": prefix_length(a.netmask)}
                 if a.family == socket.AF_INET and name in gateways:
                     entry["gateway"] = gateways[name]
+                if a.address in leases.get(name, {}):
+                    valid, preferred = leases[name][a.address]
+                    entry.update(valid_until=round(now + valid), preferred_until=round(
+                        now + preferred))
                 found.append(entry)
     return sorted(found, key=lambda e: (e["interface"], e["address"]))
+
+
+#: ``ip`` shows an address that never expires with this lifetime.
+FOREVER = 0xFFFFFFFF
+
+
+def leased_addresses(ip_json: str | None = None) -> dict[str, dict[str, tuple[int, int]]]:
+    """The addresses in use that a network manager leased (not permanent, with a finite
+    lifetime: DHCP, SLAAC), by interface: address -> (valid, preferred) seconds left.
+    Not privacy (temporary), deprecated or tentative ones, nor link-local ones (the
+    kernel makes those itself)."""
+    if ip_json is None:
+        try:
+            ip_json = run(["ip", "-j", "addr", "show"]).stdout.decode()
+        except (CommandError, OSError):
+            return {}
+    found: dict[str, dict[str, tuple[int, int]]] = {}
+    for link in json.loads(ip_json or "[]"):
+        for a in link.get("addr_info", []):
+            valid = int(a.get("valid_life_time", FOREVER))
+            if a.get("dynamic") and a.get("scope") == "global" and valid < FOREVER \
+                    and not any(a.get(f) for f in ("temporary", "deprecated", "tentative")):
+                found.setdefault(link["ifname"], {})[a["local"]] = (
+                    valid, min(valid, int(a.get("preferred_life_time", valid))))
+    return found
 
 
 def uplink_interfaces(gateways: Mapping[str, str],
@@ -290,20 +331,6 @@ def uplink_interfaces(gateways: Mapping[str, str],
     except OSError:
         devices = set()
     return set(gateways) | devices
-
-
-def _uplink_addresses(interfaces: Mapping[str, Sequence[Any]], uplinks: Iterable[str],
-                      ipv6: bool) -> set[str]:
-    """The IPv4 addresses (and global IPv6 ones with ``ipv6``) of the ``uplinks``
-    (IPv6 link-local addresses the kernel makes itself)."""
-    found = set()
-    for name in uplinks:
-        for a in interfaces.get(name, ()):
-            if a.family == socket.AF_INET or (
-                    ipv6 and a.family == socket.AF_INET6
-                    and not ipaddress.ip_address(a.address.split("%")[0]).is_link_local):
-                found.add(a.address)
-    return found
 
 
 def established_connections(

@@ -293,29 +293,43 @@ def recreate_fifos(fifos: list[dict[str, Any]]) -> None:
 
 def bring_up_addresses(addresses: list[dict[str, Any]],
                        present: Callable[[], set[str]] | None = None,
-                       command: Callable[[list[str]], bool] | None = None) -> list[str]:
+                       command: Callable[[list[str]], bool] | None = None,
+                       now: float | None = None) -> list[str]:
     """Put the addresses a tree's TCP sockets need (see ``connection_addresses``) on
     their interfaces when the new boot has not yet (its network is configured later):
     CRIU binds the sockets and connects the connections there, and clients reach a
     listening service at once. The network manager takes them over as it configures
-    the interface (DHCP gives the same lease back). Returns what was added."""
+    the interface (DHCP gives the same lease back). A leased address gets the time its
+    lease has left, and none whose lease has run out. Returns what was added."""
     if not addresses:
         return []
     present = present or _local_addresses
     command = command or _ip
+    now = time.time() if now is None else now
     have = present()
     added = []
+    routed: set[tuple[str, str]] = set()
     for a in addresses:
         if a["address"] in have:
             continue
         interface, address = str(a["interface"]), str(a["address"])
+        lifetime = []
+        if "valid_until" in a:
+            valid = int(a["valid_until"] - now)
+            if valid <= 0:
+                log.warning("not putting %s on %s: its lease ran out", address, interface)
+                continue
+            preferred = max(0, min(valid, int(a.get("preferred_until", now) - now)))
+            lifetime = ["valid_lft", str(valid), "preferred_lft", str(preferred)]
         command(["link", "set", interface, "up"])
         extra = ["nodad"] if ":" in address else []  # usable at once, not tentative
-        if command(["addr", "add", f"{address}/{int(a['prefix'])}", "dev", interface, *extra]):
+        if command(["addr", "add", f"{address}/{int(a['prefix'])}", "dev", interface,
+                    *extra, *lifetime]):
             added.append(f"{address}/{a['prefix']} on {interface}")
             log.info("put %s/%s on %s for the tree's sockets", address, a["prefix"],
                      interface)
-        if a.get("gateway"):
+        if a.get("gateway") and (interface, a["gateway"]) not in routed:
+            routed.add((interface, a["gateway"]))
             command(["route", "add", "default", "via", str(a["gateway"]), "dev", interface])
         have.add(address)
     return added
