@@ -747,7 +747,7 @@ def test_the_finisher_of_a_boot_restore_waits_until_run_is_in_the_real_root_for_
     env.restore(FakeRestorer())
     mark = tmp_path / "boot-handed-over"
     monkeypatch.setenv(boot.HANDED_OVER_ENV, str(mark))
-    done = threading.Thread(target=boot.finish_lazy, args=finisher.calls[0])
+    done = threading.Thread(target=boot.finish_lazy, args=finisher.calls[0], daemon=True)
     done.start()
     time.sleep(0.6)
     assert done.is_alive() and env.gen.final.exists() and env.unmounted == []
@@ -756,6 +756,23 @@ def test_the_finisher_of_a_boot_restore_waits_until_run_is_in_the_real_root_for_
     done.join(timeout=10)
     assert not done.is_alive()
     assert json.loads(reports[0].read_text())["wiped"] and not env.gen.final.exists()
+
+
+def test_a_finisher_that_never_sees_run_back_touches_nothing_there(
+    env: BootEnv, reports: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    finisher = lazy_upgrade(env, monkeypatch)
+    env.restore(FakeRestorer())
+    reports[0].unlink()
+    monkeypatch.setenv(boot.HANDED_OVER_ENV, str(tmp_path / "never-made"))
+    monkeypatch.setattr(boot, "_visible", lambda path, within=300: path.exists())
+
+    boot.finish_lazy(*finisher.calls[0])
+
+    # no wipe, no report made under the mount point; the one on disk says why
+    assert env.gen.final.exists() and not reports[0].exists()
+    assert "did not come back" in json.loads(reports[1].read_text())["error"]
 
 
 def test_a_tree_whose_memory_did_not_arrive_is_stopped_and_the_generation_kept(

@@ -97,10 +97,16 @@ def test_a_big_file_is_hashed_in_pieces_by_every_cpu_and_named_so(
 
     import xxhash
 
-    if not mapped:  # a file that cannot be mapped is read: the same digests
-        def refuse(*args: object, **kwargs: object) -> mmap.mmap:
+    maps: list[tuple[int, int]] = []
+    real_mmap = mmap.mmap
+
+    def spy(fd: int, length: int, **kwargs: int) -> mmap.mmap:
+        if not mapped:  # a file that cannot be mapped is read: the same digests
             raise OSError(19, "No such device")
-        monkeypatch.setattr(mmap, "mmap", refuse)
+        maps.append((length, kwargs["offset"]))
+        return real_mmap(fd, length, **kwargs)
+
+    monkeypatch.setattr(mmap, "mmap", spy)
 
     data = os.urandom(3 << 20) + b"tail"
     path = tmp_path / "pages-1.img"
@@ -116,6 +122,12 @@ def test_a_big_file_is_hashed_in_pieces_by_every_cpu_and_named_so(
     assert generation.digest(empty, "md5/1MiB") == hashlib.md5(hashlib.md5(b"").digest()).digest()
     both = generation.digests([path, empty, path], "md5/1MiB")
     assert both[0] == both[2] == generation.digest(path, "md5/1MiB")
+    # a range that starts inside a page: mapped from the page before
+    granule = mmap.ALLOCATIONGRANULARITY
+    assert generation._hash_range(path, "md5", granule + 100, 5000) == \
+        hashlib.md5(data[granule + 100:granule + 5100]).digest()
+    assert generation._hash_range(path, "md5", len(data) + 1, 10) == hashlib.md5().digest()
+    assert (granule + 5100 - granule, granule) in maps if mapped else maps == []
     for wrong in ("md5/64KiB", "md5/0MiB"):
         with pytest.raises(SeamlessError, match="unknown checksum algorithm"):
             generation.digest(path, wrong)

@@ -100,9 +100,9 @@ seamless_restore() {
     # Written into the initramfs's /run: the chrooted finisher sees it only once the boot
     # has moved /run into the real root (before init), not while /run is still there
     # from the restore's move.
-    if [ -d /run/seamless ]; then
-        : >/run/seamless/boot-handed-over
-    fi
+    case " $_moved " in
+    *" run "*) mkdir -p /run/seamless && : >/run/seamless/boot-handed-over ;;
+    esac
     seamless_log "restore finished with exit code $_rc"
     return $_rc
 }

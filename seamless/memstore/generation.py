@@ -9,6 +9,7 @@ The same holds for a generation in the store and for a plain images directory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import os
@@ -105,7 +106,7 @@ def _hash_range(path: Path, name: str, offset: int, length: int | None) -> bytes
                 left -= len(chunk)
             return h.digest()
         with mapped, memoryview(mapped) as view:
-            if hasattr(mapped, "madvise"):
+            with contextlib.suppress(OSError, AttributeError):  # a hint only
                 mapped.madvise(mmap.MADV_SEQUENTIAL)
             h.update(view[offset - start:])
     return h.digest()

@@ -111,9 +111,10 @@ def wipe_generation(gen: Generation) -> None:
     gen.final.rmdir()
 
 
-def write_report(report: dict[str, Any], store: Store | None) -> None:
+def write_report(report: dict[str, Any], store: Store | None, in_run: bool = True) -> None:
+    """Write the report into /run (unless ``in_run`` is false), /var/lib and the store."""
     text = json.dumps(report, indent=2)
-    targets = [REPORT_RUN, REPORT_VAR]
+    targets = [REPORT_RUN, REPORT_VAR] if in_run else [REPORT_VAR]
     if store is not None:
         targets.append(store.root / f"report-{report['generation']}.json")
     for path in targets:
@@ -304,7 +305,14 @@ def finish_lazy(report: dict[str, Any], store: Store, gen: Generation,
     # can be back before /run leaves: wait for the mark the boot script leaves in /run
     # once it has left (seamless-lib.sh); a restore by hand has none to wait for.
     handed_over = os.environ.get(HANDED_OVER_ENV)
-    _visible(Path(handed_over) if handed_over else REPORT_RUN)
+    if not _visible(Path(handed_over) if handed_over else REPORT_RUN):
+        # Not in place: nothing of it is touched (a wipe would miss it, a report would
+        # land on the root's disk under the mount point). The report on disk says so.
+        report["error"] = ("/run did not come back into the real root: the generation "
+                           "was not wiped")
+        log.error("%s", report["error"])
+        write_report(report, None, in_run=False)
+        return
     try:
         if report["ok"] and not keep:
             wipe_generation(gen)
@@ -320,10 +328,11 @@ def finish_lazy(report: dict[str, Any], store: Store, gen: Generation,
              "" if not failed else f"; {len(failed)} trees stopped: it did not all arrive")
 
 
-def _visible(path: Path, within: float = 300) -> None:
+def _visible(path: Path, within: float = 300) -> bool:
     deadline = time.monotonic() + within
     while not path.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
+    return path.exists()
 
 
 def hand_over(units: list[str]) -> None:
