@@ -18,6 +18,7 @@ from seamless.collect.checkpoint import dump_all
 from seamless.collect.criu import CriuError
 from seamless.collect.freeze import Freezer, own_cgroup
 from seamless.collect.processes import ProcessInfo, ProcessTree
+from seamless.collect.resources import Network
 from seamless.errors import ExitCode, SeamlessError
 
 from .test_checkpoint import FakeCriu
@@ -103,11 +104,21 @@ def test_a_cgroup_that_does_not_freeze_is_thawed_and_refused(tmp_path: Path) -> 
     assert (a / "cgroup.freeze").read_text() == "0" and (b / "cgroup.freeze").read_text() == "0"
 
 
-def test_dump_all_hands_each_criu_its_cgroup_and_thaws_at_the_end(tmp_path: Path) -> None:
+def test_dump_all_hands_each_criu_its_cgroup_and_thaws_at_the_end(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cg = tmp_path / "cg"
     a = make_cgroup(cg, "/system.slice/a.service", [100])
     freezer = Freezer({100: "/system.slice/a.service"}, root=cg, watchdog=False)
     seen: list[str | None] = []
+    # the sockets and addresses are read once for all trees, once they are frozen
+    reads: list[str] = []
+    network = Network([], {}, {}, set(), {}, 0.0)
+
+    def read() -> Network:
+        reads.append((a / "cgroup.freeze").read_text())
+        return network
+
+    monkeypatch.setattr(Network, "read", staticmethod(read))
 
     class Recording(FakeCriu):
         def dump(self, images_dir, options, on_notify=None):  # type: ignore[no-untyped-def]
@@ -119,6 +130,7 @@ def test_dump_all_hands_each_criu_its_cgroup_and_thaws_at_the_end(tmp_path: Path
                     tmp_path / "images", Recording(), progress=lambda _: None,
                     freezer=freezer)
     assert seen == [str(a), None]
+    assert reads == ["1"]
     # Its freeze window starts when its cgroup froze, before the first dump.
     assert held.dumps[0].cgroup_frozen_at == freezer.frozen_at is not None
     assert held.dumps[1].cgroup_frozen_at is None

@@ -45,9 +45,8 @@ from seamless.collect.freeze import Freezer, describe
 from seamless.collect.layout import TREE_INFO
 from seamless.collect.processes import ProcessTree
 from seamless.collect.resources import (
+    Network,
     UnixPeer,
-    connection_addresses,
-    established_connections,
     foreign_fifos,
     journald_streams,
     socket_dirs,
@@ -65,7 +64,11 @@ GHOST_LIMIT = 512 << 20
 DUMP_TIMEOUT = 600.0
 
 
-def tree_info(tree: ProcessTree, options: CriuOptions, order: int) -> dict[str, object]:
+def tree_info(tree: ProcessTree, options: CriuOptions, order: int,
+              network: Network | None = None) -> dict[str, object]:
+    """What the restore needs to know of a tree besides its images; ``network``: the
+    sockets and addresses read once the trees are frozen (read now without)."""
+    network = network or Network.read()
     return {
         "order": order,  # the restore goes in the same order
         "root": tree.root.pid,
@@ -77,8 +80,8 @@ def tree_info(tree: ProcessTree, options: CriuOptions, order: int) -> dict[str, 
         "external": list(options.external),
         "socket_dirs": socket_dirs(tree.pids),
         "fifos": volatile_fifos(tree.pids),
-        "addresses": connection_addresses(tree.pids),
-        "connections": established_connections(tree.pids),
+        "addresses": network.addresses(tree.pids),
+        "connections": network.established(tree.pids),
     }
 
 
@@ -249,9 +252,11 @@ def dump_all(
             return tree_dump_options(tree, sockets)
 
     try:
+        network = None
         if freezer is not None:
             freezer.freeze()
             progress(describe(freezer, trees))
+            network = Network.read()  # every tree is frozen: their sockets stay as they are
         for order, tree in enumerate(trees):
             d = TreeDump(tree, images_root / str(tree.root.pid))
             d.images_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -260,7 +265,7 @@ def dump_all(
             if freezer is not None and (cgroup := freezer.path(tree.root.pid)) is not None:
                 opts = dataclasses.replace(opts, freeze_cgroup=cgroup)
                 d.cgroup_frozen_at = freezer.frozen_at
-            info = tree_info(tree, opts, order)
+            info = tree_info(tree, opts, order, network)
             (d.images_dir / TREE_INFO).write_text(json.dumps(info, indent=2))
             _start(d, criu, opts)
             while not d._dumped.wait(0.2):

@@ -333,6 +333,35 @@ def uplink_interfaces(gateways: Mapping[str, str],
     return set(gateways) | devices
 
 
+@dataclass(frozen=True)
+class Network:
+    """The system's sockets, addresses and routes, read once for every tree's record:
+    reading the connections scans every process's descriptors, and the trees wait
+    frozen meanwhile."""
+
+    connections: Sequence[Any]
+    interfaces: Mapping[str, Sequence[Any]]
+    gateways: Mapping[str, str]
+    uplinks: set[str]
+    leases: Mapping[str, Mapping[str, tuple[int, int]]]
+    now: float
+
+    @classmethod
+    def read(cls) -> Network:
+        gateways = default_gateways()
+        return cls(psutil.net_connections("inet"), psutil.net_if_addrs(), gateways,
+                   uplink_interfaces(gateways), leased_addresses(), time.time())
+
+    def addresses(self, pids: Iterable[int]) -> list[dict[str, Any]]:
+        """:func:`connection_addresses` of these processes."""
+        return connection_addresses(pids, self.connections, self.interfaces, self.gateways,
+                                    self.uplinks, self.leases, self.now)
+
+    def established(self, pids: Iterable[int]) -> list[dict[str, Any]]:
+        """:func:`established_connections` of these processes."""
+        return established_connections(pids, self.connections)
+
+
 def established_connections(
     pids: Iterable[int], connections: Sequence[Any] | None = None,
 ) -> list[dict[str, Any]]:
