@@ -734,6 +734,16 @@ def test_a_lazy_restore_leaves_the_wipe_to_when_the_memory_is_back(
             in dict(boot.phases(final)))
 
 
+def restored_in_initramfs(env: BootEnv, monkeypatch: pytest.MonkeyPatch,
+                          mark: Path) -> tuple[Any, ...]:
+    """A lazy restore as the initramfs-tools script runs it (told of its handed-over
+    mark); what it leaves to its finisher."""
+    finisher = lazy_upgrade(env, monkeypatch)
+    env.restore(FakeRestorer())
+    monkeypatch.setenv(boot.HANDED_OVER_ENV, str(mark))
+    return finisher.calls[0]
+
+
 def test_the_finisher_of_a_boot_restore_waits_until_run_is_in_the_real_root_for_good(
     env: BootEnv, reports: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
@@ -743,11 +753,9 @@ def test_the_finisher_of_a_boot_restore_waits_until_run_is_in_the_real_root_for_
     # written before the boot script's mark shows it has come back.
     import threading
 
-    finisher = lazy_upgrade(env, monkeypatch)
-    env.restore(FakeRestorer())
     mark = tmp_path / "boot-handed-over"
-    monkeypatch.setenv(boot.HANDED_OVER_ENV, str(mark))
-    done = threading.Thread(target=boot.finish_lazy, args=finisher.calls[0], daemon=True)
+    done = threading.Thread(target=boot.finish_lazy,
+                            args=restored_in_initramfs(env, monkeypatch, mark), daemon=True)
     done.start()
     time.sleep(0.6)
     assert done.is_alive() and env.gen.final.exists() and env.unmounted == []
@@ -762,13 +770,11 @@ def test_a_finisher_that_never_sees_run_back_touches_nothing_there(
     env: BootEnv, reports: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    finisher = lazy_upgrade(env, monkeypatch)
-    env.restore(FakeRestorer())
+    finish = restored_in_initramfs(env, monkeypatch, tmp_path / "never-made")
     reports[0].unlink()
-    monkeypatch.setenv(boot.HANDED_OVER_ENV, str(tmp_path / "never-made"))
     monkeypatch.setattr(boot, "_visible", lambda path, within=300: path.exists())
 
-    boot.finish_lazy(*finisher.calls[0])
+    boot.finish_lazy(*finish)
 
     # no wipe, no report made under the mount point; the one on disk says why
     assert env.gen.final.exists() and not reports[0].exists()
