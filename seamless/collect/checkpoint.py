@@ -256,7 +256,8 @@ def dump_all(
         if freezer is not None:
             freezer.freeze()
             progress(describe(freezer, trees))
-            network = Network.read()  # every tree is frozen: their sockets stay as they are
+            if freezer.cgroups:  # their trees are frozen: their sockets stay as they are
+                network = Network.read()
         for order, tree in enumerate(trees):
             d = TreeDump(tree, images_root / str(tree.root.pid))
             d.images_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -265,7 +266,8 @@ def dump_all(
             if freezer is not None and (cgroup := freezer.path(tree.root.pid)) is not None:
                 opts = dataclasses.replace(opts, freeze_cgroup=cgroup)
                 d.cgroup_frozen_at = freezer.frozen_at
-            info = tree_info(tree, opts, order, network)
+            # a tree the cgroup freezer did not freeze is frozen by its CRIU: read its own
+            info = tree_info(tree, opts, order, network if opts.freeze_cgroup else None)
             (d.images_dir / TREE_INFO).write_text(json.dumps(info, indent=2))
             _start(d, criu, opts)
             while not d._dumped.wait(0.2):
