@@ -33,11 +33,11 @@ from seamless.run import run
 
 #: Written by the restorer (in the initramfs /run, which becomes the real root's /run)...
 REPORT_RUN = Path("/run/seamless/last-upgrade.json")
+#: ...and kept across boots when the real root is writable.
+REPORT_VAR = Path("/var/lib/seamless/last-upgrade.json")
 #: Names the file that the initramfs-tools boot script makes once /run is in the real
 #: root for good (see :func:`finish_lazy`).
 HANDED_OVER_ENV = "SEAMLESS_HANDED_OVER"
-#: ...and kept across boots when the real root is writable.
-REPORT_VAR = Path("/var/lib/seamless/last-upgrade.json")
 #: Written into the store by `seamless upgrade` just before the kexec.
 UPGRADE_RECORD = "upgrade.json"
 
