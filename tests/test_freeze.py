@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from seamless.collect import freeze
 from seamless.collect.checkpoint import dump_all
 from seamless.collect.criu import CriuError
 from seamless.collect.freeze import Freezer, own_cgroup
@@ -30,6 +31,7 @@ def make_cgroup(root: Path, path: str, pids: list[int], *, frozen: bool = True) 
     d = root / path.lstrip("/")
     d.mkdir(parents=True, exist_ok=True)
     (d / "cgroup.procs").write_text("".join(f"{p}\n" for p in pids))
+    (d / "cgroup.threads").write_text("".join(f"{p}\n" for p in pids))
     (d / "cgroup.freeze").write_text("0\n")
     (d / "cgroup.events").write_text(f"populated 1\nfrozen {int(frozen)}\n")
     return d
@@ -42,11 +44,11 @@ def make_tree(root_pid: int, cgroup: str, *children: int) -> ProcessTree:
     return ProcessTree(members[0], members)
 
 
-def fake_proc(tmp_path: Path, parents: dict[int, int]) -> Path:
+def fake_proc(tmp_path: Path, parents: dict[int, int], *, state: str = "S") -> Path:
     proc = tmp_path / "proc"
     for pid, ppid in parents.items():
-        (proc / str(pid)).mkdir(parents=True)
-        (proc / str(pid) / "stat").write_text(f"{pid} (a b) S {ppid} 0 0\n")
+        (proc / str(pid)).mkdir(parents=True, exist_ok=True)
+        (proc / str(pid) / "stat").write_text(f"{pid} (a b) {state} {ppid} 0 0\n")
     return proc
 
 
@@ -102,6 +104,46 @@ def test_a_cgroup_that_does_not_freeze_is_thawed_and_refused(tmp_path: Path) -> 
         freezer.freeze(timeout=0.2)
     assert e.value.exit_code == ExitCode.UNCHANGED and "b.service" in str(e.value)
     assert (a / "cgroup.freeze").read_text() == "0" and (b / "cgroup.freeze").read_text() == "0"
+
+
+def test_a_task_frozen_in_a_vfork_is_let_run_its_exec_then_frozen_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The shell waits in a vfork (D) for a child frozen before its exec: CRIU could never
+    # stop it. The fake kernel lets the child exec while the cgroups are thawed.
+    cg = tmp_path / "cg"
+    a = make_cgroup(cg, "/system.slice/a.service", [100, 101])
+    b = make_cgroup(cg, "/system.slice/b.service", [200])
+    proc = fake_proc(tmp_path, {100: 1, 200: 1, 101: 100})
+    fake_proc(tmp_path, {100: 1}, state="D")
+    thawed = []
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        if seconds == freeze.VFORK_PAUSE:
+            thawed.append([(d / "cgroup.freeze").read_text() for d in (a, b)])
+            fake_proc(tmp_path, {100: 1})  # the child ran its exec: the parent runs on
+        real_sleep(0)
+
+    monkeypatch.setattr(time, "sleep", sleep)
+    freezer = Freezer({100: "/system.slice/a.service", 200: "/system.slice/b.service"},
+                      root=cg, watchdog=False, proc=proc)
+    freezer.freeze()
+    assert thawed == [["0", "0"]]  # every cgroup thawed once, together
+    assert (a / "cgroup.freeze").read_text() == "1" and (b / "cgroup.freeze").read_text() == "1"
+    assert freezer.frozen_at is not None
+
+
+def test_a_task_that_stays_in_a_vfork_is_refused_and_everything_thawed(tmp_path: Path) -> None:
+    cg = tmp_path / "cg"
+    a = make_cgroup(cg, "/system.slice/a.service", [100, 101])
+    proc = fake_proc(tmp_path, {101: 100})
+    fake_proc(tmp_path, {100: 1}, state="D")
+    freezer = Freezer({100: "/system.slice/a.service"}, root=cg, watchdog=False, proc=proc)
+    with pytest.raises(SeamlessError) as e:
+        freezer.freeze(timeout=0.1)
+    assert e.value.exit_code == ExitCode.UNCHANGED and "vfork" in str(e.value)
+    assert "100" in str(e.value) and "101" not in str(e.value)
+    assert (a / "cgroup.freeze").read_text() == "0"
 
 
 def test_dump_all_hands_each_criu_its_cgroup_and_thaws_at_the_end(

@@ -28,11 +28,13 @@ from pathlib import Path
 
 from seamless.collect.processes import ProcessTree
 from seamless.errors import ExitCode, SeamlessError
-from seamless.log import log
+from seamless.log import count, log
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 #: How long the freeze of every cgroup may take before we give up and thaw.
 FREEZE_TIMEOUT = 10.0
+#: How long the cgroups are thawed to let a vfork child run its exec before the next try.
+VFORK_PAUSE = 0.02
 
 #: The watchdog: thaws the cgroups given as arguments once its stdin ends, and keeps
 #: thawing while any of their tasks is still traced (a CRIU refreezes as it lets go).
@@ -115,10 +117,11 @@ class Freezer:
     """The cgroups of the trees that have one of their own, frozen and thawed together."""
 
     def __init__(self, cgroups: dict[int, str], *, root: Path = CGROUP_ROOT,
-                 watchdog: bool = True) -> None:
+                 watchdog: bool = True, proc: Path = Path("/proc")) -> None:
         #: tree root PID -> its cgroup, relative to ``root``
         self.cgroups = cgroups
         self.root = root
+        self.proc = proc
         self.watchdog = watchdog
         self.frozen_at: float | None = None
         self._guard: subprocess.Popen[bytes] | None = None
@@ -142,7 +145,13 @@ class Freezer:
 
     def freeze(self, timeout: float = FREEZE_TIMEOUT) -> None:
         """Freeze every cgroup and wait until all are frozen; on failure thaw them all
-        and raise (nothing changed)."""
+        and raise (nothing changed).
+
+        The kernel counts a parent waiting for its vfork child to exec as frozen, in an
+        uninterruptible sleep (D), while the child is frozen before its exec. CRIU can
+        never stop such a parent: it seizes the child, and the parent waits for it until
+        the dump times out. So when a frozen cgroup holds such a task, every cgroup is
+        thawed for a moment (the child runs its exec) and frozen again."""
         paths = [self.root / c.lstrip("/") for c in self.cgroups.values()]
         if not paths:
             return
@@ -151,23 +160,45 @@ class Freezer:
                 [sys.executable, "-c", WATCHDOG, *map(str, paths)], stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL, close_fds=True)
         try:
-            for path in paths:
-                _write(path / "cgroup.freeze", "1")
-                self._frozen.append(path)
             deadline = time.monotonic() + timeout
-            while not all(_frozen(p) for p in paths):
+            while True:
+                self._freeze_once(paths, timeout)
+                waiting = {str(p): tids for p in paths if (tids := in_vfork(p, self.proc))}
+                if not waiting:
+                    break
                 if time.monotonic() > deadline:
-                    slow = [str(p) for p in paths if not _frozen(p)]
+                    which = "; ".join(f"{p}: {', '.join(map(str, t))}"
+                                      for p, t in waiting.items())
                     raise SeamlessError(
-                        f"could not freeze {', '.join(slow)} within {timeout:.0f} s",
-                        hint="a task in it may be in an uninterruptible sleep (D state): "
-                        "see its /proc/PID/stack; nothing was changed",
+                        f"could not freeze within {timeout:.0f} s: a task stays in a vfork, "
+                        f"its child not yet run ({which})",
+                        hint="the child may be stopped or stuck before its exec: see "
+                        "/proc/PID/stack of both; nothing was changed",
                         exit_code=ExitCode.UNCHANGED)
-                time.sleep(0.01)
+                log.debug("thawing for a moment: a frozen task waits in a vfork (%s)", waiting)
+                for path in paths:
+                    _write(path / "cgroup.freeze", "0")
+                time.sleep(VFORK_PAUSE)
             self.frozen_at = time.monotonic()
         except BaseException:
             self.thaw()
             raise
+
+    def _freeze_once(self, paths: list[Path], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for path in paths:
+            _write(path / "cgroup.freeze", "1")
+            if path not in self._frozen:
+                self._frozen.append(path)
+        while not all(_frozen(p) for p in paths):
+            if time.monotonic() > deadline:
+                slow = [str(p) for p in paths if not _frozen(p)]
+                raise SeamlessError(
+                    f"could not freeze {', '.join(slow)} within {timeout:.0f} s",
+                    hint="a task in it may be in an uninterruptible sleep (D state): "
+                    "see its /proc/PID/stack; nothing was changed",
+                    exit_code=ExitCode.UNCHANGED)
+            time.sleep(0.01)
 
     def thaw(self) -> None:
         """Thaw every cgroup we froze (all at once), and dismiss the watchdog."""
@@ -187,6 +218,27 @@ class Freezer:
                 log.debug("the freeze watchdog is still thawing; leaving it to finish")
 
 
+def in_vfork(path: Path, proc: Path = Path("/proc")) -> list[int]:
+    """The threads of the frozen cgroup ``path`` (and below) in an uninterruptible sleep.
+
+    A frozen cgroup holds none but the parents waiting for a vfork child: the freezer
+    counts only them frozen in that state (the kernel's ``wait_for_vfork_done``)."""
+    tids = []
+    for root, _, _ in os.walk(path):
+        try:
+            listed = (Path(root) / "cgroup.threads").read_text().split()
+        except OSError:
+            continue
+        for tid in listed:
+            try:
+                stat = (proc / tid / "stat").read_text()
+            except OSError:
+                continue  # gone
+            if stat.rsplit(")", 1)[1].split()[:1] == ["D"]:
+                tids.append(int(tid))
+    return tids
+
+
 def _write(path: Path, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
@@ -203,8 +255,9 @@ def _frozen(path: Path) -> bool:
 def describe(freezer: Freezer, trees: Sequence[ProcessTree]) -> str:
     ours = [t for t in trees if t.root.pid in freezer.cgroups]
     rest = [t for t in trees if t.root.pid not in freezer.cgroups]
-    text = f"froze {len(ours)} trees at once (their cgroups)"
+    text = f"froze {count(len(ours), 'tree')} at once (their cgroups)"
     if rest:
-        text += (f"; {len(rest)} share a cgroup with other processes and are frozen by "
-                 "CRIU as their dump starts: " + ", ".join(str(t.root.pid) for t in rest))
+        text += (f"; {count(len(rest), 'tree')} sharing a cgroup with other processes, "
+                 "frozen by CRIU as its dump starts: "
+                 + ", ".join(str(t.root.pid) for t in rest))
     return text

@@ -56,6 +56,23 @@ PIPE_PAIR = (
     "python3 -c 'import sys\nfor line in sys.stdin: open(sys.argv[1], \"w\").write(line)' \"$0\""
 )
 
+#: A shell that runs /bin/true without end: most of its time a child of its vfork.
+VFORK_SPIN = "while :; do /bin/true; done"
+
+#: posix_spawn (a vfork) of /bin/true whose child first opens the FIFO argv[1] for reading:
+#: the child waits for a writer before its exec, its parent in the vfork. argv[2]: spawns.
+SPAWN_THROUGH_FIFO = (
+    "import os, sys, time\n"
+    "n = 0\n"
+    "while True:\n"
+    "    pid = os.posix_spawn('/bin/true', ['true'], os.environ, file_actions=[\n"
+    "        (os.POSIX_SPAWN_OPEN, 0, sys.argv[1], os.O_RDONLY, 0)])\n"
+    "    os.waitpid(pid, 0)\n"
+    "    n += 1\n"
+    "    open(sys.argv[2], 'w').write(f'{n}\\n')\n"
+    "    time.sleep(0.05)\n"
+)
+
 #: An HTTP server on PORT (every address) holding a counter in memory: POST adds one,
 #: GET returns it.
 HTTP_STATE = (
