@@ -34,3 +34,8 @@ def complete_step(text: str) -> Iterator[None]:
     finally:
         _depth -= 1
     log.info("%s  %s done in %.2f s", indent, text, time.monotonic() - start)
+
+
+def count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless one: "1 tree", "3 trees"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -31,7 +31,7 @@ from seamless.errors import ExitCode, SeamlessError
 from seamless.kexec import cmdline, loader
 from seamless.kexec.cli import check_policy, prepare_initrd
 from seamless.kexec.image import KernelImage
-from seamless.log import complete_step, log
+from seamless.log import complete_step, count, log
 from seamless.memstore.generation import Generation
 from seamless.memstore.region import find_region
 from seamless.memstore.store import no_region_error, open_store
@@ -181,7 +181,8 @@ def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
-        click.echo(f"dry run: {len(manifest.trees)} trees ({manifest.total_bytes >> 20} MiB) "
+        trees = count(len(manifest.trees), "tree")
+        click.echo(f"dry run: {trees} ({manifest.total_bytes >> 20} MiB) "
                    f"checkpointed into generation {number} and verified, then thawed; "
                    f"{image.release} loaded and unloaded again. The upgrade would work.")
 

@@ -54,7 +54,7 @@ from seamless.collect.resources import (
     volatile_fifos,
 )
 from seamless.errors import ExitCode, SeamlessError
-from seamless.log import complete_step, log
+from seamless.log import complete_step, count, log
 from seamless.memstore.generation import Follower, Generation, Hashed
 from seamless.memstore.records import Manifest, TreeRecord
 
@@ -408,14 +408,14 @@ def take_checkpoint(
     try:
         if pre_dump:
             times["pre_dumping"] = time.time()
-            with complete_step(f"pre-dumping {len(trees)} trees while they run"):
+            with complete_step(f"pre-dumping {count(len(trees), 'tree')} while they run"):
                 pre_dumped = pre_dump_all(trees, root, criu, options)
             with complete_step("hashing the pre-dumped images while the trees run"):
                 ahead = images.hash_ahead()
         times["frozen"] = time.time()
         # The page images are hashed while CRIU writes them (a piece at a time).
         follower = Follower(root)
-        with complete_step(f"dumping {len(trees)} trees into {root}"), follower:
+        with complete_step(f"dumping {count(len(trees), 'tree')} into {root}"), follower:
             held = dump_all(trees, root, criu, options=options,
                             freezer=Freezer.for_trees(trees))
         times["dumped"] = time.time()

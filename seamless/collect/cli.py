@@ -16,7 +16,7 @@ from seamless.collect.plan import StoreSpace, make_plan, render
 from seamless.collect.processes import read_table
 from seamless.collect.select import CONFIG_PATH, RULE_KINDS, Selection, load_config
 from seamless.errors import ExitCode, SeamlessError
-from seamless.log import complete_step, log
+from seamless.log import complete_step, count, log
 from seamless.memstore.generation import Generation
 from seamless.memstore.store import Store, open_store
 
@@ -155,6 +155,6 @@ def checkpoint_command(includes: tuple[str, ...], excludes: tuple[str, ...], con
             click.echo(f"{d.tree.root.pid:>7}  {d.tree.root.command[:40]:<40}  "
                        f"{d.bytes_written / 2**20:8.1f} MiB  dump {d.dump_seconds or 0:.2f} s  "
                        f"frozen {d.freeze_seconds or 0:.2f} s")
-        click.echo(f"checkpoint of {len(held.dumps)} trees in {images.final}: "
+        click.echo(f"checkpoint of {count(len(held.dumps), 'tree')} in {images.final}: "
                    f"{held.total_bytes / 2**20:.1f} MiB, {result['seconds']:.1f} s")
     log.debug("checkpoint done: %s", result)

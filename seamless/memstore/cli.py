@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from seamless.errors import ExitCode, SeamlessError
-from seamless.log import complete_step
+from seamless.log import complete_step, count
 from seamless.memstore import setup
 from seamless.memstore.region import Region, find_region, memformat, memparse, parse_iomem
 from seamless.memstore.store import (
@@ -134,7 +134,8 @@ def status_command(as_json: bool) -> None:
         if "error" in g:
             click.echo(f"gen {g['number']:<5} DAMAGED: {g['error']}")
             continue
-        click.echo(f"gen {g['number']:<5} {len(g['trees'])} trees, {g['bytes'] >> 20} MiB, "
+        trees = count(len(g["trees"]), "tree")
+        click.echo(f"gen {g['number']:<5} {trees}, {g['bytes'] >> 20} MiB, "
                    f"from {g['source_release']} to {g['target_release'] or '?'}")
     if not status["generations"]:
         click.echo("no generations")

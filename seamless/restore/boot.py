@@ -23,7 +23,7 @@ import seamless
 from seamless.collect.criu import Criu
 from seamless.collect.layout import load_criu_modules
 from seamless.errors import SeamlessError
-from seamless.log import complete_step, log
+from seamless.log import complete_step, count, log
 from seamless.memstore.generation import Generation, is_page_image
 from seamless.memstore.store import Store, open_store, unmount
 from seamless.restore import adopt, lazy
@@ -210,7 +210,7 @@ def boot_restore(number: int | None, *, keep: bool = False,
         pages = PageCheck(gen, [d.name for d, info in trees_in(gen.final)
                                 if int(info["root"]) not in running and d.name not in skip])
         try:
-            with complete_step(f"restoring {len(manifest.trees) - len(running)} trees"
+            with complete_step(f"restoring {count(len(manifest.trees) - len(running), 'tree')}"
                                + (" (their memory follows while they run)" if lazy else "")):
                 restored = restore_all(gen.final, criu, skip=skip, running=running,
                                        pager=Pager.start if lazy else None, gate=pages)
@@ -325,7 +325,7 @@ def finish_lazy(report: dict[str, Any], store: Store, gen: Generation,
         write_report(report, store)
         close_store(store)
     log.info("the memory of %d lazily restored trees is back%s", len(pagers),
-             "" if not failed else f"; {len(failed)} trees stopped: it did not all arrive")
+             "" if not failed else f"; {count(len(failed), 'tree')} stopped: it did not all arrive")
 
 
 def _visible(path: Path, within: float = 300) -> bool:

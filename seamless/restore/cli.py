@@ -12,7 +12,7 @@ import click
 from seamless.collect.criu import Criu
 from seamless.collect.layout import TREE_INFO
 from seamless.errors import ExitCode, SeamlessError
-from seamless.log import complete_step
+from seamless.log import complete_step, count
 from seamless.restore import boothooks
 from seamless.restore.boot import (
     boot_restore,
@@ -113,7 +113,7 @@ def restore_command(images_dir: Path | None, number: int | None, boot: bool, kee
     failed = [t for t in trees if not t.restored]
     if failed:
         raise SeamlessError(
-            f"{len(failed)} of {len(trees)} trees were not restored", hint=hint,
+            f"{len(failed)} of {count(len(trees), 'tree')} were not restored", hint=hint,
             exit_code=ExitCode.CHANGED,
         )
 
