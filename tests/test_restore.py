@@ -177,13 +177,13 @@ eth0\t0002000A\t00000000\t0001\t0\t0\t1024\t00FFFFFF\t0\t0\t0
 """
 
 
-def test_connection_addresses_name_interface_prefix_and_gateway() -> None:
+def test_network_addresses_name_interface_prefix_and_gateway() -> None:
     import socket
     from types import SimpleNamespace as NS
 
     import psutil
 
-    from seamless.collect.resources import connection_addresses, default_gateways
+    from seamless.collect.resources import Network, default_gateways
 
     def conn(pid: int, ip: str, status: str = psutil.CONN_ESTABLISHED) -> NS:
         return NS(pid=pid, status=status, laddr=NS(ip=ip, port=22))
@@ -201,8 +201,11 @@ def test_connection_addresses_name_interface_prefix_and_gateway() -> None:
 
     # 10.0.2.15 and fd00::5 are DHCP and SLAAC leases; 192.168.9.9 is static
     leases = {"eth0": {"10.0.2.15": (3600, 1800), "fd00::5": (600, 600)}}
-    found = connection_addresses([10, 11], conns, interfaces, default_gateways(ROUTES),
-                                 uplinks=["eth0"], leases=leases, now=1000.0)
+    def network(conns: list[NS], uplinks: set[str], now: float = 1000.0) -> Network:
+        gateways = default_gateways(ROUTES) if uplinks else {}
+        return Network(conns, interfaces, gateways, uplinks, leases, now)
+
+    found = network(conns, {"eth0"}).addresses([10, 11])
 
     # a listening socket's address is in; loopback and another process's connection not;
     # a leased address says until when
@@ -219,17 +222,15 @@ def test_connection_addresses_name_interface_prefix_and_gateway() -> None:
     # the network manager configures it itself), none of another interface's; an IPv4
     # connection on an IPv6 socket is its IPv4 address, ::ffff:0.0.0.0 every IPv4 one.
     addresses = {
-        listening: [e["address"] for e in connection_addresses(
-            [12], [conn(12, listening, psutil.CONN_LISTEN)], interfaces,
-            default_gateways(ROUTES), uplinks=["eth0"], leases=leases)]
+        listening: [e["address"] for e in network(
+            [conn(12, listening, psutil.CONN_LISTEN)], {"eth0"}).addresses([12])]
         for listening in ("0.0.0.0", "::", "::ffff:172.16.0.1", "::ffff:0.0.0.0")}
     assert addresses == {"0.0.0.0": ["10.0.2.15"],
                          "::": ["10.0.2.15", "fd00::5"],
                          "::ffff:172.16.0.1": ["172.16.0.1"],
                          "::ffff:0.0.0.0": ["10.0.2.15"]}
     # listening on every address with no uplink: nothing to bring up
-    assert connection_addresses([12], [conn(12, "0.0.0.0", psutil.CONN_LISTEN)],
-                                interfaces, {}, uplinks=[], leases=leases) == []
+    assert network([conn(12, "0.0.0.0", psutil.CONN_LISTEN)], set()).addresses([12]) == []
 
 
 IP_ADDR_JSON = """[
@@ -381,7 +382,7 @@ def test_established_connections_are_recorded_as_criu_locks_them() -> None:
 
     import psutil
 
-    from seamless.collect.resources import established_connections
+    from seamless.collect.resources import Network
 
     def conn(pid: int, local: str, remote: str | None,
              status: str = psutil.CONN_ESTABLISHED) -> NS:
@@ -392,7 +393,7 @@ def test_established_connections_are_recorded_as_criu_locks_them() -> None:
              conn(10, "127.0.0.1", "127.0.0.1"), conn(10, "0.0.0.0", None, psutil.CONN_LISTEN),
              conn(99, "10.0.2.15", "10.0.2.9")]
 
-    found = established_connections([10, 11], conns)
+    found = Network(conns, {}, {}, set(), {}, 0.0).established([10, 11])
 
     assert found == [
         {"family": 4, "local": "10.0.2.15", "lport": 22, "remote": "10.0.2.2", "rport": 47306},

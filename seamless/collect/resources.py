@@ -234,68 +234,6 @@ def default_gateways(proc_net_route: str | None = None) -> dict[str, str]:
     return found
 
 
-def connection_addresses(
-    pids: Iterable[int],
-    connections: Sequence[Any] | None = None,
-    interfaces: Mapping[str, Sequence[Any]] | None = None,
-    gateways: Mapping[str, str] | None = None,
-    uplinks: Iterable[str] | None = None,
-    leases: Mapping[str, Mapping[str, tuple[int, int]]] | None = None,
-    now: float | None = None,
-) -> list[dict[str, Any]]:
-    """The interface addresses the TCP sockets of these processes need, with each
-    interface, prefix length and IPv4 default gateway, for the restore to bring up when
-    the new boot has not yet (it restores before the network is configured):
-
-    - an established connection's address: CRIU binds and connects it back to it;
-    - a listening socket's address: CRIU binds it there;
-    - for a socket listening on every address (0.0.0.0, ::), the leased addresses
-      (DHCP, SLAAC: see :func:`leased_addresses`) of the ``uplinks``
-      (:func:`uplink_interfaces`): the restored service answers its clients at once,
-      not once the network manager has leased them again (seconds later). Permanent
-      addresses (configured statically, or a failover's virtual address) are left to
-      the network manager: only a lease is surely this machine's again, for its time.
-
-    A leased address comes with the wall-clock time its lease ends ("valid_until",
-    "preferred_until"): the restore gives it only the time left."""
-    wanted = set(pids)
-    conns = psutil.net_connections("inet") if connections is None else connections
-    interfaces = psutil.net_if_addrs() if interfaces is None else interfaces
-    gateways = default_gateways() if gateways is None else gateways
-    uplinks = uplink_interfaces(gateways) if uplinks is None else set(uplinks)
-    leases = leased_addresses() if leases is None else leases
-    now = time.time() if now is None else now
-    local: set[str] = set()
-    for c in conns:
-        if c.pid not in wanted or not c.laddr \
-                or c.status not in (psutil.CONN_ESTABLISHED, psutil.CONN_LISTEN):
-            continue
-        ip = ipaddress.ip_address(c.laddr.ip.split("%")[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped  # IPv4 on an IPv6 socket
-        if not ip.is_unspecified:
-            local.add(str(ip) if ip.version == 4 else c.laddr.ip)
-        elif c.status == psutil.CONN_LISTEN:  # ::, unless IPV6_V6ONLY, takes IPv4 too
-            local |= {a for name in uplinks for a in leases.get(name, {})
-                      if ip.version == 6 or ":" not in a}
-    local = {ip for ip in local if not ipaddress.ip_address(ip.split("%")[0]).is_loopback}
-    found = []
-    for name, addrs in interfaces.items():
-        for a in addrs:
-            if a.family in (socket.AF_INET, socket.AF_INET6) and a.address in local \
-                    and a.netmask:
-                entry: dict[str, Any] = {"interface": name, "address": a.address,
-                                         "prefix": prefix_length(a.netmask)}
-                if a.family == socket.AF_INET and name in gateways:
-                    entry["gateway"] = gateways[name]
-                if a.address in leases.get(name, {}):
-                    valid, preferred = leases[name][a.address]
-                    entry.update(valid_until=round(now + valid), preferred_until=round(
-                        now + preferred))
-                found.append(entry)
-    return sorted(found, key=lambda e: (e["interface"], e["address"]))
-
-
 #: ``ip`` shows an address that never expires with this lifetime.
 FOREVER = 0xFFFFFFFF
 
@@ -353,40 +291,74 @@ class Network:
                    uplink_interfaces(gateways), leased_addresses(), time.time())
 
     def addresses(self, pids: Iterable[int]) -> list[dict[str, Any]]:
-        """:func:`connection_addresses` of these processes."""
-        return connection_addresses(pids, self.connections, self.interfaces, self.gateways,
-                                    self.uplinks, self.leases, self.now)
+        """The interface addresses the TCP sockets of these processes need, with each
+        interface, prefix length and IPv4 default gateway, for the restore to bring up when
+        the new boot has not yet (it restores before the network is configured):
+
+        - an established connection's address: CRIU binds and connects it back to it;
+        - a listening socket's address: CRIU binds it there;
+        - for a socket listening on every address (0.0.0.0, ::), the leased addresses
+          (DHCP, SLAAC: see :func:`leased_addresses`) of the uplinks
+          (:func:`uplink_interfaces`): the restored service answers its clients at once,
+          not once the network manager has leased them again (seconds later). Permanent
+          addresses (configured statically, or a failover's virtual address) are left to
+          the network manager: only a lease is surely this machine's again, for its time.
+
+        A leased address comes with the wall-clock time its lease ends ("valid_until",
+        "preferred_until"): the restore gives it only the time left."""
+        wanted = set(pids)
+        gateways, uplinks, leases = self.gateways, self.uplinks, self.leases
+        local: set[str] = set()
+        for c in self.connections:
+            if c.pid not in wanted or not c.laddr \
+                    or c.status not in (psutil.CONN_ESTABLISHED, psutil.CONN_LISTEN):
+                continue
+            ip = ipaddress.ip_address(c.laddr.ip.split("%")[0])
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+                ip = ip.ipv4_mapped  # IPv4 on an IPv6 socket
+            if not ip.is_unspecified:
+                local.add(str(ip) if ip.version == 4 else c.laddr.ip)
+            elif c.status == psutil.CONN_LISTEN:  # ::, unless IPV6_V6ONLY, takes IPv4 too
+                local |= {a for name in uplinks for a in leases.get(name, {})
+                          if ip.version == 6 or ":" not in a}
+        local = {ip for ip in local if not ipaddress.ip_address(ip.split("%")[0]).is_loopback}
+        found = []
+        for name, addrs in self.interfaces.items():
+            for a in addrs:
+                if a.family in (socket.AF_INET, socket.AF_INET6) and a.address in local \
+                        and a.netmask:
+                    entry: dict[str, Any] = {"interface": name, "address": a.address,
+                                             "prefix": prefix_length(a.netmask)}
+                    if a.family == socket.AF_INET and name in gateways:
+                        entry["gateway"] = gateways[name]
+                    if a.address in leases.get(name, {}):
+                        valid, preferred = leases[name][a.address]
+                        entry.update(valid_until=round(self.now + valid),
+                                     preferred_until=round(self.now + preferred))
+                    found.append(entry)
+        return sorted(found, key=lambda e: (e["interface"], e["address"]))
 
     def established(self, pids: Iterable[int]) -> list[dict[str, Any]]:
-        """:func:`established_connections` of these processes."""
-        return established_connections(pids, self.connections)
-
-
-def established_connections(
-    pids: Iterable[int], connections: Sequence[Any] | None = None,
-) -> list[dict[str, Any]]:
-    """The established TCP connections (not over loopback) of these processes, as
-    4-tuples: the restore in the new kernel locks them again before their addresses come
-    up, as CRIU's dump had them locked in the old one (see restore/netlock.py). An IPv4
-    connection on an IPv6 socket is given as IPv4, as CRIU locks it."""
-    wanted = set(pids)
-    conns: Sequence[Any] = (psutil.net_connections("tcp") if connections is None
-                            else connections)
-    found = []
-    for c in conns:
-        if c.pid not in wanted or c.status != psutil.CONN_ESTABLISHED or not c.raddr:
-            continue
-        local = ipaddress.ip_address(c.laddr.ip.split("%")[0])
-        remote = ipaddress.ip_address(c.raddr.ip.split("%")[0])
-        if isinstance(local, ipaddress.IPv6Address) and local.ipv4_mapped:
-            local = local.ipv4_mapped
-        if isinstance(remote, ipaddress.IPv6Address) and remote.ipv4_mapped:
-            remote = remote.ipv4_mapped
-        if local.is_loopback:
-            continue
-        found.append({"family": local.version, "local": str(local), "lport": c.laddr.port,
-                      "remote": str(remote), "rport": c.raddr.port})
-    return sorted(found, key=lambda e: (e["local"], e["lport"], e["remote"], e["rport"]))
+        """The established TCP connections (not over loopback) of these processes, as
+        4-tuples: the restore in the new kernel locks them again before their addresses come
+        up, as CRIU's dump had them locked in the old one (see restore/netlock.py). An IPv4
+        connection on an IPv6 socket is given as IPv4, as CRIU locks it."""
+        wanted = set(pids)
+        found = []
+        for c in self.connections:
+            if c.pid not in wanted or c.status != psutil.CONN_ESTABLISHED or not c.raddr:
+                continue
+            local = ipaddress.ip_address(c.laddr.ip.split("%")[0])
+            remote = ipaddress.ip_address(c.raddr.ip.split("%")[0])
+            if isinstance(local, ipaddress.IPv6Address) and local.ipv4_mapped:
+                local = local.ipv4_mapped
+            if isinstance(remote, ipaddress.IPv6Address) and remote.ipv4_mapped:
+                remote = remote.ipv4_mapped
+            if local.is_loopback:
+                continue
+            found.append({"family": local.version, "local": str(local), "lport": c.laddr.port,
+                          "remote": str(remote), "rport": c.raddr.port})
+        return sorted(found, key=lambda e: (e["local"], e["lport"], e["remote"], e["rport"]))
 
 
 def _fds(pid: int) -> Iterable[tuple[str, str]]:

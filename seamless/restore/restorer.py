@@ -295,7 +295,7 @@ def bring_up_addresses(addresses: list[dict[str, Any]],
                        present: Callable[[], set[str]] | None = None,
                        command: Callable[[list[str]], bool] | None = None,
                        now: float | None = None) -> list[str]:
-    """Put the addresses a tree's TCP sockets need (see ``connection_addresses``) on
+    """Put the addresses a tree's TCP sockets need (see ``Network.addresses``) on
     their interfaces when the new boot has not yet (its network is configured later):
     CRIU binds the sockets and connects the connections there, and clients reach a
     listening service at once. The network manager takes them over as it configures
