@@ -247,6 +247,12 @@ def test_last_report_is_the_newest(reports: tuple[Path, Path]) -> None:
     report = boot.last_report()
     assert report is not None and report["generation"] == 2
 
+    # a restore that has not finished yet (no "finished"): newer than generation 2's
+    run_report.write_text(json.dumps({"generation": 4, "finishing": True,
+                                      "times": {"restored": 400.0}}))
+    report = boot.last_report()
+    assert report is not None and report["generation"] == 4
+
 
 def seal_generation(final: Path, trees: list[dict[str, Any]], number: int = 3) -> Generation:
     """A sealed generation as `seamless upgrade` leaves it: each tree's images and
@@ -366,11 +372,19 @@ def trees_by_root(report: dict[str, Any]) -> dict[int, dict[str, Any]]:
 
 
 def test_all_restored_in_order_adopted_reported_and_wiped(
-    env: BootEnv, reports: tuple[Path, Path]
+    env: BootEnv, reports: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (env.store.root / boot.UPGRADE_RECORD).write_text(json.dumps({
         "generation": 3, "times": {"frozen": 5.0, "entering": 6.0, "restorer_started": 1.0}}))
     criu = FakeRestorer()
+    # what `seamless status` finds while the services are handed over (before the wipe)
+    early: list[dict[str, object] | None] = []
+
+    def hand_over(units: list[str]) -> None:
+        env.handed_over.append(units)
+        early.append(boot.last_report())
+
+    monkeypatch.setattr(boot, "hand_over", hand_over)
 
     report = env.restore(criu)
 
@@ -398,6 +412,10 @@ def test_all_restored_in_order_adopted_reported_and_wiped(
     assert env.unmounted == [env.store.root]
     for path in (*reports, env.store.root / "report-3.json"):
         assert json.loads(path.read_text()) == report
+    # the trees were reported running before the generation was overwritten
+    assert early and early[0] is not None and early[0]["finishing"] is True
+    assert early[0]["trees"] == report["trees"] and "wiped" not in early[0]
+    assert "finishing" not in report
 
 
 def test_a_page_image_too_short_for_criu_is_reported_as_corrupt(
@@ -581,6 +599,16 @@ def test_status_lists_trees_and_phases(reports: tuple[Path, Path]) -> None:
     assert "1.50 s" in phase["freeze and dump"]
     assert "7.50 s" in phase["kexec to the restorer"]
     assert "12.00 s" in phase["total blackout (freeze to restored)"]
+
+
+def test_status_says_a_restore_still_finishing(reports: tuple[Path, Path]) -> None:
+    reports[0].parent.mkdir(parents=True)
+    reports[0].write_text(json.dumps({**REPORT, "finishing": True}))
+
+    result = status()
+
+    assert result.exception is None, result.output
+    assert "still finishing" in result.stdout
 
 
 def test_status_json_has_phases(reports: tuple[Path, Path]) -> None:

@@ -221,6 +221,9 @@ def boot_restore(number: int | None, *, keep: bool = False,
             pages.stop()
         report.update(ok=restored.ok, trees=restored.to_json()["trees"],
                       adopted=adopt_services(restored, root))
+        # The trees run: say so at once. Handing the services to systemd and overwriting
+        # the generation take seconds, and the boot's services start meanwhile.
+        write_report({**report, "finishing": True}, store)
         if report["adopted"]:
             hand_over(report["adopted"])
         if pagers:
@@ -374,7 +377,10 @@ def last_report() -> dict[str, Any] | None:
             continue
     if not found:
         return None
-    newest: dict[str, Any] = max(found, key=lambda r: r.get("times", {}).get("finished", 0))
+    # the latest time each recorded: a report written before the restore finished has
+    # no "finished" yet, and is still newer than the last upgrade's
+    newest: dict[str, Any] = max(
+        found, key=lambda r: max(r.get("times", {}).values(), default=0))
     return newest
 
 

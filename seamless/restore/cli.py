@@ -139,6 +139,9 @@ def status_command(as_json: bool) -> None:
         report.get("stage") or "")
     if where:
         click.echo(f"restored {where}")
+    if report.get("finishing"):
+        click.echo("the restore is still finishing: the trees run; it hands their services "
+                   "to systemd and overwrites the generation")
     if report.get("error"):
         click.echo(f"error: {report['error']}")
     memory = {"arriving": "still arriving (lazy restore: the trees run meanwhile)",
