@@ -208,8 +208,29 @@ def _finish_dry_run(held: HeldTrees, gen: Generation, result: dict[str, Any]) ->
                             hint="the store may be damaged: seamless store verify")
 
 
+def _roll_back(held: HeldTrees, gen: Generation, record_path: Path) -> None:
+    """Thaw every tree (they run on in this kernel), unload the kernel, remove the
+    generation and the record that asks the new boot to restore it."""
+    held.abort()
+    loader.unload()
+    try:  # best effort: entering may have remounted the store read-only
+        wipe_generation(gen)
+        record_path.unlink(missing_ok=True)
+    except OSError as w:
+        log.warning("generation %s not removed: %s", gen.final, w)
+
+
 def _enter(held: HeldTrees, gen: Generation, record_path: Path, times: dict[str, float],
            result: dict[str, Any]) -> None:
+    loose = held.let_go()
+    if loose:  # a CRIU ended while it held its tree: the tree ran on after its dump
+        _roll_back(held, gen, record_path)
+        raise SeamlessError(
+            "CRIU let go of tree " + ", ".join(map(str, loose)) + " before the kexec: it "
+            "ran on after its dump, and its images would bring back an older state",
+            hint="nothing was changed: every tree runs on in this kernel; see CRIU's "
+            "dump.log of that tree (seamless --debug) and try again",
+            exit_code=ExitCode.UNCHANGED)
     times["entering"] = time.time()
     try:
         _write_record(record_path, {"generation": result["generation"], "times": times,
@@ -221,13 +242,7 @@ def _enter(held: HeldTrees, gen: Generation, record_path: Path, times: dict[str,
         sys.stderr.flush()
         loader.enter()
     except BaseException as e:
-        held.abort()  # thaws every tree: they run on in this kernel
-        loader.unload()
-        try:  # best effort: entering may have remounted the store read-only
-            wipe_generation(gen)
-            record_path.unlink(missing_ok=True)
-        except OSError as w:
-            log.warning("generation %s not removed: %s", gen.final, w)
+        _roll_back(held, gen, record_path)
         raise SeamlessError(f"entering {result['to']} failed: {e}",
                             hint="the processes were thawed and run on",
                             exit_code=ExitCode.CHANGED) from e

@@ -12,6 +12,8 @@ import pytest
 
 from seamless.collect.checkpoint import (
     PRE_DUMP_DIR,
+    HeldTrees,
+    TreeDump,
     dump_all,
     dump_options,
     room_to_pre_dump,
@@ -190,3 +192,22 @@ def test_no_pre_dump_without_room(tmp_path: Path) -> None:
     huge = ProcessInfo(10, 1, "app", ("app",), "root", "/system.slice/app.service", 1 << 60)
     assert not room_to_pre_dump([ProcessTree(huge, [huge])], tmp_path)
     assert room_to_pre_dump([tree(10)], tmp_path)
+
+
+def test_held_trees_say_which_their_criu_let_go_of(tmp_path: Path) -> None:
+    proc = tmp_path / "proc"
+    for pid, tracer in ((100, 700), (101, 700), (200, 0)):  # 200: its CRIU was killed
+        (proc / str(pid)).mkdir(parents=True)
+        (proc / str(pid) / "status").write_text(f"Name:\tapp\nTracerPid:\t{tracer}\n")
+    app = ProcessInfo(100, 1, "app", ("app",), "root", "", 0)
+    child = ProcessInfo(101, 100, "app", ("app",), "root", "", 0)
+    dumps = [TreeDump(ProcessTree(app, [app, child]), tmp_path / "100"),
+             TreeDump(tree(200), tmp_path / "200"),
+             TreeDump(tree(300), tmp_path / "300")]  # 300 ended while held: not loose
+    held = HeldTrees(dumps)
+    assert held.let_go(proc) == [200]
+    ended = threading.Thread(target=lambda: None)
+    ended.start()
+    ended.join()
+    dumps[0]._thread = ended  # its dump call returned: CRIU no longer holds it
+    assert held.let_go(proc) == [100, 200]

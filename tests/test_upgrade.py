@@ -95,6 +95,10 @@ class FakeLoader:
 @dataclass
 class FakeHeld:
     calls: list[str] = field(default_factory=list)
+    loose: list[int] = field(default_factory=list)
+
+    def let_go(self) -> list[int]:
+        return self.loose
 
     def release(self) -> None:
         self.calls.append("release")
@@ -374,6 +378,19 @@ def test_a_failed_kexec_thaws_the_trees_and_exits_3(world: World) -> None:
     assert world.held.calls == ["abort"]  # thawed, never released into the old kernel's exit
     assert world.loader.names() == ["load", "enter", "unload"]
     assert result.stdout == ""
+
+
+def test_a_tree_its_criu_let_go_of_stops_the_upgrade_before_the_kexec(world: World) -> None:
+    # its CRIU was killed while it held the tree: the tree ran on after its dump
+    world.held.loose = [202]
+    result = invoke(world, "--kernel", world.image, "--yes")
+
+    assert exit_status(result) == ExitCode.UNCHANGED
+    assert "CRIU let go of tree 202 before the kexec" in message(result)
+    assert world.held.calls == ["abort"]
+    assert world.loader.names() == ["load", "unload"]  # never entered
+    assert world.gen is not None and not world.gen.final.exists()
+    assert not (world.store.root / UPGRADE_RECORD).exists()
 
 
 def test_declining_unloads_and_freezes_nothing(world: World) -> None:

@@ -104,9 +104,19 @@ def test_redis_tmux_and_a_counter_survive_the_upgrade(boot_guest: BootGuest) -> 
     record("services upgrade: reboot call to agent ready in B", seconds)
 
 
-KILL_CRIU_MID_DUMP = (
-    "for i in $(seq 2400); do ls -d /run/seamless/store/generations/*.partial >/dev/null 2>&1"
-    " && break; sleep 0.05; done; sleep 0.3; pkill -KILL -x criu"
+#: Kill the CRIU of the first tree dumped, as it holds the tree (post-dump) while the next
+#: is dumped. Not a CRIU in the middle of a dump: one killed while its code is injected in
+#: a process (compel's parasite, or a syscall it makes the process run) can take that
+#: process with it, whatever seamless does after.
+KILL_A_HOLDING_CRIU = (
+    "for i in $(seq 2400); do"
+    "  for log in /run/seamless/store/generations/*.partial/*/dump.log; do"
+    "    grep -qs 'Running post-dump scripts' \"$log\" && break 2;"
+    "  done; sleep 0.05; done;"
+    "for p in $(pgrep -x criu); do"
+    "  if ls -l /proc/$p/fd 2>/dev/null | grep -qF \"$log\"; then"
+    "    kill -KILL $p && echo \"$p $log\" && exit 0;"
+    "  fi; done; exit 1"
 )
 
 
@@ -121,8 +131,10 @@ def assert_unchanged(g: qemu.Guest, redis: int, tmux: int) -> None:
 
 def test_failed_upgrades_change_nothing(boot_guest: BootGuest) -> None:
     """With redis and tmux running: a missing or invalid target kernel is refused before
-    anything is frozen (exit 1); CRIU killed in the middle of the upgrade's checkpoint
-    leaves every process running and answering, no generation and no kernel loaded."""
+    anything is frozen (exit 1); a CRIU killed in the middle of the upgrade's checkpoint,
+    while it holds its tree, stops the upgrade before the kexec (the tree ran on after
+    its dump), and leaves every process running and answering, no generation and no
+    kernel loaded."""
     g = boot_guest("A")
     g.run("seamless", "store", "format")
     redis = start_redis(g)
@@ -137,8 +149,10 @@ def test_failed_upgrades_change_nothing(boot_guest: BootGuest) -> None:
     # the trees are then dumped whole and the upgrade goes on).
     proc = g.channel.start(["seamless", "upgrade", "--kernel", B.vmlinuz, "--yes",
                             "--no-pre-dump"])
-    g.channel.run(["sh", "-c", KILL_CRIU_MID_DUMP], timeout=300, check=True)
+    kill = g.channel.run(["sh", "-c", KILL_A_HOLDING_CRIU], timeout=300)
     killed = proc.wait(timeout=600)
+    assert kill.returncode == 0, (kill.out, killed.stderr)
     assert killed.returncode == 1, killed.stderr
+    assert b"CRIU let go of tree" in killed.stderr, killed.stderr
     assert g.run("uname", "-r").strip() == A.release
     assert_unchanged(g, redis, tmux)

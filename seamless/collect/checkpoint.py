@@ -218,6 +218,25 @@ class HeldTrees:
                 exit_code=ExitCode.CHANGED,
             )
 
+    def let_go(self, proc: Path = Path("/proc")) -> list[int]:
+        """The trees no CRIU holds any more: its dump ended (it was killed, or failed
+        after the images were written), and they run on, so their images are older than
+        they are. A held process is traced by its CRIU."""
+        loose = []
+        for d in self.dumps:
+            if d._thread is not None and not d._thread.is_alive():
+                loose.append(d.tree.root.pid)
+                continue
+            for pid in d.tree.pids:
+                try:
+                    status = (proc / str(pid) / "status").read_text()
+                except OSError:
+                    continue  # ended (killed while held): nothing of it runs on
+                if "\nTracerPid:\t0\n" in status:
+                    loose.append(d.tree.root.pid)
+                    break
+        return loose
+
     @property
     def total_bytes(self) -> int:
         return sum(d.bytes_written for d in self.dumps)
