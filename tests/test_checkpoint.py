@@ -196,12 +196,15 @@ def test_no_pre_dump_without_room(tmp_path: Path) -> None:
 
 def test_held_trees_say_which_their_criu_let_go_of(tmp_path: Path) -> None:
     proc = tmp_path / "proc"
-    for pid, tracer in ((100, 700), (101, 700), (200, 0)):  # 200: its CRIU was killed
+    # 200: its CRIU was killed; 102, a child that ended unreaped, is never traced
+    for pid, state, tracer in ((100, "S", 700), (101, "t", 700), (102, "Z", 0), (200, "S", 0)):
         (proc / str(pid)).mkdir(parents=True)
-        (proc / str(pid) / "status").write_text(f"Name:\tapp\nTracerPid:\t{tracer}\n")
+        (proc / str(pid) / "status").write_text(
+            f"Name:\tapp\nState:\t{state} (x)\nTracerPid:\t{tracer}\n")
     app = ProcessInfo(100, 1, "app", ("app",), "root", "", 0)
     child = ProcessInfo(101, 100, "app", ("app",), "root", "", 0)
-    dumps = [TreeDump(ProcessTree(app, [app, child]), tmp_path / "100"),
+    zombie = ProcessInfo(102, 100, "app", ("app",), "root", "", 0)
+    dumps = [TreeDump(ProcessTree(app, [app, child, zombie]), tmp_path / "100"),
              TreeDump(tree(200), tmp_path / "200"),
              TreeDump(tree(300), tmp_path / "300")]  # 300 ended while held: not loose
     held = HeldTrees(dumps)

@@ -232,6 +232,8 @@ class HeldTrees:
                     status = (proc / str(pid) / "status").read_text()
                 except OSError:
                     continue  # ended (killed while held): nothing of it runs on
+                if "\nState:\tZ" in status or "\nState:\tX" in status:
+                    continue  # a zombie is never traced: CRIU dumps it as one
                 if "\nTracerPid:\t0\n" in status:
                     loose.append(d.tree.root.pid)
                     break
