@@ -11,9 +11,11 @@ CRIU_MODULES = ("inet_diag", "tcp_diag", "udp_diag", "raw_diag", "unix_diag", "n
 
 #: Counts in memory; writes the count to FILE and says it on stdout (the journal).
 COUNTER = (
-    "import itertools, sys, time\n"
+    "import itertools, os, sys, time\n"
     "for i in itertools.count():\n"
-    "    open(sys.argv[1], 'w').write(str(i)); print('count', i, flush=True); time.sleep(0.2)\n"
+    "    open(sys.argv[1] + '.new', 'w').write(str(i))\n"
+    "    os.replace(sys.argv[1] + '.new', sys.argv[1])\n"
+    "    print('count', i, flush=True); time.sleep(0.2)\n"
 )
 
 
