@@ -73,12 +73,13 @@ thaw()
 """
 
 
-def cgroup_pids(path: Path) -> set[int]:
-    """Every process in the cgroup ``path`` and the cgroups below it."""
+def cgroup_pids(path: Path, listing: str = "cgroup.procs") -> set[int]:
+    """Every process in the cgroup ``path`` and the cgroups below it (every thread, with
+    ``listing="cgroup.threads"``)."""
     pids: set[int] = set()
     for root, _, _ in os.walk(path):
         try:
-            pids.update(int(x) for x in (Path(root) / "cgroup.procs").read_text().split())
+            pids.update(int(x) for x in (Path(root) / listing).read_text().split())
         except (OSError, ValueError):
             continue
     return pids
@@ -224,18 +225,13 @@ def in_vfork(path: Path, proc: Path = Path("/proc")) -> list[int]:
     A frozen cgroup holds none but the parents waiting for a vfork child: the freezer
     counts only them frozen in that state (the kernel's ``wait_for_vfork_done``)."""
     tids = []
-    for root, _, _ in os.walk(path):
+    for tid in sorted(cgroup_pids(path, "cgroup.threads")):
         try:
-            listed = (Path(root) / "cgroup.threads").read_text().split()
+            stat = (proc / str(tid) / "stat").read_text()
         except OSError:
-            continue
-        for tid in listed:
-            try:
-                stat = (proc / tid / "stat").read_text()
-            except OSError:
-                continue  # gone
-            if stat.rsplit(")", 1)[1].split()[:1] == ["D"]:
-                tids.append(int(tid))
+            continue  # gone
+        if stat.rsplit(")", 1)[1].split()[:1] == ["D"]:
+            tids.append(tid)
     return tids
 
 
