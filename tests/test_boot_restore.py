@@ -97,15 +97,38 @@ def test_service_with_a_unit_file_gets_a_drop_in(tmp_path: Path) -> None:
     assert "Type=forking" in lines
     assert "PIDFile=/run/seamless/adopt/app.service.pid" in lines
     exec_start = [line for line in lines if line.startswith("ExecStart=")]
-    assert exec_start == ["ExecStart=", "ExecStart=/bin/true"]  # reset, then /bin/true
+    # reset, then /bin/true outside the unit's sandbox (the restored process has its own)
+    assert exec_start == ["ExecStart=", "ExecStart=+/bin/true"]
     for reset in ("ExecCondition=", "ExecStartPre=", "ExecStartPost="):
         assert reset in lines
+    assert "SendSIGKILL=yes" in lines  # systemd refuses SendSIGKILL=no units with processes
     pid_file = tmp_path / "run/seamless/adopt/app.service.pid"
     assert pid_file.read_text() == "4242\n"
     assert pid_file.parent.stat().st_mode & 0o077 == 0
     # The unit keeps its own file: no whole runtime unit, not added to any target.
     assert not (tmp_path / "run/systemd/system/app.service").exists()
     assert not (tmp_path / "run/systemd/system/multi-user.target.wants").exists()
+
+
+def test_the_drop_ins_serve_one_start_then_the_units_are_their_own(tmp_path: Path) -> None:
+    """Once systemd started the adopted units, seamless-adopted.service removes their
+    drop-ins and reloads: restart, reload and stop use the units' own definitions."""
+    (tmp_path / "lib/systemd/system").mkdir(parents=True)
+    for name in ("web.service", "db@main.service"):
+        (tmp_path / "lib/systemd/system" / name.replace("@main", "@")).write_text("[Service]\n")
+    dropins = [adopt.adopt("web.service", 7, root=tmp_path),
+               adopt.adopt("db@main.service", 8, root=tmp_path)]
+    assert adopt.finish_unit([], root=tmp_path) is None
+    unit = adopt.finish_unit(dropins, root=tmp_path)
+    assert unit == tmp_path / "run/systemd/system" / adopt.FINISH_UNIT
+    lines = unit.read_text().splitlines()
+    assert "After=db@main.service web.service" in lines
+    assert ("ExecStart=/bin/rm -f /run/systemd/system/web.service.d/50-seamless-adopt.conf "
+            "/run/systemd/system/db@main.service.d/50-seamless-adopt.conf") in lines
+    assert lines.index("ExecStart=/bin/systemctl daemon-reload") > lines.index(
+        next(line for line in lines if line.startswith("ExecStart=/bin/rm")))
+    link = tmp_path / "run/systemd/system/multi-user.target.wants" / adopt.FINISH_UNIT
+    assert os.readlink(link) == f"../{adopt.FINISH_UNIT}"
 
 
 def test_unit_file_found_in_etc(tmp_path: Path) -> None:
@@ -145,7 +168,7 @@ def test_adopting_twice_is_fine(tmp_path: Path) -> None:
     (tmp_path / "lib/systemd/system/app.service").write_text("[Service]\n")
     first = adopt.adopt("app.service", 10, root=tmp_path)
     second = adopt.adopt("app.service", 11, root=tmp_path)
-    assert first == second and second.read_text().count("ExecStart=/bin/true") == 1
+    assert first == second and second.read_text().count("ExecStart=+/bin/true") == 1
     assert (tmp_path / "run/seamless/adopt/app.service.pid").read_text() == "11\n"
 
 

@@ -39,15 +39,37 @@ def missing_prerequisites() -> list[str]:
     return missing
 
 
-@pytest.fixture(scope="session")
-def vm_image() -> image.Image:
+def _require_prerequisites() -> None:
     missing = missing_prerequisites()
     if missing:
         reason = "VM tests need: " + ", ".join(missing)
         if os.environ.get("CI") == "true":
             pytest.fail(reason + " (CI=true: a skipped VM test is not a pass)")
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def vm_image() -> image.Image:
+    _require_prerequisites()
     return image.build()
+
+
+@pytest.fixture(scope="session")
+def stock_image() -> image.Image:
+    """A stock Debian server: the distribution's packaged services, enabled as apt does."""
+    _require_prerequisites()
+    return image.build(stock=True)
+
+
+def _booter(img: image.Image, tmp_path_factory: pytest.TempPathFactory,
+            guests: list[qemu.Guest]) -> BootGuest:
+    def boot(kernel: str = "A", **kwargs: object) -> qemu.Guest:
+        spec = qemu.GuestSpec(image=str(img.directory), kernel=kernel, **kwargs)  # type: ignore[arg-type]
+        run_dir = tmp_path_factory.mktemp(f"guest-{kernel}")
+        guest = qemu.boot(img, spec, run_dir)
+        guests.append(guest)
+        return guest
+    return boot
 
 
 @pytest.fixture
@@ -56,15 +78,18 @@ def boot_guest(
 ) -> Iterator[BootGuest]:
     """Boot guests for one test: ``boot_guest(kernel="A", memory=..., region=...)``."""
     guests: list[qemu.Guest] = []
+    yield _booter(vm_image, tmp_path_factory, guests)
+    for guest in guests:
+        guest.stop()
 
-    def boot(kernel: str = "A", **kwargs: object) -> qemu.Guest:
-        spec = qemu.GuestSpec(image=str(vm_image.directory), kernel=kernel, **kwargs)  # type: ignore[arg-type]
-        run_dir = tmp_path_factory.mktemp(f"guest-{kernel}")
-        guest = qemu.boot(vm_image, spec, run_dir)
-        guests.append(guest)
-        return guest
 
-    yield boot
+@pytest.fixture
+def boot_stock(
+    stock_image: image.Image, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BootGuest]:
+    """Boot stock-server guests for one test (see :func:`stock_image`)."""
+    guests: list[qemu.Guest] = []
+    yield _booter(stock_image, tmp_path_factory, guests)
     for guest in guests:
         guest.stop()
 

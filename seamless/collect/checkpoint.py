@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from seamless.collect import runtime
 from seamless.collect.criu import (
     Criu,
     CriuError,
@@ -43,20 +44,23 @@ from seamless.collect.criu import (
 )
 from seamless.collect.freeze import Freezer, describe
 from seamless.collect.layout import TREE_INFO
+from seamless.collect.namespaces import own_namespace, skipped_mounts, tmpfs_bind_sources
 from seamless.collect.processes import ProcessTree
 from seamless.collect.resources import (
     Network,
     UnixPeer,
-    foreign_fifos,
+    foreign_files,
     journald_streams,
     socket_dirs,
     unix_sockets,
     volatile_fifos,
+    volatile_files,
 )
 from seamless.errors import ExitCode, SeamlessError
 from seamless.log import complete_step, count, log
 from seamless.memstore.generation import Follower, Generation, Hashed
 from seamless.memstore.records import Manifest, TreeRecord
+from seamless.memstore.store import MOUNTPOINT as STORE_MOUNTPOINT
 
 #: Deleted-but-mapped files (libraries replaced by the upgrade) travel as ghost files.
 GHOST_LIMIT = 512 << 20
@@ -65,9 +69,11 @@ DUMP_TIMEOUT = 600.0
 
 
 def tree_info(tree: ProcessTree, options: CriuOptions, order: int,
-              network: Network | None = None) -> dict[str, object]:
+              network: Network | None = None,
+              unit_paths: Sequence[str] = ()) -> dict[str, object]:
     """What the restore needs to know of a tree besides its images; ``network``: the
-    sockets and addresses read once the trees are frozen (read now without)."""
+    sockets and addresses read once the trees are frozen (read now without);
+    ``unit_paths``: the runtime files of its unit (see :func:`.runtime.unit_paths`)."""
     network = network or Network.read()
     return {
         "order": order,  # the restore goes in the same order
@@ -78,8 +84,16 @@ def tree_info(tree: ProcessTree, options: CriuOptions, order: int,
         "command": tree.root.command,
         "user": tree.root.user,
         "external": list(options.external),
+        # what the restore hands each external file instead (see foreign_files)
+        "foreign_files": {key: f for key, f in foreign_files(tree.pids).items()
+                          if key in options.external},
+        # restored with its mount namespace, from the new boot's mounts (see restorer.py)
+        "mount_namespace": options.auto_ext_mnt,
         "socket_dirs": socket_dirs(tree.pids),
         "fifos": volatile_fifos(tree.pids),
+        "runtime_files": runtime.collect(
+            [*unit_paths, *tmpfs_bind_sources(tree.root.pid), *runtime.pid_files(tree.pids)],
+            volatile_files(tree.pids)),
         "addresses": network.addresses(tree.pids),
         "connections": network.established(tree.pids),
     }
@@ -104,15 +118,24 @@ class PreDumper(Protocol):
 
 
 def dump_options(tree: ProcessTree, journald: Sequence[int] = (),
-                 foreign: Sequence[str] = ()) -> CriuOptions:
+                 foreign: Sequence[str] = (), mount_namespace: bool = False,
+                 skip_mounts: Sequence[str] = ()) -> CriuOptions:
     """How every tree is dumped: what a real host has must come along.
 
     ``journald``: inodes of the tree's stdout/stderr streams to journald, dumped
     as external sockets (the restore hands each a new stream). ``foreign``: CRIU keys
-    (``file[MNT:INODE]``) of named pipes opened in another mount namespace, dumped as
-    external files (the restore hands each a new named pipe).
+    (``file[MNT:INODE]``) of files opened in another mount namespace, dumped as
+    external files (the restore hands each a new named pipe or opens its path again).
+    ``mount_namespace``: the tree has a mount namespace of its own (a sandboxed
+    service): the mounts it copied from the host are external, bound again from the
+    new boot's same paths at restore, and ``skip_mounts`` are left out (see
+    :mod:`.namespaces`).
     """
     return CriuOptions(
+        auto_ext_mnt=mount_namespace,
+        ext_sharing=mount_namespace,
+        ext_masters=mount_namespace,
+        skip_mnt=tuple(skip_mounts),
         pid=tree.root.pid,
         ext_unix_sk=bool(journald),
         external=tuple(f"unix[{inode}]" for inode in journald) + tuple(foreign),
@@ -135,8 +158,10 @@ def dump_options(tree: ProcessTree, journald: Sequence[int] = (),
 def tree_dump_options(tree: ProcessTree, sockets: dict[int, UnixPeer]) -> CriuOptions:
     """:func:`dump_options` with what this tree holds: its journald streams (from the
     unix socket table ``sockets``) and its pipes from another mount namespace."""
+    mntns = own_namespace(tree.root.pid, "mnt")
     return dump_options(tree, journald_streams(tree.pids, sockets),
-                        tuple(foreign_fifos(tree.pids)))
+                        tuple(foreign_files(tree.pids)), mntns,
+                        skipped_mounts(tree.root.pid, [str(STORE_MOUNTPOINT)]) if mntns else ())
 
 
 @dataclass
@@ -272,6 +297,7 @@ def dump_all(
         def options(tree: ProcessTree) -> CriuOptions:
             return tree_dump_options(tree, sockets)
 
+    units = runtime.unit_paths(t.root.unit for t in trees)
     try:
         network = None
         if freezer is not None:
@@ -288,7 +314,8 @@ def dump_all(
                 opts = dataclasses.replace(opts, freeze_cgroup=cgroup)
                 d.cgroup_frozen_at = freezer.frozen_at
             # a tree the cgroup freezer did not freeze is frozen by its CRIU: read its own
-            info = tree_info(tree, opts, order, network if opts.freeze_cgroup else None)
+            info = tree_info(tree, opts, order, network if opts.freeze_cgroup else None,
+                             units.get(tree.root.unit or "", []))
             (d.images_dir / TREE_INFO).write_text(json.dumps(info, indent=2))
             _start(d, criu, opts)
             while not d._dumped.wait(0.2):

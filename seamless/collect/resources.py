@@ -21,6 +21,7 @@ from typing import Any
 
 import psutil
 
+from seamless.collect import namespaces, runtime
 from seamless.collect.layout import JOURNALD_STDOUT
 from seamless.collect.processes import ProcessInfo, ProcessTree
 from seamless.run import CommandError, run
@@ -167,9 +168,18 @@ def _fd_mount_id(pid: int, fd: str) -> int | None:
     return None
 
 
-def _path_fifos(pid: int) -> Iterator[tuple[str, os.stat_result, int | None, set[int]]]:
-    """The named pipes ``pid`` holds by path: (path, its stat, the fd's mount ID, the
-    mount IDs of the process's own namespace)."""
+def _fdinfo(pid: int, fd: str) -> dict[str, str]:
+    """The fields of /proc/PID/fdinfo/FD (pos, flags, mnt_id ...); empty when gone."""
+    try:
+        lines = Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines()
+    except OSError:
+        return {}
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines) if v}
+
+
+def _path_files(pid: int) -> Iterator[tuple[str, str, os.stat_result, int | None, set[int]]]:
+    """The files ``pid`` holds by path: (fd, path, its stat, the fd's mount ID, the mount
+    IDs of the process's own namespace)."""
     ids = _mount_ids(pid)
     for fd, target in _fds(pid):
         if not target.startswith("/"):
@@ -178,29 +188,70 @@ def _path_fifos(pid: int) -> Iterator[tuple[str, os.stat_result, int | None, set
             st = os.stat(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
+        yield fd, target, st, _fd_mount_id(pid, fd), ids
+
+
+def _path_fifos(pid: int) -> Iterator[tuple[str, os.stat_result, int | None, set[int]]]:
+    """The named pipes ``pid`` holds by path (see :func:`_path_files`)."""
+    for _, target, st, mnt, ids in _path_files(pid):
         if stat.S_ISFIFO(st.st_mode):
-            yield target, st, _fd_mount_id(pid, fd), ids
+            yield target, st, mnt, ids
+
+
+#: What a file opened in another mount namespace is, for the restore to replace it.
+FOREIGN_FIFO, FOREIGN_DEVICE, FOREIGN_FILE = "fifo", "device", "file"
+FOREIGN_KINDS = {FOREIGN_FIFO: "named pipe (logind's session pipe)",
+                 FOREIGN_DEVICE: "device (a service's stdin, /dev/null)",
+                 FOREIGN_FILE: "file"}
+
+
+def foreign_files(pids: Iterable[int]) -> dict[str, dict[str, Any]]:
+    """Files these processes hold that were opened in another mount namespace, by CRIU
+    key (``file[MNT:INODE]``): CRIU cannot find their mount and refuses to dump them.
+
+    - sshd's login sessions hold a named pipe that logind, in a namespace of its own,
+      passes pam_systemd (/run/systemd/sessions/N.ref): the restore hands it a new one;
+    - a sandboxed service (a mount namespace of its own) has the stdin (/dev/null) that
+      systemd opened in the host's before it made the service's namespace, and any file
+      of the host's it was handed: the restore opens the same path again, with the same
+      flags and, for a regular file, at the same offset.
+
+    They are dumped as external files: each record has the path, the kind
+    (:data:`FOREIGN_FIFO`, ...), the open flags and the offset."""
+    found: dict[str, dict[str, Any]] = {}
+    for pid in pids:
+        for fd, target, st, mnt, ids in _path_files(pid):
+            if mnt is None or mnt in ids:
+                continue
+            if stat.S_ISFIFO(st.st_mode):
+                kind = FOREIGN_FIFO
+            elif stat.S_ISCHR(st.st_mode):
+                kind = FOREIGN_DEVICE
+            elif stat.S_ISREG(st.st_mode):
+                kind = FOREIGN_FILE
+            else:
+                continue
+            info = _fdinfo(pid, fd)
+            try:
+                flags, pos = int(info.get("flags", "0"), 8), int(info.get("pos", "0"))
+            except ValueError:
+                flags, pos = os.O_RDONLY, 0
+            found[f"file[{mnt:x}:{st.st_ino:x}]"] = {
+                "path": target, "kind": kind, "flags": flags, "pos": pos}
+    return found
 
 
 def foreign_fifos(pids: Iterable[int]) -> dict[str, str]:
-    """Named pipes these processes hold that were opened in another mount namespace
-    (CRIU key ``file[MNT:INODE]`` -> path): CRIU cannot find their mount and refuses
-    to dump them. sshd's login sessions hold one: logind, in a namespace of its own,
-    passes pam_systemd the session pipe (/run/systemd/sessions/N.ref). They are dumped
-    as external files, and the restore hands each a new named pipe."""
-    found: dict[str, str] = {}
-    for pid in pids:
-        for target, st, mnt, ids in _path_fifos(pid):
-            if mnt is not None and mnt not in ids:
-                found[f"file[{mnt:x}:{st.st_ino:x}]"] = target
-    return found
+    """The named pipes of :func:`foreign_files`, by CRIU key -> path."""
+    return {key: f["path"] for key, f in foreign_files(pids).items()
+            if f["kind"] == FOREIGN_FIFO}
 
 
 def volatile_fifos(pids: Iterable[int],
                    table: list[tuple[str, str]] | None = None) -> list[dict[str, int | str]]:
     """The named pipes on tmpfs these processes have open, with mode and owner: the new
     boot's /run does not have them and CRIU reopens each by its path (its buffered data
-    travels in the images). Pipes from another namespace are left to foreign_fifos."""
+    travels in the images). Pipes from another namespace are left to foreign_files."""
     table = mounts() if table is None else table
     found: dict[str, dict[str, int | str]] = {}
     for pid in pids:
@@ -402,6 +453,8 @@ def inspect(
     if sockets is None:
         findings.append(Finding(0, "unix sockets", "could not list unix socket peers (ss)",
                                 "install iproute2", blocking=True))
+    for tree in trees:
+        findings += sandbox_findings(tree)
     for pid in sorted(chosen):
         fds = list(_fds(pid))
         for fd, target in fds:
@@ -428,26 +481,128 @@ def inspect(
                 pid, path, "a named pipe on tmpfs: it does not survive the kexec",
                 "made again before the restore (the data in it travels in the images)",
                 blocking=False))
-        foreign = set(foreign_fifos([pid]).values())
-        for path in sorted(foreign):
+        foreign = foreign_files([pid])
+        for f in sorted(foreign.values(), key=lambda f: str(f["path"])):
             findings.append(Finding(
-                pid, path, "a named pipe opened in another mount namespace (logind's "
-                "session pipe): CRIU cannot dump it as it is",
-                "dumped as an external file; the restore hands it a new named pipe",
+                pid, f["path"], f"a {FOREIGN_KINDS[f['kind']]} opened in another mount "
+                "namespace: CRIU cannot dump it as it is",
+                "dumped as an external file; the restore "
+                + ("hands it a new named pipe" if f["kind"] == FOREIGN_FIFO
+                   else "opens the same path again"),
                 blocking=False))
-        fifos |= foreign
+        fifos |= {f["path"] for f in foreign.values()}
         for path in sorted({t for _, t in fds if t.startswith("/")} | _mapped_files(pid)):
             if path.endswith(" (deleted)") or path.startswith(("/dev/", "/proc/", "/sys/")):
                 continue  # deleted files travel as ghost files; devices handled above
             if path in fifos:
                 continue
             if fs_type(path, table) in VOLATILE_FS:
+                if _carried(path):
+                    findings.append(Finding(
+                        pid, path, "a file on tmpfs: it does not survive the kexec and CRIU "
+                        "does not copy it into the images",
+                        "carried in the checkpoint and made again before the restore",
+                        blocking=False))
+                    continue
                 findings.append(Finding(
-                    pid, path, "a file on tmpfs: it does not survive the kexec and CRIU "
-                    "does not copy it into the images",
+                    pid, path, "a large file on tmpfs: it does not survive the kexec and "
+                    "CRIU does not copy it into the images",
                     f"move it to a disk-backed path, or exclude the process (--exclude pid:{pid})",
                     blocking=True))
     return findings
+
+
+def _drop_in(unit: str | None, setting: str) -> str:
+    if unit is None or not unit.endswith(".service"):
+        return f"run it with {setting}"
+    return (f"give the unit {setting} (systemctl edit {unit}: [Service] {setting}) and "
+            f"restart it once (systemctl restart {unit})")
+
+
+def sandbox_findings(tree: ProcessTree) -> list[Finding]:
+    """What in a tree's sandbox CRIU refuses by design, each with the remedy: once
+    applied (a drop-in, a setting, and one restart of the service), it is carried."""
+    found: list[Finding] = []
+    unit, exclude = tree.root.unit, _exclusion(tree)
+    shm = [pid for pid in tree.pids if namespaces.sysv_shm_maps(pid)]
+    if shm and not namespaces.own_namespace(tree.root.pid, "ipc"):
+        found.append(Finding(
+            shm[0], f"SysV shared memory ({len(shm)} processes map it)",
+            "a SysV shared memory segment in the host's IPC namespace: CRIU carries SysV "
+            "IPC only with an IPC namespace of the tree's own (PostgreSQL keeps one)",
+            _drop_in(unit, "PrivateIPC=yes") + f"; or {exclude}", blocking=True))
+    owned = namespaces.foreign_owned(tree.root.pid)
+    if owned:
+        found.append(Finding(
+            tree.root.pid, f"user namespace (PrivateUsers=yes) with {', '.join(owned)} "
+            "namespaces of the host's",
+            "a user namespace of its own beside namespaces the host's user namespace "
+            "owns: CRIU cannot enter them from it",
+            _drop_in(unit, "PrivateUsers=no") + f"; or {exclude}", blocking=True))
+    for pid in tree.pids:
+        size = largest_mapping(pid)
+        if size // PAGEMAP_RATIO > MAPPING_LIMIT:
+            found.append(Finding(
+                pid, f"a mapping of {size >> 30} GiB of address space",
+                f"CRIU needs {size // PAGEMAP_RATIO >> 20} MiB of memory to dump it (its "
+                "page map cache for the largest mapping), more than it can get",
+                "make the program reserve less address space (MariaDB: "
+                "innodb_buffer_pool_size_max = innodb_buffer_pool_size in its [mariadbd] "
+                f"section, then restart it); or {exclude}", blocking=True))
+            break
+    uring = [pid for pid in tree.pids if namespaces.uses_io_uring(pid)]
+    if uring:
+        found.append(Finding(
+            uring[0], "io_uring", "an io_uring instance: CRIU cannot checkpoint io_uring",
+            "configure the program not to use io_uring (MariaDB: innodb_use_native_aio=0 "
+            f"in its [mariadbd] section, then restart it); or {exclude}", blocking=True))
+    return found
+
+
+#: CRIU 3.17 allocates 8 bytes for every 4 KiB page of a tree's largest mapping, at once.
+PAGEMAP_RATIO = 512
+MAPPING_LIMIT = 1 << 30
+
+
+def largest_mapping(pid: int) -> int:
+    """The size of ``pid``'s largest mapping, in bytes (0 when it is gone)."""
+    largest = 0
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                start, _, end = line.split(" ", 1)[0].partition("-")
+                largest = max(largest, int(end, 16) - int(start, 16))
+    except (OSError, ValueError):
+        pass
+    return largest
+
+
+def _exclusion(tree: ProcessTree) -> str:
+    unit = tree.root.unit
+    how = f"--exclude unit:{unit}" if unit else f"--exclude pid:{tree.root.pid}"
+    return f"leave it out ({how}) and let systemd start it afresh after the upgrade"
+
+
+def _carried(path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size <= runtime.FILE_LIMIT
+
+
+def volatile_files(pids: Iterable[int], table: list[tuple[str, str]] | None = None) -> list[str]:
+    """The regular files on tmpfs these processes hold open or map, small enough to be
+    carried (see :mod:`.runtime`)."""
+    table = mounts() if table is None else table
+    found = set()
+    for pid in pids:
+        for path in {t for _, t in _fds(pid) if t.startswith("/")} | _mapped_files(pid):
+            if (not path.startswith(("/dev/", "/proc/", "/sys/")) or path.startswith("/dev/shm/"))\
+                    and not path.endswith(" (deleted)") \
+                    and fs_type(path, table) in VOLATILE_FS and _carried(path):
+                found.add(path)
+    return sorted(found)
 
 
 def _unix_finding(

@@ -4,15 +4,24 @@ A restored service's processes are already running, in the unit's cgroup
 (CRIU puts them back there), before systemd starts.  systemd must not start a
 second copy, and must show these processes under the unit's name.  For this
 boot only (everything goes under /run), the unit is told that its start is
-``/bin/true`` and that its main process is the one in a PID file:
+``/bin/true`` and that its main process is the one in a PID file. ``/bin/true`` runs
+with full privileges (``+``), outside the unit's sandbox: the restored process has its
+sandbox already, and a second one set up around ``/bin/true`` can fail (redis's
+``User=`` and ``ProtectSystem=strict`` made it "Permission denied"). And systemd
+refuses to start a unit with ``SendSIGKILL=no`` (MariaDB's) while its cgroup has
+processes, which the adopted unit's has: the drop-in says yes for that start.
 
 - a unit with a unit file gets a drop-in (``NAME.service.d/50-seamless-adopt.conf``)
   replacing its start commands;
 - a transient unit (``systemd-run``) has no file in the new boot: it gets a
   whole runtime unit, wanted by multi-user.target.
 
-``systemctl status NAME`` then shows the original PID, ``systemctl stop NAME``
-stops it, and after an ordinary reboot /run is empty and the unit starts as usual.
+``systemctl status NAME`` then shows the original PID. The drop-ins serve that one
+start only: once systemd has started the adopted units, ``seamless-adopted.service``
+removes them and reloads systemd, so the units' own definitions are back for
+everything after (``systemctl restart``, ``reload`` and ``stop`` do what they did
+before the upgrade; the unit's own PID file came back with its runtime files).
+After an ordinary reboot /run is empty and the units start as usual.
 """
 
 from __future__ import annotations
@@ -31,8 +40,9 @@ PIDFile=/{pid_file}
 ExecCondition=
 ExecStartPre=
 ExecStart=
-ExecStart=/bin/true
+ExecStart=+/bin/true
 ExecStartPost=
+SendSIGKILL=yes
 """
 
 RESTORED_UNIT = """\
@@ -43,6 +53,21 @@ Description={unit} (restored by seamless)
 Type=forking
 PIDFile=/{pid_file}
 ExecStart=/bin/true
+"""
+
+
+FINISH_UNIT = "seamless-adopted.service"
+
+FINISH_SERVICE = """\
+[Unit]
+Description=Give the services restored by seamless their own definitions back
+After={units}
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/rm -f {dropins}
+ExecStart=/bin/systemctl daemon-reload
 """
 
 
@@ -75,4 +100,23 @@ def adopt(unit: str, pid: int, root: Path = Path("/")) -> Path:
     link = wants / unit
     if not link.is_symlink():
         link.symlink_to(Path("..") / unit)
+    return path
+
+
+def finish_unit(dropins: list[Path], root: Path = Path("/")) -> Path | None:
+    """The runtime unit that removes the adoption drop-ins ``dropins`` (paths under
+    ``root``) once systemd has started their units, and reloads it."""
+    if not dropins:
+        return None
+    units = sorted({d.parent.name.removesuffix(".d") for d in dropins})
+    runtime = root / RUNTIME_UNITS
+    path = runtime / FINISH_UNIT
+    path.write_text(FINISH_SERVICE.format(
+        units=" ".join(units),
+        dropins=" ".join("/" + str(d.relative_to(root)) for d in dropins)))
+    wants = runtime / "multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    link = wants / FINISH_UNIT
+    if not link.is_symlink():
+        link.symlink_to(Path("..") / FINISH_UNIT)
     return path

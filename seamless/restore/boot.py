@@ -344,7 +344,9 @@ def hand_over(units: list[str]) -> None:
     if not Path("/run/systemd/system").is_dir() or os.getpid() == 1:
         return  # the initramfs: systemd reads them when it starts
     run(["systemctl", "daemon-reload"], check=False)
-    run(["systemctl", "start", "--no-block", *units], check=False)
+    finish = [adopt.FINISH_UNIT] if (Path("/") / adopt.RUNTIME_UNITS / adopt.FINISH_UNIT).exists() \
+        else []
+    run(["systemctl", "start", "--no-block", *units, *finish], check=False)
 
 
 def generation_from_cmdline(cmdline: str | None = None) -> int | None:
@@ -359,11 +361,15 @@ def generation_from_cmdline(cmdline: str | None = None) -> int | None:
 
 def adopt_services(report: RestoreReport, root: Path) -> list[str]:
     adopted = []
+    dropins = []
     for tree in report.trees:
         new = tree.restored and not tree.earlier
         if new and tree.pid and tree.unit and tree.unit.endswith(".service"):
-            adopt.adopt(tree.unit, tree.pid, root)
+            path = adopt.adopt(tree.unit, tree.pid, root)
             adopted.append(tree.unit)
+            if path.name == adopt.DROPIN:
+                dropins.append(path)
+    adopt.finish_unit(dropins, root)
     return adopted
 
 

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import psutil
 
+from seamless.collect import runtime
 from seamless.collect.criu import (
     CgroupMode,
     CriuOptions,
@@ -101,8 +102,16 @@ def null_stream() -> int:
     return os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
 
 
-def restore_options(inherit: tuple[InheritFd, ...], lazy: bool = False) -> CriuOptions:
+def restore_options(inherit: tuple[InheritFd, ...], lazy: bool = False,
+                    mount_namespace: bool = False) -> CriuOptions:
+    """``mount_namespace``: the tree has a mount namespace of its own (a sandboxed
+    service): CRIU makes it again, its root the real root (this process's, chrooted
+    there), binding each mount the dump found external from the same path."""
     return CriuOptions(
+        root="/" if mount_namespace else None,
+        auto_ext_mnt=mount_namespace,
+        ext_sharing=mount_namespace,
+        ext_masters=mount_namespace,
         lazy_pages=lazy,
         shell_job=True,
         tcp_established=True,
@@ -208,13 +217,15 @@ def _restore_tree(
             refused.append(reason)
             raise SeamlessError(reason)
     try:
+        runtime.recreate(info.get("runtime_files", []))
         recreate_dirs(info.get("socket_dirs", []))
         recreate_fifos(info.get("fifos", []))
         tree.addresses = bring_up_addresses(info.get("addresses", []))
         inherit = []
         for external in info.get("external", []):
             if external.startswith("file["):
-                fd = new_pipe(tree.root, len(fds))
+                fd = reopen_foreign(info.get("foreign_files", {}).get(external),
+                                    tree.root, len(fds))
                 fds.append(fd)
                 inherit.append(InheritFd(external, fd))
                 continue
@@ -224,7 +235,8 @@ def _restore_tree(
             inherit.append(InheritFd(f"socket:[{inode}]", fd))
         lazy = pager(images_dir) if pager is not None else None
         try:
-            result = criu.restore(images_dir, restore_options(tuple(inherit), lazy is not None),
+            result = criu.restore(images_dir, restore_options(tuple(inherit), lazy is not None,
+                                                  bool(info.get("mount_namespace"))),
                                   {"post-restore": before_it_runs} if gate is not None else None)
         except BaseException:
             if lazy is not None:
@@ -275,6 +287,21 @@ def new_pipe(root: int, n: int, directory: Path = PIPES) -> int:
     path.unlink(missing_ok=True)
     os.mkfifo(path, 0o600)
     return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+def reopen_foreign(record: dict[str, Any] | None, root: int, n: int) -> int:
+    """What a tree gets in place of a file it held from another mount namespace (see
+    ``foreign_files``): a new named pipe for a pipe (nobody else holds it; an older record
+    without a kind is one), the same path opened again with the same flags for a device
+    or a file, a regular file at the same offset."""
+    if record is None or record.get("kind", "fifo") == "fifo":
+        return new_pipe(root, n)
+    flags = int(record.get("flags", os.O_RDONLY))
+    keep = os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_SYNC | os.O_DSYNC
+    fd = os.open(str(record["path"]), (flags & keep) | os.O_NOCTTY | os.O_CLOEXEC)
+    if record.get("kind") == "file" and not flags & os.O_APPEND:
+        os.lseek(fd, int(record.get("pos", 0)), os.SEEK_SET)
+    return fd
 
 
 def recreate_fifos(fifos: list[dict[str, Any]]) -> None:

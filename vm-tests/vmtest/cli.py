@@ -32,13 +32,13 @@ def _attached(args: argparse.Namespace) -> qemu.Guest:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    img = image.build(tuple(args.extra_packages), force=args.force)
+    img = image.build(tuple(args.extra_packages), stock=args.stock, force=args.force)
     print(img.directory)
     return 0
 
 
 def cmd_boot(args: argparse.Namespace) -> int:
-    img = image.build(tuple(args.extra_packages))
+    img = image.build(tuple(args.extra_packages), stock=args.stock)
     forwards = {}
     for item in args.forward:
         guest_port, _, host_port = item.partition(":")
@@ -149,6 +149,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       rounds=args.rounds, json_path=Path(args.json) if args.json else None)
 
 
+STOCK_HELP = ("a stock server: Debian's packaged services (postgresql, mariadb, redis, "
+              "nginx, ...) installed and enabled as apt does")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vm-tests/vm", description=__doc__)
     p.add_argument("--name", default="default", help="which background guest (default: default)")
@@ -161,6 +165,7 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build the guest image, or reuse the cached one")
     b.add_argument("--extra-packages", type=packages, default=[], metavar="PKG,...",
                    help="more Debian packages to install in the guest")
+    b.add_argument("--stock", action="store_true", help=STOCK_HELP)
     b.add_argument("--force", action="store_true", help="rebuild the top layer even if cached")
     b.set_defaults(func=cmd_build)
 
@@ -173,6 +178,7 @@ def parser() -> argparse.ArgumentParser:
     bt.add_argument("--forward", action="append", default=[], metavar="GUESTPORT[:HOSTPORT]",
                     help="forward 127.0.0.1:HOSTPORT to the guest's TCP port")
     bt.add_argument("--extra-packages", type=packages, default=[], metavar="PKG,...")
+    bt.add_argument("--stock", action="store_true", help=STOCK_HELP)
     bt.set_defaults(func=cmd_boot)
 
     r = sub.add_parser("run", help="run a command in the guest (vm run -- CMD ...)")

@@ -75,6 +75,26 @@ PACKAGES: tuple[str, ...] = (
     "libpam-systemd",
 )
 
+#: A stock Debian server: the distribution's own services, their units enabled as apt
+#: enables them and started at every boot, sandboxing and all. Only the stock-server
+#: image has them (the other tests' guests would boot slower and carry them too).
+STOCK_PACKAGES: tuple[str, ...] = (
+    "postgresql",
+    "mariadb-server",
+    "redis-server",
+    "memcached",
+    "nginx",
+    "apache2",
+    "openssh-server",
+    "cron",
+    # A small daemon with DynamicUser=yes (and ProtectSystem=strict, ProtectHome) in
+    # Debian 12 and 13 alike.
+    "earlyoom",
+    # Clients the tests connect with.
+    "postgresql-client",
+    "curl",
+)
+
 #: The reserved RAM region, as ``memmap=SIZE!OFFSET``: inside the guest's RAM,
 #: above the kernel and low memory.
 DEFAULT_MEMORY = "2G"

@@ -249,8 +249,8 @@ def build_base(extra: tuple[str, ...]) -> Path:
     return base
 
 
-def _configure(root: Path, wheel: Path) -> None:
-    """Turn the base root into the test-bed guest."""
+def _configure(root: Path, wheel: Path, stock: bool) -> None:
+    """Turn the base root into the test-bed guest; ``stock``: a stock server's."""
     agent_dir = root / "usr/local/lib/seamless-vm"
     agent_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(GUEST / "agent.py", agent_dir / "agent.py")
@@ -280,13 +280,22 @@ def _configure(root: Path, wheel: Path) -> None:
     (root / "etc/seamless/seamless.toml").write_text(
         '[select]\nexclude = ["unit:seamless-vm-agent.service"]\n'
     )
-    # redis runs only when a test starts it (as a plain service: see test_services.py).
-    (root / "etc/systemd/system/multi-user.target.wants/redis-server.service").unlink(
-        missing_ok=True)
-    # So does sshd (test_ssh.py): the other tests checkpoint only their own workloads.
-    for wanted in ("multi-user.target.wants/ssh.service", "sockets.target.wants/ssh.socket",
-                   "sshd.service"):
-        (root / "etc/systemd/system" / wanted).unlink(missing_ok=True)
+    if stock:
+        # As an operator would on a server with both: apache2 keeps port 80, nginx
+        # moves to 8080. Every unit stays as its package enabled it.
+        site = root / "etc/nginx/sites-available/default"
+        site.write_text(site.read_text().replace("listen 80 default_server",
+                                                 "listen 8080 default_server")
+                        .replace("listen [::]:80 default_server",
+                                 "listen [::]:8080 default_server"))
+    else:
+        # redis runs only when a test starts it (as a plain service: see test_services.py).
+        (root / "etc/systemd/system/multi-user.target.wants/redis-server.service").unlink(
+            missing_ok=True)
+        # So does sshd (test_ssh.py): the other tests checkpoint only their own workloads.
+        for wanted in ("multi-user.target.wants/ssh.service", "sockets.target.wants/ssh.socket",
+                       "sshd.service"):
+            (root / "etc/systemd/system" / wanted).unlink(missing_ok=True)
     # The pmem drivers for the reserved region, loaded at boot.
     (root / "etc/modules-load.d/seamless-pmem.conf").write_text(
         "libnvdimm\nnd_btt\nnd_pmem\nnd_e820\n"
@@ -345,8 +354,9 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def build(extra: tuple[str, ...] = (), *, force: bool = False) -> Image:
-    """Build or reuse the image; returns it ready to boot.
+def build(extra: tuple[str, ...] = (), *, stock: bool = False, force: bool = False) -> Image:
+    """Build or reuse the image; returns it ready to boot. ``stock``: a stock server, with
+    :data:`config.STOCK_PACKAGES` installed and enabled as apt does.
 
     Holds a lock on the cache, so concurrent test runs build each layer once.
     """
@@ -355,7 +365,7 @@ def build(extra: tuple[str, ...] = (), *, force: bool = False) -> Image:
         if not _try_lock(lock):
             log.info("waiting for another build of the guest image to finish")
             fcntl.flock(lock, fcntl.LOCK_EX)
-        return _build(extra, force)
+        return _build(extra + config.STOCK_PACKAGES if stock else extra, stock, force)
 
 
 def _try_lock(lock: IO[str]) -> bool:
@@ -366,14 +376,14 @@ def _try_lock(lock: IO[str]) -> bool:
     return True
 
 
-def _build(extra: tuple[str, ...], force: bool) -> Image:
+def _build(extra: tuple[str, ...], stock: bool, force: bool) -> Image:
     with tempfile.TemporaryDirectory(prefix="seamless-wheel-") as tmp:
         with step("building the project's wheel"):
             wheel = build_wheel(Path(tmp))
         base = build_base(extra)
         guest_files = [GUEST / "agent.py", GUEST / "seamless-vm-agent.service", Path(__file__)]
         key = _digest(
-            base.name, wheel_digest(wheel), IMAGE_SIZE,
+            base.name, wheel_digest(wheel), IMAGE_SIZE, str(stock),
             *(p.read_bytes() for p in guest_files),
         )
         image = Image(config.CACHE_DIR / f"image-{key}")
@@ -389,7 +399,7 @@ def _build(extra: tuple[str, ...], force: bool) -> Image:
         try:
             with step("configuring the guest root"):
                 _run(["cp", "-a", "--reflink=auto", str(base / "root"), str(work)])
-                _configure(work, wheel)
+                _configure(work, wheel, stock)
             image.directory.mkdir(parents=True)
             for kernel in config.KERNELS.values():
                 shutil.copy(work / kernel.vmlinuz.lstrip("/"), image.vmlinuz(kernel))
@@ -410,6 +420,7 @@ def _build(extra: tuple[str, ...], force: bool) -> Image:
             "base": base.name,
             "wheel": wheel.name,
             "kernels": {k.label: k.release for k in config.KERNELS.values()},
+            "stock": stock,
             "built": time.time(),
         }, indent=2))
         _prune("image", image.directory)

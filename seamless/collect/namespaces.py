@@ -1,0 +1,190 @@
+"""The namespaces of a tree that differ from the host's, read-only: what CRIU must carry.
+
+A packaged service sandboxed by systemd (PrivateTmp=, ProtectSystem=,
+PrivateDevices=, ProtectHome=, DynamicUser= ...) runs in a mount namespace of
+its own: a copy of the host's mounts made when it started, every one a slave
+of the host's mount it was copied from, plus the mounts systemd made for it
+(a private /tmp, a /dev with a few nodes, read-only binds of /usr and /etc).
+
+CRIU dumps such a namespace whole. The mounts copied from the host are dumped
+as *external* (``auto_ext_mnt``, ``ext_sharing``, ``ext_masters``): at restore
+each is bound again from the same path of the new boot, where the new boot has
+it too. Two kinds of host mount do not come back that way, and are left out of
+the dump (``skip_mnt``): the ones that propagated into the namespace after the
+service started and that the new boot does not have when the trees are
+restored, made for someone else's use (logind's per-user runtime directories
+``/run/user/UID``, seamless's own store). The service never asked for them.
+
+Some sandboxes CRIU refuses by design (see :func:`findings`): a SysV shared
+memory segment in the host's IPC namespace, and a private user namespace
+(``PrivateUsers=yes``) beside namespaces the host's user namespace owns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Mount points, in any namespace, whose mounts are never a service's own: CRIU is told
+#: to leave them out of a service's mount namespace.
+FOREIGN_MOUNTS = ("/run/user/",)
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/PID/mountinfo."""
+
+    mount_id: int
+    parent_id: int
+    device: str  # MAJOR:MINOR
+    root: str
+    target: str
+    fstype: str
+    shared: int | None
+    master: int | None
+
+
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n") \
+        .replace("\\134", "\\")
+
+
+def mountinfo(pid: int | str = "self", proc: Path = Path("/proc")) -> list[MountEntry]:
+    """The mounts of ``pid``'s mount namespace, in mount order; empty when it is gone."""
+    try:
+        text = (proc / str(pid) / "mountinfo").read_text()
+    except OSError:
+        return []
+    entries = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 6:
+            continue
+        shared = master = None
+        for tag in fields[6:]:
+            key, _, value = tag.partition(":")
+            if key == "shared" and value.isdigit():
+                shared = int(value)
+            elif key == "master" and value.isdigit():
+                master = int(value)
+        entries.append(MountEntry(int(fields[0]), int(fields[1]), fields[2],
+                                  _unescape(fields[3]),
+                                  _unescape(fields[4]), right.split()[0] if right else "?",
+                                  shared, master))
+    return entries
+
+
+def namespace(pid: int | str, kind: str, proc: Path = Path("/proc")) -> str | None:
+    """``mnt:[4026531841]`` for ``kind`` "mnt", or None when the process is gone."""
+    try:
+        return os.readlink(proc / str(pid) / "ns" / kind)
+    except OSError:
+        return None
+
+
+def own_namespace(pid: int, kind: str, proc: Path = Path("/proc")) -> bool:
+    """Whether ``pid`` has a ``kind`` namespace other than this process's (the host's)."""
+    theirs = namespace(pid, kind, proc)
+    return theirs is not None and theirs != namespace("self", kind, proc)
+
+
+def skipped_mounts(pid: int, own: Iterable[str] = (), proc: Path = Path("/proc")) -> list[str]:
+    """The mount points of ``pid``'s own mount namespace that the dump leaves out: those
+    under :data:`FOREIGN_MOUNTS` and ``own`` (seamless's own mounts, the store)."""
+    if not own_namespace(pid, "mnt", proc):
+        return []
+    prefixes = tuple(FOREIGN_MOUNTS) + tuple(p.rstrip("/") + "/" for p in own)
+    exact = {p.rstrip("/") for p in own}
+    return sorted({m.target for m in mountinfo(pid, proc)
+                   if m.target in exact or m.target.startswith(prefixes)})
+
+
+#: ioctl(2) on a namespace file: the user namespace that owns it (linux/nsfs.h).
+NS_GET_USERNS = 0xB701
+#: The namespaces CRIU enters beside a tree's own user namespace when it dumps one.
+CRIU_ENTERS = ("uts", "ipc", "mnt", "net")
+
+
+def _owner(path: str) -> int | None:
+    """The inode of the user namespace owning the namespace at ``path``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        owner = fcntl.ioctl(fd, NS_GET_USERNS)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        return os.fstat(owner).st_ino
+    finally:
+        os.close(owner)
+
+
+def foreign_owned(pid: int, proc: Path = Path("/proc")) -> list[str]:
+    """For a process with a user namespace of its own (``PrivateUsers=yes``): its other
+    namespaces that the host's user namespace owns, which CRIU cannot enter from inside
+    the process's (it refuses: "One or more namespaces doesn't belong to the target
+    user namespace"). Empty for a process in the host's user namespace."""
+    if not own_namespace(pid, "user", proc):
+        return []
+    try:
+        user = os.stat(proc / str(pid) / "ns" / "user").st_ino
+    except OSError:
+        return []
+    return [kind for kind in CRIU_ENTERS if own_namespace(pid, kind, proc)
+            and _owner(str(proc / str(pid) / "ns" / kind)) not in (None, user)]
+
+
+def sysv_shm_maps(pid: int, proc: Path = Path("/proc")) -> int:
+    """How many SysV shared memory mappings ``pid`` has (``/SYSV...`` in its maps)."""
+    try:
+        with open(proc / str(pid) / "maps") as f:
+            return sum(1 for line in f if " /SYSV" in line)
+    except OSError:
+        return 0
+
+
+def uses_io_uring(pid: int, proc: Path = Path("/proc")) -> bool:
+    """Whether ``pid`` holds an io_uring instance (a descriptor or its rings mapped)."""
+    try:
+        for name in os.listdir(proc / str(pid) / "fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(proc / str(pid) / "fd" / name) == "anon_inode:[io_uring]":
+                    return True
+        with open(proc / str(pid) / "maps") as f:
+            return any("io_uring" in line for line in f)
+    except OSError:
+        return False
+
+
+def tmpfs_bind_sources(pid: int, proc: Path = Path("/proc")) -> list[str]:
+    """Where in the host the tmpfs binds of ``pid``'s own mount namespace come from: the
+    parts of the host's /run that systemd bound into a service's namespace (its
+    RuntimeDirectory=, /run/systemd/propagate/UNIT, the inaccessible directories of
+    ProtectHome=). The new boot's /run has none of them, and the restore binds each
+    again from its path: they are made again before it (see :mod:`.runtime`). Whole
+    mounts of the host (/run, /dev/shm) are left out: the new boot has them."""
+    if not own_namespace(pid, "mnt", proc):
+        return []
+    host = [m for m in mountinfo("self", proc) if m.fstype == "tmpfs"]
+    targets = {m.target for m in host}
+    found = set()
+    for m in mountinfo(pid, proc):
+        if m.fstype != "tmpfs":
+            continue
+        for h in host:
+            base = h.root.rstrip("/")
+            if h.device == m.device and (m.root == h.root or m.root.startswith(base + "/")):
+                path = os.path.normpath(h.target.rstrip("/") + m.root[len(base):])
+                if path not in targets and not (path + "/").startswith(FOREIGN_MOUNTS):
+                    found.add(path)
+                break
+    return sorted(found)
