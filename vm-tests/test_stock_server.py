@@ -94,10 +94,10 @@ def test_a_stock_debian_server_keeps_its_packaged_services(boot_stock: BootGuest
     _, seconds = g.switch_kernel(["seamless", "upgrade", "--kernel", B.vmlinuz, "--yes",
                                   "--no-pre-dump"])
     assert g.run("uname", "-r").strip() == B.release
-    status = json.loads(g.run("seamless", "status", "--json"))
-    assert status["ok"], status
     state = g.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
     assert state.out.strip() == "running", g.run("systemctl", "--failed")
+    status = json.loads(g.run("seamless", "status", "--json"))
+    assert status["ok"], status
     assert main_pids(g) == before
     assert_state(g)
     # The adoption drop-ins served their one start and are gone.
