@@ -20,6 +20,7 @@ _libc: Any = ctypes.CDLL(None, use_errno=True)
 # x86_64 system call numbers (arch/x86/entry/syscalls/syscall_64.tbl).
 SYS_REBOOT = 169
 SYS_KEXEC_FILE_LOAD = 320
+SYS_PIDFD_GETFD = 438
 
 # kexec_file_load(2) flags (include/uapi/linux/kexec.h).
 KEXEC_FILE_UNLOAD = 0x1
@@ -121,6 +122,20 @@ def kexec_file_load(kernel_fd: int, initrd_fd: int | None, cmdline: str, flags: 
         ctypes.c_ulong(flags),
     )
     _check(rc, "kexec_file_load", _KEXEC_ERRORS)
+
+
+def pidfd_getfd(pid: int, fd: int) -> int:
+    """A descriptor of this process for the open file ``fd`` of process ``pid`` (a
+    copy, as dup would make: the same socket, its queues and offsets)."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        rc: int = _libc.syscall(ctypes.c_long(SYS_PIDFD_GETFD), ctypes.c_int(pidfd),
+                                ctypes.c_int(fd), ctypes.c_uint(0))
+        _check(rc, f"pidfd_getfd({pid}, {fd})")
+    finally:
+        os.close(pidfd)
+    os.set_inheritable(rc, False)
+    return rc
 
 
 def kexec_unload() -> None:

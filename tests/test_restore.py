@@ -401,6 +401,26 @@ def test_established_connections_are_recorded_as_criu_locks_them() -> None:
     ]
 
 
+def test_loopback_connections_are_recorded_apart() -> None:
+    """A connection over loopback is between two trees of this machine (a client and its
+    database): recorded apart, to stay locked until both are back."""
+    from types import SimpleNamespace as NS
+
+    import psutil
+
+    from seamless.collect.resources import Network
+
+    conns = [NS(pid=10, status=psutil.CONN_ESTABLISHED, laddr=NS(ip="127.0.0.1", port=5432),
+                raddr=NS(ip="127.0.0.1", port=40000)),
+             NS(pid=10, status=psutil.CONN_ESTABLISHED, laddr=NS(ip="10.0.2.15", port=22),
+                raddr=NS(ip="10.0.2.2", port=50000))]
+    network = Network(conns, {}, {}, set(), {}, 0.0)
+    assert network.established([10], loopback=True) == [
+        {"family": 4, "local": "127.0.0.1", "lport": 5432, "remote": "127.0.0.1",
+         "rport": 40000}]
+    assert [c["local"] for c in network.established([10])] == ["10.0.2.15"]
+
+
 def test_the_lock_is_criu_s_table_with_each_connection_both_ways() -> None:
     from seamless.restore.netlock import lock_script
 
@@ -463,6 +483,96 @@ def test_connections_are_locked_before_any_address_and_unlocked_after_a_failure(
         "addresses 1", "restore 200", "unlock CRIU-200",  # failed: CRIU left it
         "addresses 0", "restore 100",
     ]
+
+
+def test_loopback_connections_stay_locked_until_every_tree_is_back(tmp_path: Path) -> None:
+    """Both ends of a connection over loopback, in two trees: one table holds it (once,
+    though both trees recorded it) from before the first restore until after the last,
+    whatever order the restore uses and even when one tree fails."""
+    server = {"family": 4, "local": "127.0.0.1", "lport": 6379, "remote": "127.0.0.1",
+              "rport": 40000}
+    client = {"family": 4, "local": "127.0.0.1", "lport": 40000, "remote": "127.0.0.1",
+              "rport": 6379}
+    for pid, order, conn in ((300, 0, server), (200, 1, client)):
+        write_tree(tmp_path, pid, order, [])
+        info_file = tmp_path / str(pid) / TREE_INFO
+        info = json.loads(info_file.read_text())
+        info["loopback"] = [conn]
+        info_file.write_text(json.dumps(info))
+    events: list[str] = []
+
+    def nft(script: str) -> None:
+        table = script.splitlines()[0].removeprefix("add table inet ")
+        elements = [line for line in script.splitlines() if "add element" in line]
+        events.append(f"lock {table} {len(elements)}" if elements else f"unlock {table}")
+
+    criu = FakeCriu(fail={"200"})
+    real_restore = criu.restore
+
+    def restore(images_dir: Path, options: CriuOptions | None = None,
+                on_notify: Mapping[str, NotifyHandler] | None = None) -> CriuResult:
+        events.append(f"restore {images_dir.name}")
+        return real_restore(images_dir, options, on_notify)
+
+    criu.restore = restore  # type: ignore[method-assign]
+    restore_all(tmp_path, criu, stream=lambda *_: os.open(os.devnull, os.O_WRONLY), nft=nft)
+    # one connection, both directions: two elements
+    assert events == ["lock seamless-loopback 2", "restore 300", "restore 200",
+                      "unlock seamless-loopback"]
+
+
+def test_trees_connected_by_a_unix_stream_are_connected_again(tmp_path: Path) -> None:
+    """An application and its database, two trees, talk over a unix stream: each end
+    was dumped as external; the restore hands the two trees the ends of one new socket
+    pair, with what each end had queued unread, in whatever order it restores them."""
+    import base64
+    import socket
+
+    from seamless.collect.resources import UnixPeer, streams_between
+
+    app, db = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        app.sendall(b"SELECT 1")  # the database has not read the query yet
+        db.sendall(b"row")  # nor the application its answer to an earlier one
+        a, d = os.fstat(app.fileno()).st_ino, os.fstat(db.fileno()).st_ino
+        me = os.getpid()
+        table = {a: UnixPeer(a, d, "*", True, (me,)), d: UnixPeer(d, a, "*", True, (4242,))}
+        found = streams_between([me], table)
+        mine = next(s for s in found if s["inode"] == a)
+        assert base64.b64decode(mine["queue"]) == b"row" and mine["peer"] == d
+        assert app.recv(16) == b"row"  # peeked, not taken
+        assert streams_between([me, 4242], table) == []  # both ends in one tree
+    finally:
+        app.close()
+        db.close()
+
+    for pid, order, inode, peer, queue in ((300, 0, 11, 22, b"row"), (200, 1, 22, 11, b"Q")):
+        write_tree(tmp_path, pid, order, [f"unix[{inode}]"])
+        info_file = tmp_path / str(pid) / TREE_INFO
+        info = json.loads(info_file.read_text())
+        info["streams"] = [{"inode": inode, "peer": peer,
+                            "queue": base64.b64encode(queue).decode()}]
+        info_file.write_text(json.dumps(info))
+    handed: dict[str, int] = {}
+
+    class Keeping(FakeCriu):
+        def restore(self, images_dir: Path, options: CriuOptions | None = None,
+                    on_notify: Mapping[str, NotifyHandler] | None = None) -> CriuResult:
+            assert options is not None and options.ext_unix_sk
+            for i in options.inherit_fd:
+                handed[i.key] = os.dup(i.fd)
+            return super().restore(images_dir, options, on_notify)
+
+    restore_all(tmp_path, Keeping(fail=set()), stream=lambda *_: os.open(os.devnull, os.O_WRONLY))
+    first = socket.socket(fileno=handed["socket:[11]"])
+    second = socket.socket(fileno=handed["socket:[22]"])
+    try:
+        assert first.recv(16) == b"row" and second.recv(16) == b"Q"
+        first.sendall(b"again")
+        assert second.recv(16) == b"again"
+    finally:
+        first.close()
+        second.close()
 
 
 def test_an_interrupted_lazy_restore_stops_what_it_started(

@@ -52,6 +52,7 @@ from seamless.collect.resources import (
     foreign_files,
     journald_streams,
     socket_dirs,
+    streams_between,
     unix_sockets,
     volatile_fifos,
     volatile_files,
@@ -70,12 +71,17 @@ DUMP_TIMEOUT = 600.0
 
 def tree_info(tree: ProcessTree, options: CriuOptions, order: int,
               network: Network | None = None,
-              unit_paths: Sequence[str] = ()) -> dict[str, object]:
+              unit_paths: Sequence[str] = (),
+              sockets: dict[int, UnixPeer] | None = None) -> dict[str, object]:
     """What the restore needs to know of a tree besides its images; ``network``: the
     sockets and addresses read once the trees are frozen (read now without);
-    ``unit_paths``: the runtime files of its unit (see :func:`.runtime.unit_paths`)."""
+    ``unit_paths``: the runtime files of its unit (see :func:`.runtime.unit_paths`);
+    ``sockets``: the unix socket table, for its stream connections to other trees."""
     network = network or Network.read()
     return {
+        # external unix sockets to other trees, connected again by the restore
+        "streams": [s for s in streams_between(tree.pids, sockets or {})
+                    if f"unix[{s['inode']}]" in options.external],
         "order": order,  # the restore goes in the same order
         "root": tree.root.pid,
         "pids": tree.pids,
@@ -96,6 +102,7 @@ def tree_info(tree: ProcessTree, options: CriuOptions, order: int,
             volatile_files(tree.pids)),
         "addresses": network.addresses(tree.pids),
         "connections": network.established(tree.pids),
+        "loopback": network.established(tree.pids, loopback=True),
     }
 
 
@@ -156,10 +163,12 @@ def dump_options(tree: ProcessTree, journald: Sequence[int] = (),
 
 
 def tree_dump_options(tree: ProcessTree, sockets: dict[int, UnixPeer]) -> CriuOptions:
-    """:func:`dump_options` with what this tree holds: its journald streams (from the
-    unix socket table ``sockets``) and its pipes from another mount namespace."""
+    """:func:`dump_options` with what this tree holds: its journald streams and its
+    stream connections to other trees (from the unix socket table ``sockets``: both are
+    external sockets), its files from another mount namespace, its mount namespace."""
     mntns = own_namespace(tree.root.pid, "mnt")
-    return dump_options(tree, journald_streams(tree.pids, sockets),
+    streams = [s["inode"] for s in streams_between(tree.pids, sockets, peek=False)]
+    return dump_options(tree, journald_streams(tree.pids, sockets) + streams,
                         tuple(foreign_files(tree.pids)), mntns,
                         skipped_mounts(tree.root.pid, [str(STORE_MOUNTPOINT)]) if mntns else ())
 
@@ -281,18 +290,21 @@ def dump_all(
     options: Callable[[ProcessTree], CriuOptions] | None = None,
     progress: Callable[[str], None] = log.info,
     freezer: Freezer | None = None,
+    sockets: dict[int, UnixPeer] | None = None,
 ) -> HeldTrees:
     """Dump every tree into ``images_root/<root pid>/`` and hold them all frozen.
 
     ``freezer``: the trees' cgroups, frozen all at once before the first dump
     (each CRIU is told its tree's cgroup), and thawed together at the end.
+    ``sockets``: the unix socket table (read now without).
     On any failure every tree is thawed before the error is raised (exit code:
     nothing changed).
     """
     dumps: list[TreeDump] = []
     held = HeldTrees(dumps, freezer)
-    if options is None:
+    if sockets is None:
         sockets = unix_sockets() or {}
+    if options is None:
 
         def options(tree: ProcessTree) -> CriuOptions:
             return tree_dump_options(tree, sockets)
@@ -315,7 +327,7 @@ def dump_all(
                 d.cgroup_frozen_at = freezer.frozen_at
             # a tree the cgroup freezer did not freeze is frozen by its CRIU: read its own
             info = tree_info(tree, opts, order, network if opts.freeze_cgroup else None,
-                             units.get(tree.root.unit or "", []))
+                             units.get(tree.root.unit or "", []), sockets)
             (d.images_dir / TREE_INFO).write_text(json.dumps(info, indent=2))
             _start(d, criu, opts)
             while not d._dumped.wait(0.2):
@@ -465,7 +477,7 @@ def take_checkpoint(
         follower = Follower(root)
         with complete_step(f"dumping {count(len(trees), 'tree')} into {root}"), follower:
             held = dump_all(trees, root, criu, options=options,
-                            freezer=Freezer.for_trees(trees))
+                            freezer=Freezer.for_trees(trees), sockets=sockets)
         times["dumped"] = time.time()
         try:
             with complete_step("sealing: checksums, manifest"):

@@ -7,6 +7,7 @@ streams).  Each finding says what to do about it.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
 import os
@@ -24,7 +25,10 @@ import psutil
 from seamless.collect import namespaces, runtime
 from seamless.collect.layout import JOURNALD_STDOUT
 from seamless.collect.processes import ProcessInfo, ProcessTree
+from seamless.errors import SeamlessError
+from seamless.log import log
 from seamless.run import CommandError, run
+from seamless.syscalls import pidfd_getfd
 
 #: Character devices CRIU restores without help.
 HARMLESS_DEVICES = re.compile(
@@ -91,6 +95,53 @@ def journald_streams(pids: Iterable[int], sockets: dict[int, UnixPeer]) -> list[
             ):
                 found.add(sock.inode)
     return sorted(found)
+
+
+#: The most of a stream's queue carried (a socket's receive buffer holds less).
+QUEUE_LIMIT = 16 << 20
+
+
+def streams_between(pids: Iterable[int], sockets: dict[int, UnixPeer], *,
+                    peek: bool = True) -> list[dict[str, Any]]:
+    """The unix stream connections of these processes (a tree) to processes of another
+    tree (an application and its database's socket): each of the tree's ends, its peer's
+    inode and the bytes queued for it, unread (read once the trees are frozen). CRIU
+    dumps each end as external; the restore connects the two trees again with a new
+    socket pair, the queued bytes in it (see restore/restorer.py)."""
+    wanted = set(pids)
+    found: list[dict[str, Any]] = []
+    for pid in sorted(wanted):
+        for fd, target in _fds(pid):
+            m = re.fullmatch(r"socket:\[(\d+)\]", target)
+            sock = sockets.get(int(m.group(1))) if m else None
+            if sock is None or not sock.stream or not sock.peer:
+                continue
+            peer = sockets.get(sock.peer)
+            if peer is None or not peer.owners or peer.path == JOURNALD_STDOUT \
+                    or any(o in wanted for o in peer.owners):
+                continue
+            if any(f["inode"] == sock.inode for f in found):
+                continue
+            queued = _peek(pid, int(fd)) if peek else b""
+            found.append({"inode": sock.inode, "peer": sock.peer,
+                          "queue": base64.b64encode(queued).decode()})
+    return found
+
+
+def _peek(pid: int, fd: int) -> bytes:
+    """What is queued on ``pid``'s socket ``fd`` for it to read, left where it is."""
+    try:
+        copy = pidfd_getfd(pid, fd)
+    except (SeamlessError, OSError) as e:
+        log.warning("could not read what is queued on socket %d of %d: %s", fd, pid, e)
+        return b""
+    sock = socket.socket(fileno=copy)
+    try:
+        return sock.recv(QUEUE_LIMIT, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return b""
+    finally:
+        sock.close()
 
 
 def mounts(path: Path = Path("/proc/self/mountinfo")) -> list[tuple[str, str]]:
@@ -389,11 +440,13 @@ class Network:
                     found.append(entry)
         return sorted(found, key=lambda e: (e["interface"], e["address"]))
 
-    def established(self, pids: Iterable[int]) -> list[dict[str, Any]]:
+    def established(self, pids: Iterable[int], *, loopback: bool = False
+                    ) -> list[dict[str, Any]]:
         """The established TCP connections (not over loopback) of these processes, as
         4-tuples: the restore in the new kernel locks them again before their addresses come
         up, as CRIU's dump had them locked in the old one (see restore/netlock.py). An IPv4
-        connection on an IPv6 socket is given as IPv4, as CRIU locks it."""
+        connection on an IPv6 socket is given as IPv4, as CRIU locks it. With ``loopback``,
+        the connections over loopback instead (locked until every tree is back)."""
         wanted = set(pids)
         found = []
         for c in self.connections:
@@ -405,7 +458,7 @@ class Network:
                 local = local.ipv4_mapped
             if isinstance(remote, ipaddress.IPv6Address) and remote.ipv4_mapped:
                 remote = remote.ipv4_mapped
-            if local.is_loopback:
+            if local.is_loopback != loopback:
                 continue
             found.append({"family": local.version, "local": str(local), "lport": c.laddr.port,
                           "remote": str(remote), "rport": c.raddr.port})
@@ -620,8 +673,8 @@ def _unix_finding(
         return Finding(
             pid, f"fd {fd} -> unix stream socket to {outside} in another tree",
             "a stream unix socket between two trees, which CRIU dumps separately",
-            "checkpoint only one of the two trees (--exclude), or run both under "
-            "one parent", blocking=True)
+            "carried: the restore connects the two trees again with a new socket pair, "
+            "with the bytes in flight", blocking=False)
     if peer.path == JOURNALD_STDOUT:
         return Finding(pid, f"fd {fd} -> journald stdout stream",
                        "a stream to journald, which is restarted rather than preserved",

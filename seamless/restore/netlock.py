@@ -33,10 +33,16 @@ def table(root: int) -> str:
     return f"inet CRIU-{root}"
 
 
-def lock_script(root: int, connections: Iterable[dict[str, Any]]) -> str:
-    """The commands that make the table, as CRIU's dump does: its chains and sets, then
-    each connection in both directions."""
-    t = table(root)
+#: The table that holds the connections between two trees over loopback until every
+#: tree is back (CRIU deletes each tree's own table as soon as that tree is restored).
+LOOPBACK = "inet seamless-loopback"
+
+
+def lock_script(root: int, connections: Iterable[dict[str, Any]],
+                name: str | None = None) -> str:
+    """The commands that make the table (``name``, default CRIU's for the tree ``root``),
+    as CRIU's dump does: its chains and sets, then each connection in both directions."""
+    t = name or table(root)
     lines = [f"add table {t}", f"delete table {t}", f"add table {t}"]
     for hook in ("output", "input"):
         lines += [f"add chain {t} {hook} {{ type filter hook {hook} priority 0; }}",
@@ -107,3 +113,28 @@ def libnftables(script: str) -> None:
             raise SeamlessError(f"nft: {error.strip() or 'failed'}")
     finally:
         lib.nft_ctx_free(ctx)
+
+
+def lock_loopback(connections: list[dict[str, Any]], nft: Runner | None = None) -> bool:
+    """Lock the connections over loopback of every tree until all are restored: the two
+    ends of one are in two trees, and the end restored first must not see a reset from
+    the kernel while the other is not back yet (a client's keep-alive connection to a
+    service). True when locked; a lock that cannot be made is logged, not raised."""
+    if not connections:
+        return False
+    unique = {tuple(sorted([(c["local"], c["lport"]), (c["remote"], c["rport"])])): c
+              for c in connections}
+    try:
+        (nft or libnftables)(lock_script(0, unique.values(), LOOPBACK))
+    except SeamlessError as e:
+        log.warning("the connections over loopback are not locked: %s", e)
+        return False
+    log.info("locked %d connections over loopback until every tree is back", len(unique))
+    return True
+
+
+def unlock_loopback(nft: Runner | None = None) -> None:
+    try:
+        (nft or libnftables)(f"add table {LOOPBACK}\ndelete table {LOOPBACK}\n")
+    except SeamlessError as e:
+        log.warning("the lock of the connections over loopback stays: %s", e)

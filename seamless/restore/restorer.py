@@ -7,6 +7,7 @@ others; the report says which failed and why.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -169,6 +170,9 @@ def restore_all(
     # Before any tree's address comes up: every connection to restore is locked again.
     locked = {int(i["root"]) for _, i in todo
               if netlock.lock(int(i["root"]), i.get("connections", []), nft)}
+    # ... and those over loopback, between two trees, until every tree is back.
+    loopback = netlock.lock_loopback([c for _, i in todo for c in i.get("loopback", [])], nft)
+    streams = connect_streams([i for _, i in todo])
     try:
         for images_dir, info in trees:
             tree = TreeRestore(int(info["root"]), info.get("unit"), str(info.get("command", "")),
@@ -184,7 +188,7 @@ def restore_all(
                 continue
             try:
                 _restore_tree(images_dir, info, tree, criu, report, stream, pager, progress,
-                              gate)
+                              gate, streams)
             finally:
                 if tree.root in locked:  # CRIU unlocks after a restore; not after a failure
                     netlock.unlock(tree.root, nft)
@@ -197,6 +201,11 @@ def restore_all(
         for root in locked:
             netlock.unlock(root, nft)
         raise
+    finally:
+        if loopback:
+            netlock.unlock_loopback(nft)
+        for fd in streams.values():  # an end whose tree was not restored
+            os.close(fd)
     report.seconds = time.monotonic() - start
     return report
 
@@ -206,8 +215,11 @@ def _restore_tree(
     report: RestoreReport, stream: Callable[[str, str | None], int] | None,
     pager: Callable[[Path], Pager] | None, progress: Callable[[str], None],
     gate: Callable[[str], str | None] | None = None,
+    streams: dict[int, int] | None = None,
 ) -> None:
-    """Restore one tree (see :func:`restore_all`); a failure is recorded in ``tree``."""
+    """Restore one tree (see :func:`restore_all`); a failure is recorded in ``tree``.
+    ``streams``: the ends of the stream connections between trees, by the inode each
+    replaces (see :func:`connect_streams`); this tree's are taken out."""
     fds: list[int] = []
     refused: list[str] = []
 
@@ -230,7 +242,8 @@ def _restore_tree(
                 inherit.append(InheritFd(external, fd))
                 continue
             inode = external.removeprefix("unix[").removesuffix("]")
-            fd = _open_stream(stream, tree)
+            end = streams.pop(int(inode), None) if streams and inode.isdigit() else None
+            fd = end if end is not None else _open_stream(stream, tree)
             fds.append(fd)
             inherit.append(InheritFd(f"socket:[{inode}]", fd))
         lazy = pager(images_dir) if pager is not None else None
@@ -259,6 +272,44 @@ def _restore_tree(
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def connect_streams(infos: list[dict[str, Any]]) -> dict[int, int]:
+    """A new socket pair for each unix stream connection between two trees (recorded as
+    ``streams`` by the checkpoint), each end by the inode of the socket it replaces, with
+    the bytes each end had queued, unread, queued in it again. An end whose peer is not in
+    ``infos`` (its tree is not restored) gets a pair whose other end is closed: it reads
+    the end of the stream, as when a peer goes away."""
+    ends = {int(s["inode"]): s for info in infos for s in info.get("streams", [])}
+    fds: dict[int, int] = {}
+    for inode, end in ends.items():
+        if inode in fds:
+            continue
+        peer = ends.get(int(end["peer"]))
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            for sender, queue in ((theirs, end.get("queue")),
+                                  (mine, peer.get("queue") if peer else None)):
+                data = base64.b64decode(queue or "")
+                if data:
+                    sender.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(data) + (1 << 16))
+                    sender.sendall(data)
+        except OSError:
+            mine.close()
+            theirs.close()
+            raise
+        fds[inode] = mine.detach()
+        if peer is not None:
+            fds[int(end["peer"])] = theirs.detach()
+        else:
+            theirs.close()
+    if ends:
+        log.info("connected %d unix stream connections between trees again", len(ends) // 2)
+    return fds
+
+
+#: setsockopt(2): a send buffer larger than the limit, for root (asm-generic/socket.h).
+SO_SNDBUFFORCE = 32
 
 
 def recreate_dirs(dirs: list[dict[str, Any]]) -> None:
