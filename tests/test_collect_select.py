@@ -167,3 +167,35 @@ def test_unix_stream_peers_same_tree_other_tree_outside_and_journald() -> None:
     journald = finding(40)
     assert journald is not None and not journald.blocking
     assert finding(50) is None  # datagram sockets are not half connections
+
+
+def test_files_replaced_on_disk_are_shown_and_carried(tmp_path: Path) -> None:
+    """A library an `apt full-upgrade` replaced is mapped deleted: the plan shows it,
+    carried as a ghost file (not blocking); one larger than the images carry blocks."""
+    import mmap
+
+    from seamless.collect import resources
+    from seamless.collect.processes import ProcessInfo, ProcessTree
+
+    lib = tmp_path / "libold.so"
+    lib.write_bytes(b"\x7fELF" + bytes(8188))
+    held = open(lib, "rb")  # noqa: SIM115
+    mapped = mmap.mmap(held.fileno(), 0, prot=mmap.PROT_READ)
+    lib.unlink()
+    try:
+        me = ProcessInfo(os.getpid(), 1, "app", ("app",), "root", "/system.slice/a.service", 1)
+        # (pytest holds deleted files of its own: its output captures)
+        assert resources.replaced_files([os.getpid()])[str(lib)] == 8192
+        [finding] = resources.replaced_files_findings(ProcessTree(me, [me]))
+        assert not finding.blocking and "files replaced" in finding.resource
+        assert "ghost" in finding.hint
+        original = resources.GHOST_LIMIT
+        try:
+            resources.GHOST_LIMIT = 4096
+            [large] = resources.replaced_files_findings(ProcessTree(me, [me]))
+            assert large.blocking and large.resource == f"{lib} (deleted)"
+        finally:
+            resources.GHOST_LIMIT = original
+    finally:
+        mapped.close()
+        held.close()

@@ -47,6 +47,7 @@ from seamless.collect.layout import TREE_INFO
 from seamless.collect.namespaces import own_namespace, skipped_mounts, tmpfs_bind_sources
 from seamless.collect.processes import ProcessTree
 from seamless.collect.resources import (
+    GHOST_LIMIT,
     Network,
     UnixPeer,
     foreign_files,
@@ -63,8 +64,6 @@ from seamless.memstore.generation import Follower, Generation, Hashed
 from seamless.memstore.records import Manifest, TreeRecord
 from seamless.memstore.store import MOUNTPOINT as STORE_MOUNTPOINT
 
-#: Deleted-but-mapped files (libraries replaced by the upgrade) travel as ghost files.
-GHOST_LIMIT = 512 << 20
 #: How long a dump may take before we give up on it (CRIU is then killed and thaws it).
 DUMP_TIMEOUT = 600.0
 

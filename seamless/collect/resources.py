@@ -508,6 +508,7 @@ def inspect(
                                 "install iproute2", blocking=True))
     for tree in trees:
         findings += sandbox_findings(tree)
+        findings += replaced_files_findings(tree)
     for pid in sorted(chosen):
         fds = list(_fds(pid))
         for fd, target in fds:
@@ -628,6 +629,61 @@ def largest_mapping(pid: int) -> int:
     except (OSError, ValueError):
         pass
     return largest
+
+
+#: Deleted-but-mapped files (libraries replaced by the upgrade) travel as ghost files in
+#: the images, each up to this size (CRIU's default is 1 MiB).
+GHOST_LIMIT = 512 << 20
+
+
+def replaced_files(pids: Iterable[int]) -> dict[str, int]:
+    """The files these processes map or hold open that were deleted or replaced on disk
+    since (an `apt full-upgrade` replaces libc, libssl ...): path -> size in bytes."""
+    found: dict[tuple[int, int], tuple[str, int]] = {}
+    for pid in pids:
+        links = [(f"/proc/{pid}/fd/{fd}", t) for fd, t in _fds(pid)]
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    parts = line.split(maxsplit=5)
+                    if len(parts) == 6 and parts[5].rstrip("\n").endswith(" (deleted)"):
+                        links.append((f"/proc/{pid}/map_files/{parts[0]}",
+                                      parts[5].rstrip("\n")))
+        except OSError:
+            pass
+        for link, target in links:
+            if not target.startswith("/") or not target.endswith(" (deleted)") \
+                    or target.startswith(("/dev/", "/memfd:", "/SYSV")):
+                continue
+            try:
+                st = os.stat(link)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found[(st.st_dev, st.st_ino)] = (target.removesuffix(" (deleted)"), st.st_size)
+    return dict(sorted(found.values()))
+
+
+def replaced_files_findings(tree: ProcessTree) -> list[Finding]:
+    """The tree's files replaced on disk since it started: shown, and carried in the
+    images as ghost files; one larger than CRIU is allowed to carry blocks."""
+    files = replaced_files(tree.pids)
+    if not files:
+        return []
+    large = [p for p, size in files.items() if size > GHOST_LIMIT]
+    if large:
+        return [Finding(tree.root.pid, f"{large[0]} (deleted)",
+                        f"a file deleted or replaced on disk since it was opened, larger "
+                        f"than the {GHOST_LIMIT >> 20} MiB the images carry of one",
+                        f"restart the process so it opens the new file; or {_exclusion(tree)}",
+                        blocking=True)]
+    total = sum(files.values())
+    names = ", ".join(sorted(files)[:3]) + (", ..." if len(files) > 3 else "")
+    return [Finding(tree.root.pid, f"{len(files)} files replaced on disk ({names})",
+                    "deleted or replaced on disk since they were opened (a package upgrade): "
+                    "the disk no longer has them",
+                    f"carried in the images as ghost files ({total / (1 << 20):.1f} MiB)",
+                    blocking=False)]
 
 
 def _exclusion(tree: ProcessTree) -> str:
