@@ -466,7 +466,19 @@ def test_connections_are_locked_before_any_address_and_unlocked_after_a_failure(
         table = script.splitlines()[0].removeprefix("add table inet ")
         events.append(("lock " if "add element" in script else "unlock ") + table)
 
-    criu = FakeCriu(fail={"200"})
+    restore_all(tmp_path, recording(FakeCriu(fail={"200"}), events),
+                stream=lambda *_: os.open(os.devnull, os.O_WRONLY), nft=nft)
+
+    assert events == [
+        "lock CRIU-300", "lock CRIU-200",  # before the first address comes up
+        "addresses 1", "restore 300", "unlock CRIU-300",
+        "addresses 1", "restore 200", "unlock CRIU-200",  # failed: CRIU left it
+        "addresses 0", "restore 100",
+    ]
+
+
+def recording(criu: FakeCriu, events: list[str]) -> FakeCriu:
+    """``criu``, adding "restore NAME" to ``events`` for each tree it restores."""
     real_restore = criu.restore
 
     def restore(images_dir: Path, options: CriuOptions | None = None,
@@ -475,14 +487,7 @@ def test_connections_are_locked_before_any_address_and_unlocked_after_a_failure(
         return real_restore(images_dir, options, on_notify)
 
     criu.restore = restore  # type: ignore[method-assign]
-    restore_all(tmp_path, criu, stream=lambda *_: os.open(os.devnull, os.O_WRONLY), nft=nft)
-
-    assert events == [
-        "lock CRIU-300", "lock CRIU-200",  # before the first address comes up
-        "addresses 1", "restore 300", "unlock CRIU-300",
-        "addresses 1", "restore 200", "unlock CRIU-200",  # failed: CRIU left it
-        "addresses 0", "restore 100",
-    ]
+    return criu
 
 
 def test_loopback_connections_stay_locked_until_every_tree_is_back(tmp_path: Path) -> None:
@@ -506,16 +511,8 @@ def test_loopback_connections_stay_locked_until_every_tree_is_back(tmp_path: Pat
         elements = [line for line in script.splitlines() if "add element" in line]
         events.append(f"lock {table} {len(elements)}" if elements else f"unlock {table}")
 
-    criu = FakeCriu(fail={"200"})
-    real_restore = criu.restore
-
-    def restore(images_dir: Path, options: CriuOptions | None = None,
-                on_notify: Mapping[str, NotifyHandler] | None = None) -> CriuResult:
-        events.append(f"restore {images_dir.name}")
-        return real_restore(images_dir, options, on_notify)
-
-    criu.restore = restore  # type: ignore[method-assign]
-    restore_all(tmp_path, criu, stream=lambda *_: os.open(os.devnull, os.O_WRONLY), nft=nft)
+    restore_all(tmp_path, recording(FakeCriu(fail={"200"}), events),
+                stream=lambda *_: os.open(os.devnull, os.O_WRONLY), nft=nft)
     # one connection, both directions: two elements
     assert events == ["lock seamless-loopback 2", "restore 300", "restore 200",
                       "unlock seamless-loopback"]

@@ -61,15 +61,20 @@ def stock_image() -> image.Image:
     return image.build(stock=True)
 
 
-def _booter(img: image.Image, tmp_path_factory: pytest.TempPathFactory,
-            guests: list[qemu.Guest]) -> BootGuest:
+def _booting(img: image.Image, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BootGuest]:
+    """Boot guests of ``img`` for one test; stop them all after it."""
+    guests: list[qemu.Guest] = []
+
     def boot(kernel: str = "A", **kwargs: object) -> qemu.Guest:
         spec = qemu.GuestSpec(image=str(img.directory), kernel=kernel, **kwargs)  # type: ignore[arg-type]
         run_dir = tmp_path_factory.mktemp(f"guest-{kernel}")
         guest = qemu.boot(img, spec, run_dir)
         guests.append(guest)
         return guest
-    return boot
+
+    yield boot
+    for guest in guests:
+        guest.stop()
 
 
 @pytest.fixture
@@ -77,10 +82,7 @@ def boot_guest(
     vm_image: image.Image, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[BootGuest]:
     """Boot guests for one test: ``boot_guest(kernel="A", memory=..., region=...)``."""
-    guests: list[qemu.Guest] = []
-    yield _booter(vm_image, tmp_path_factory, guests)
-    for guest in guests:
-        guest.stop()
+    yield from _booting(vm_image, tmp_path_factory)
 
 
 @pytest.fixture
@@ -88,10 +90,7 @@ def boot_stock(
     stock_image: image.Image, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[BootGuest]:
     """Boot stock-server guests for one test (see :func:`stock_image`)."""
-    guests: list[qemu.Guest] = []
-    yield _booter(stock_image, tmp_path_factory, guests)
-    for guest in guests:
-        guest.stop()
+    yield from _booting(stock_image, tmp_path_factory)
 
 
 @pytest.fixture

@@ -101,13 +101,15 @@ def assert_state(g: qemu.Guest) -> None:
 
 def test_a_stock_debian_server_keeps_its_packaged_services(boot_stock: BootGuest) -> None:
     """postgresql, mariadb, redis, memcached, nginx, apache2, sshd, cron and earlyoom
-    (DynamicUser=yes) as Debian packages them, with a psql session over PostgreSQL's
+    (DynamicUser=yes) as Debian packages them, libc replaced on disk since they started
+    (as a package upgrade leaves them), with a psql session over PostgreSQL's
     unix socket and an HTTP keep-alive connection to nginx over loopback: `seamless
     plan` names what CRIU refuses by design with the remedy; once applied, plan and a
     checkpoint agree, and after `seamless upgrade` to B every unit has the same main PID
     and its in-memory state (redis's key, memcached's item, a MariaDB MEMORY table), the
     psql session its TEMP table and the HTTP client its connection. Afterwards each unit
-    is its own again: `systemctl restart` starts it afresh and it serves."""
+    is its own again: `systemctl restart` starts it afresh and it serves; and the units
+    so restarted go back to A with their PIDs."""
     g = boot_stock("A", region=REGION)
     g.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
     g.run("seamless", "store", "format")
@@ -123,12 +125,19 @@ def test_a_stock_debian_server_keeps_its_packaged_services(boot_stock: BootGuest
 
     g.sh(REMEDIES, timeout=300)
     g.sh(LOAD_STATE, timeout=120)
+    # A package upgrade before the kernel's: libc replaced on disk, as dpkg does it (a
+    # new file renamed over the old): every running process maps a deleted libc.
+    g.sh("lib=$(readlink -f /usr/lib/x86_64-linux-gnu/libc.so.6);"
+         " cp -p $lib $lib.dpkg-new && mv $lib.dpkg-new $lib")
     g.sh(CLIENTS)
     g.sh(f"echo \"{PG_SESSION}\" >> /var/lib/postgresql/commands")
     assert psql_in_session(g, "select v from session", "/var/lib/postgresql/s1") == "kept\n"
     g.sh("for i in $(seq 100); do test -s /root/http && exit 0; sleep 0.2; done; exit 1")
     plan = json.loads(g.run("seamless", "plan", "--json"))
     assert plan["ok"], plan["findings"]
+    replaced = [f for f in plan["findings"] if "files replaced" in f["resource"]]
+    assert {t["root"] for t in plan["trees"]} <= {f["pid"] for f in replaced}, replaced
+    assert any("libc.so.6" in f["resource"] for f in replaced), replaced
     planned = {t["unit"] for t in plan["trees"]}
     assert set(UNITS) | {"pgclient.service", "httpclient.service"} <= planned, planned
     # The plan never lies: what it calls ready, a checkpoint carries.
@@ -175,3 +184,15 @@ def test_a_stock_debian_server_keeps_its_packaged_services(boot_stock: BootGuest
     g.sh("su postgres -c \"psql -Atc 'select 1'\"")
     g.run("mariadb", "-e", "select 1")
     record("stock server upgrade: reboot call to agent ready in B", seconds)
+
+    # And back to A: the units as restarted in B, sandboxes and all, keep their PIDs.
+    g.run("redis-cli", "set", "rkey", "from-B")
+    again = main_pids(g)
+    _, seconds = g.switch_kernel(["seamless", "upgrade", "--kernel", A.vmlinuz, "--yes",
+                                  "--no-pre-dump"])
+    assert g.run("uname", "-r").strip() == A.release
+    state = g.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
+    assert state.out.strip() == "running", g.run("systemctl", "--failed")
+    assert main_pids(g) == again
+    assert g.run("redis-cli", "get", "rkey").strip() == "from-B"
+    record("stock server upgrade: reboot call to agent ready in A", seconds)
