@@ -156,6 +156,8 @@ def test_a_stock_debian_server_keeps_its_packaged_services(boot_stock: BootGuest
     assert state.out.strip() == "running", g.run("systemctl", "--failed")
     status = json.loads(g.run("seamless", "status", "--json"))
     assert status["ok"], status
+    for name, value in status["phases"].items():
+        record(f"stock server upgrade phase: {name}", value)
     assert main_pids(g) == before
     assert_state(g)
     # The clients' sessions: the same TEMP table over the unix socket, the same
@@ -167,6 +169,10 @@ def test_a_stock_debian_server_keeps_its_packaged_services(boot_stock: BootGuest
     # The adoption drop-ins served their one start and are gone.
     assert g.sh("ls /run/systemd/system/*.d/50-seamless-adopt.conf 2>/dev/null | wc -l"
                 ).strip() == "0"
+    # reload uses the unit's own ExecReload= and the PID file carried across
+    g.run("systemctl", "reload", "nginx.service")
+    assert int(g.run("systemctl", "show", "-P", "MainPID", "nginx.service")) == before[
+        "nginx.service"]
     # The clients end their sessions first. (With the carried psql session still
     # connected, and used once in B, pg_ctl's fast shutdown waited out its 60 s: see the
     # issue's closing note.)
