@@ -911,3 +911,34 @@ def test_a_retry_while_a_lazy_restore_s_memory_arrives_is_refused(
     monkeypatch.setattr(boot, "lazy_daemons_run", lambda: False)  # the daemons are gone
     report = boot.boot_restore(3, criu=criu, root=env.root, previous=first)
     assert criu.calls and report["generation"] == 3
+
+
+def test_a_restore_before_init_keeps_tmp_for_the_boot(tmp_path: Path) -> None:
+    """Restored before init (initramfs-tools), the trees' /tmp files and the services'
+    private /tmp would be removed by the boot's tmpfiles: /run/tmpfiles.d overrides keep
+    them for this boot; everything else of the files is as the distribution has it, and
+    an operator's own file in /etc wins."""
+    from seamless.restore.boot import keep_tmp
+
+    lib = tmp_path / "usr/lib/tmpfiles.d"
+    lib.mkdir(parents=True)
+    (lib / "tmp.conf").write_text("# Clear tmp directories separately\nD /tmp 1777 root root -\n"
+                                  "#q /var/tmp 1777 root root 30d\n")
+    (lib / "systemd-tmp.conf").write_text(
+        "x /tmp/systemd-private-%b-*\nX /tmp/systemd-private-%b-*/tmp\n"
+        "R! /tmp/systemd-private-*\nR! /var/tmp/systemd-private-*\n")
+    written = keep_tmp(tmp_path)
+    run = tmp_path / "run/tmpfiles.d"
+    assert written == [run / "tmp.conf", run / "systemd-tmp.conf"]
+    tmp = (run / "tmp.conf").read_text().splitlines()
+    assert "d /tmp 1777 root root -" in tmp and "#q /var/tmp 1777 root root 30d" in tmp
+    assert not any(line.startswith("D ") for line in tmp)
+    private = (run / "systemd-tmp.conf").read_text().splitlines()
+    assert "x /tmp/systemd-private-%b-*" in private
+    assert not any(line.startswith("R!") for line in private)
+
+    (tmp_path / "etc/tmpfiles.d").mkdir(parents=True)
+    (tmp_path / "etc/tmpfiles.d/tmp.conf").write_text("# the operator's\n")
+    for f in written:
+        f.unlink()
+    assert keep_tmp(tmp_path) == [run / "systemd-tmp.conf"]

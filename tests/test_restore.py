@@ -309,11 +309,30 @@ def test_bring_up_adds_only_missing_addresses() -> None:
     assert bring_up_addresses([], present=lambda: set(), command=ip) == []
 
 
-def test_named_pipes_on_tmpfs_are_recorded_and_made_again(tmp_path: Path) -> None:
+def test_what_the_new_boot_does_not_have() -> None:
+    """Files on tmpfs and in /tmp (emptied at every boot) are lost; devices are not
+    files of that kind; /var/tmp stays."""
+    from seamless.collect.resources import lost_at_boot
+
+    table = [("/run", "tmpfs"), ("/dev/shm", "tmpfs"), ("/dev", "devtmpfs"), ("/", "ext4")]
+    assert lost_at_boot("/run/crond.pid", table)
+    assert lost_at_boot("/dev/shm/PostgreSQL.1", table)
+    assert lost_at_boot("/tmp/app.lock", table)  # on the root's disk, emptied at boot
+    assert not lost_at_boot("/dev/null", table)
+    assert not lost_at_boot("/var/tmp/app.lock", table)
+    assert not lost_at_boot("/proc/1/status", table)
+
+
+def test_named_pipes_on_tmpfs_are_recorded_and_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """pam_systemd's session pipe (/run/systemd/sessions/N.ref, held by sshd) lives on
     tmpfs: recorded with mode and owner, not a blocking finding, made again (with its
     directory) before the restore."""
+    from seamless.collect import resources
     from seamless.collect.resources import volatile_fifos
+
+    monkeypatch.setattr(resources, "CLEANED_AT_BOOT", ())  # tmp_path is in /tmp
     from seamless.restore.restorer import recreate_fifos
 
     run = tmp_path / "run"

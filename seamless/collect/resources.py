@@ -35,6 +35,17 @@ HARMLESS_DEVICES = re.compile(
     r"^/dev/(null|zero|full|random|urandom|tty|ptmx|console|pts/\d+|tty\d*|ttyS\d+|net/tun)$"
 )
 VOLATILE_FS = {"tmpfs", "ramfs", "devtmpfs"}
+#: Directories the new boot empties before the restore, whatever holds them: Debian's
+#: tmpfiles.d has "D /tmp" (emptied at every boot; a tmpfs in Debian 13 anyway).
+CLEANED_AT_BOOT = ("/tmp/",)
+
+
+def lost_at_boot(path: str, table: list[tuple[str, str]]) -> bool:
+    """Whether the new boot no longer has the file at ``path``: on tmpfs (/run, /dev/shm)
+    or in a directory emptied at boot. Devices, /proc and /sys are not files of that kind."""
+    if path.startswith(("/dev/", "/proc/", "/sys/")) and not path.startswith("/dev/shm/"):
+        return False
+    return path.startswith(CLEANED_AT_BOOT) or fs_type(path, table) in VOLATILE_FS
 
 
 @dataclass(frozen=True)
@@ -300,16 +311,16 @@ def foreign_fifos(pids: Iterable[int]) -> dict[str, str]:
 
 def volatile_fifos(pids: Iterable[int],
                    table: list[tuple[str, str]] | None = None) -> list[dict[str, int | str]]:
-    """The named pipes on tmpfs these processes have open, with mode and owner: the new
-    boot's /run does not have them and CRIU reopens each by its path (its buffered data
-    travels in the images). Pipes from another namespace are left to foreign_files."""
+    """The named pipes on tmpfs (or in /tmp) these processes have open, with mode and
+    owner: the new boot does not have them and CRIU reopens each by its path (its buffered
+    data travels in the images). Pipes from another namespace are left to foreign_files."""
     table = mounts() if table is None else table
     found: dict[str, dict[str, int | str]] = {}
     for pid in pids:
         for target, st, mnt, ids in _path_fifos(pid):
             if target in found or (ids and mnt not in ids):
                 continue
-            if fs_type(target, table) in VOLATILE_FS:
+            if lost_at_boot(target, table):
                 found[target] = {"path": target, "mode": stat.S_IMODE(st.st_mode),
                                  "uid": st.st_uid, "gid": st.st_gid}
     return sorted(found.values(), key=lambda f: str(f["path"]))
@@ -546,21 +557,19 @@ def inspect(
                 blocking=False))
         fifos |= {f["path"] for f in foreign.values()}
         for path in sorted({t for _, t in fds if t.startswith("/")} | _mapped_files(pid)):
-            if path.endswith(" (deleted)") or path.startswith(("/dev/", "/proc/", "/sys/")):
-                continue  # deleted files travel as ghost files; devices handled above
-            if path in fifos:
-                continue
-            if fs_type(path, table) in VOLATILE_FS:
+            if path.endswith(" (deleted)") or path in fifos:
+                continue  # deleted files travel as ghost files
+            if lost_at_boot(path, table):
                 if _carried(path):
                     findings.append(Finding(
-                        pid, path, "a file on tmpfs: it does not survive the kexec and CRIU "
-                        "does not copy it into the images",
+                        pid, path, "a file on tmpfs or in /tmp: the new boot does not have "
+                        "it and CRIU does not copy it into the images",
                         "carried in the checkpoint and made again before the restore",
                         blocking=False))
                     continue
                 findings.append(Finding(
-                    pid, path, "a large file on tmpfs: it does not survive the kexec and "
-                    "CRIU does not copy it into the images",
+                    pid, path, "a large file on tmpfs or in /tmp: the new boot does not have "
+                    "it and CRIU does not copy it into the images",
                     f"move it to a disk-backed path, or exclude the process (--exclude pid:{pid})",
                     blocking=True))
     return findings
@@ -701,15 +710,14 @@ def _carried(path: str) -> bool:
 
 
 def volatile_files(pids: Iterable[int], table: list[tuple[str, str]] | None = None) -> list[str]:
-    """The regular files on tmpfs these processes hold open or map, small enough to be
-    carried (see :mod:`.runtime`)."""
+    """The regular files on tmpfs or in /tmp these processes hold open or map, small
+    enough to be carried (see :mod:`.runtime`)."""
     table = mounts() if table is None else table
     found = set()
     for pid in pids:
         for path in {t for _, t in _fds(pid) if t.startswith("/")} | _mapped_files(pid):
-            if (not path.startswith(("/dev/", "/proc/", "/sys/")) or path.startswith("/dev/shm/"))\
-                    and not path.endswith(" (deleted)") \
-                    and fs_type(path, table) in VOLATILE_FS and _carried(path):
+            if not path.endswith(" (deleted)") and lost_at_boot(path, table) \
+                    and _carried(path):
                 found.add(path)
     return sorted(found)
 

@@ -221,6 +221,8 @@ def boot_restore(number: int | None, *, keep: bool = False,
             pages.stop()
         report.update(ok=restored.ok, trees=restored.to_json()["trees"],
                       adopted=adopt_services(restored, root))
+        if report["stage"] == "initramfs" and any(t.restored for t in restored.trees):
+            keep_tmp(root)
         # The trees run: say so at once. Handing the services to systemd and overwriting
         # the generation take seconds, and the boot's services start meanwhile.
         write_report({**report, "finishing": True}, store)
@@ -357,6 +359,50 @@ def generation_from_cmdline(cmdline: str | None = None) -> int | None:
             value = arg.removeprefix("seamless.restore=")
             return int(value) if value.isdigit() else None
     return None
+
+
+#: What of the boot's tmpfiles.d removes what the restored processes hold in /tmp and
+#: /var/tmp: Debian's "D /tmp" (emptied at every boot) and systemd's "R!" of every
+#: service's private /tmp (``PrivateTmp=``), each line as the restore keeps it.
+TMPFILES_KEEP = {
+    "tmp.conf": (("D /tmp ", "d /tmp "),),
+    "systemd-tmp.conf": (("R! /tmp/systemd-private-", None),
+                         ("R! /var/tmp/systemd-private-", None)),
+}
+
+
+def keep_tmp(root: Path = Path("/")) -> list[Path]:
+    """When the trees were restored before init (an initramfs without systemd), the
+    boot's tmpfiles would then empty /tmp and remove the services' private /tmp under
+    them: for this boot only (/run/tmpfiles.d overrides the distribution's files of the
+    same name), /tmp is kept as the restored processes have it. An operator's own file
+    in /etc/tmpfiles.d wins, as always. Returns the files written."""
+    written = []
+    for name, changes in TMPFILES_KEEP.items():
+        if (root / "etc/tmpfiles.d" / name).exists():
+            continue
+        source = next((d / name for d in (root / "usr/lib/tmpfiles.d", root / "lib/tmpfiles.d")
+                       if (d / name).is_file()), None)
+        if source is None:
+            continue
+        lines: list[str] = []
+        changed = False
+        for line in source.read_text().splitlines():
+            kept: str | None = line
+            for prefix, replacement in changes:
+                if line.startswith(prefix):
+                    kept = None if replacement is None else replacement + line[len(prefix):]
+                    changed = True
+                    break
+            if kept is not None:
+                lines.append(kept)
+        if changed:
+            target = root / "run/tmpfiles.d" / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text("# seamless: this boot keeps /tmp as the restored processes "
+                              "have it\n" + "\n".join(lines) + "\n")
+            written.append(target)
+    return written
 
 
 def adopt_services(report: RestoreReport, root: Path) -> list[str]:
