@@ -262,9 +262,9 @@ def _path_fifos(pid: int) -> Iterator[tuple[str, os.stat_result, int | None, set
 
 #: What a file opened in another mount namespace is, for the restore to replace it.
 FOREIGN_FIFO, FOREIGN_DEVICE, FOREIGN_FILE = "fifo", "device", "file"
-FOREIGN_KINDS = {FOREIGN_FIFO: "named pipe (logind's session pipe)",
-                 FOREIGN_DEVICE: "device (a service's stdin, /dev/null)",
-                 FOREIGN_FILE: "file"}
+FOREIGN_KINDS = {FOREIGN_FIFO: ("named pipe", "logind's session pipe"),
+                 FOREIGN_DEVICE: ("device", "a sandboxed service's stdin, /dev/null"),
+                 FOREIGN_FILE: ("file", "handed to a sandboxed service")}
 
 
 def foreign_files(pids: Iterable[int]) -> dict[str, dict[str, Any]]:
@@ -549,8 +549,8 @@ def inspect(
         foreign = foreign_files([pid])
         for f in sorted(foreign.values(), key=lambda f: str(f["path"])):
             findings.append(Finding(
-                pid, f["path"], f"a {FOREIGN_KINDS[f['kind']]} opened in another mount "
-                "namespace: CRIU cannot dump it as it is",
+                pid, f["path"], "a {} opened in another mount namespace ({}): CRIU cannot "
+                "dump it as it is".format(*FOREIGN_KINDS[f["kind"]]),
                 "dumped as an external file; the restore "
                 + ("hands it a new named pipe" if f["kind"] == FOREIGN_FIFO
                    else "opens the same path again"),
