@@ -136,7 +136,11 @@ def test_a_stock_debian_server_keeps_its_packaged_services(boot_stock: BootGuest
     plan = json.loads(g.run("seamless", "plan", "--json"))
     assert plan["ok"], plan["findings"]
     replaced = [f for f in plan["findings"] if "files replaced" in f["resource"]]
-    assert {t["root"] for t in plan["trees"]} <= {f["pid"] for f in replaced}, replaced
+    # the services started before libc was replaced; the clients after
+    services = {t["root"] for t in plan["trees"] if t["unit"] in UNITS}
+    clients = {t["root"] for t in plan["trees"] if t["unit"] not in UNITS}
+    assert services <= {f["pid"] for f in replaced}, replaced
+    assert not clients & {f["pid"] for f in replaced}, replaced
     assert any("libc.so.6" in f["resource"] for f in replaced), replaced
     planned = {t["unit"] for t in plan["trees"]}
     assert set(UNITS) | {"pgclient.service", "httpclient.service"} <= planned, planned
@@ -191,14 +195,18 @@ def test_a_stock_debian_server_keeps_its_packaged_services(boot_stock: BootGuest
     g.run("mariadb", "-e", "select 1")
     record("stock server upgrade: reboot call to agent ready in B", seconds)
 
-    # And back to A: the units as restarted in B, sandboxes and all, keep their PIDs.
+    # And back to A: the units as restarted in B, sandboxes and all, keep their PIDs,
+    # and their private /tmp what was in it. (Restored before init by initramfs-tools'
+    # initramfs, the sandboxed units do not come back yet: see the issue's note.)
     g.run("redis-cli", "set", "rkey", "from-B")
+    g.sh("mark=$(ls -d /tmp/systemd-private-*-apache2.service-*/tmp); touch $mark/kept")
     again = main_pids(g)
     _, seconds = g.switch_kernel(["seamless", "upgrade", "--kernel", A.vmlinuz, "--yes",
                                   "--no-pre-dump"])
     assert g.run("uname", "-r").strip() == A.release
     state = g.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
     assert state.out.strip() == "running", g.run("systemctl", "--failed")
-    assert main_pids(g) == again
+    assert main_pids(g) == again, g.channel.run(["seamless", "status"]).out
     assert g.run("redis-cli", "get", "rkey").strip() == "from-B"
+    g.sh("ls /proc/$(systemctl show -P MainPID apache2)/root/tmp/kept")
     record("stock server upgrade: reboot call to agent ready in A", seconds)
