@@ -128,8 +128,10 @@ def dump_options(tree: ProcessTree, journald: Sequence[int] = (),
                  skip_mounts: Sequence[str] = ()) -> CriuOptions:
     """How every tree is dumped: what a real host has must come along.
 
-    ``journald``: inodes of the tree's stdout/stderr streams to journald, dumped
-    as external sockets (the restore hands each a new stream). ``foreign``: CRIU keys
+    ``journald``: inodes of the tree's unix streams to outside it, dumped as external
+    sockets: its stdout/stderr streams to journald (the restore hands each a new
+    stream) and its connections to other trees (the restore connects them again with
+    a new socket pair: see ``connect_streams``). ``foreign``: CRIU keys
     (``file[MNT:INODE]``) of files opened in another mount namespace, dumped as
     external files (the restore hands each a new named pipe or opens its path again).
     ``mount_namespace``: the tree has a mount namespace of its own (a sandboxed
