@@ -199,9 +199,7 @@ def test_a_stock_debian_server_keeps_its_packaged_services(boot_stock: BootGuest
     # and their private /tmp what was in it. (Restored before init by initramfs-tools'
     # initramfs, the sandboxed units do not come back yet: see the issue's note.)
     g.run("redis-cli", "set", "rkey", "from-B")
-    # (this boot's: the private /tmp of the unit as restored, from A's boot, stays too)
-    g.sh("boot=$(tr -d - < /proc/sys/kernel/random/boot_id);"
-         " touch /tmp/systemd-private-$boot-apache2.service-*/tmp/kept")
+    g.sh("touch /proc/$(systemctl show -P MainPID apache2)/root/tmp/kept")
     again = main_pids(g)
     _, seconds = g.switch_kernel(["seamless", "upgrade", "--kernel", A.vmlinuz, "--yes",
                                   "--no-pre-dump"])
