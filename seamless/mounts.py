@@ -21,7 +21,7 @@ class Mount:
         return "ro" in self.options
 
 
-def _unescape(field: str) -> str:
+def unescape(field: str) -> str:
     """Undo the octal escapes of /proc/self/mounts (``\\040`` is a space)."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
@@ -32,7 +32,7 @@ def mounts(path: Path = Path("/proc/self/mounts")) -> list[Mount]:
     for line in path.read_text().splitlines():
         fields = line.split()
         if len(fields) >= 4:
-            source, target, fstype, options = (_unescape(f) for f in fields[:4])
+            source, target, fstype, options = (unescape(f) for f in fields[:4])
             result.append(Mount(source, target, fstype, tuple(options.split(","))))
     return result
 

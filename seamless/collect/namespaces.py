@@ -29,6 +29,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from seamless.mounts import unescape
+
 #: Mount points, in any namespace, whose mounts are never a service's own: CRIU is told
 #: to leave them out of a service's mount namespace.
 FOREIGN_MOUNTS = ("/run/user/",)
@@ -46,11 +48,6 @@ class MountEntry:
     fstype: str
     shared: int | None
     master: int | None
-
-
-def _unescape(field: str) -> str:
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n") \
-        .replace("\\134", "\\")
 
 
 def mountinfo(pid: int | str = "self", proc: Path = Path("/proc")) -> list[MountEntry]:
@@ -73,8 +70,8 @@ def mountinfo(pid: int | str = "self", proc: Path = Path("/proc")) -> list[Mount
             elif key == "master" and value.isdigit():
                 master = int(value)
         entries.append(MountEntry(int(fields[0]), int(fields[1]), fields[2],
-                                  _unescape(fields[3]),
-                                  _unescape(fields[4]), right.split()[0] if right else "?",
+                                  unescape(fields[3]),
+                                  unescape(fields[4]), right.split()[0] if right else "?",
                                   shared, master))
     return entries
 
