@@ -10,5 +10,15 @@ timed "shellcheck" shellcheck -x -P SCRIPTDIR dev/*.sh .ci/run \
     dracut-module/90seamless/*.sh initramfs/hooks/* initramfs/scripts/*/*
 phase "mypy --strict"
 timed "mypy" mypy
-phase "pytest (host tests and VM tests)"
+# The VM tests run on Debian 13 (or the release SEAMLESS_VM_RELEASE names); the core
+# upgrade scenarios (marked debian12) run on Debian 12 too, so neither breaks silently.
+phase "pytest (host tests and VM tests, Debian ${SEAMLESS_VM_RELEASE:-13})"
 timed "pytest" python -m pytest "$@"
+if [ -z "${SEAMLESS_VM_RELEASE:-}" ]; then
+    phase "pytest (the core upgrade scenarios on Debian 12)"
+    status=0
+    SEAMLESS_VM_RELEASE=12 timed "pytest (Debian 12)" python -m pytest -m debian12 "$@" \
+        || status=$?
+    # 5: the arguments selected none of them.
+    [ "$status" -eq 0 ] || [ "$status" -eq 5 ] || exit "$status"
+fi

@@ -72,29 +72,45 @@ def test_wait_ready_skips_the_old_boot(channel: Channel) -> None:
         channel.wait_ready(1.5, not_boot=info.boot_id)
 
 
-def test_host_apt_sources_keeps_only_our_distribution(tmp_path: Path) -> None:
+def test_host_apt_sources_moves_the_hosts_debian_mirrors_to_the_guests_release(
+    tmp_path: Path,
+) -> None:
+    """The host runs Debian 12, the guest is 13 (and a kernel comes from 12): each Debian
+    source of the host is taken once per release, its suites renamed; others are left."""
     (tmp_path / "sources.list.d").mkdir()
     (tmp_path / "sources.list").write_text(
         "# comment\ndeb http://mirror.example/debian bookworm main contrib\n"
-        "deb http://mirror.example/debian trixie main\n"
     )
     (tmp_path / "sources.list.d" / "debian.sources").write_text(
         "Types: deb\nURIs: http://mirror.example/debian-security\n"
-        "Suites: bookworm-security\nComponents: main\n\n"
+        "Suites: bookworm-security\nComponents: main\n"
+        "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n"
         "Types: deb\nURIs: http://other.example/x\nSuites: nodistro\nComponents: main\n"
     )
     (tmp_path / "sources.list.d" / "x.list.disabled").write_text(
         "deb http://disabled.example bookworm main\n"
     )
+    text = image.host_apt_sources(tmp_path, ("trixie", "bookworm"))
+    stanzas = text.strip().split("\n\n")
+    assert stanzas[0] == ("Types: deb\nSuites: trixie\nURIs: http://mirror.example/debian\n"
+                          "Components: main contrib")
+    assert stanzas[1] == (
+        "Types: deb\nSuites: trixie-security\nURIs: http://mirror.example/debian-security\n"
+        "Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg")
+    assert [s.splitlines()[1] for s in stanzas[2:]] == [
+        "Suites: bookworm", "Suites: bookworm-security"]
+    assert "nodistro" not in text and "disabled" not in text
+
+
+def test_host_apt_sources_default_to_the_chosen_release(tmp_path: Path) -> None:
+    (tmp_path / "sources.list").write_text("deb http://m.example/debian trixie main\n")
     text = image.host_apt_sources(tmp_path)
-    assert "URIs: http://mirror.example/debian\nSuites: bookworm\nComponents: main contrib" in text
-    assert "bookworm-security" in text
-    assert "trixie" not in text and "nodistro" not in text and "disabled" not in text
+    assert f"Suites: {config.DISTRIBUTION}\n" in text
 
 
 def test_host_apt_sources_without_debian_is_an_error(tmp_path: Path) -> None:
-    (tmp_path / "sources.list").write_text("deb http://x.example trixie main\n")
-    with pytest.raises(VMError, match="no apt source"):
+    (tmp_path / "sources.list").write_text("deb http://x.example nodistro main\n")
+    with pytest.raises(VMError, match="no Debian apt source"):
         image.host_apt_sources(tmp_path)
 
 
@@ -159,20 +175,39 @@ def test_missing_kernel_package_names_the_alternatives(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """If the archive dropped kernel A, the build stops naming it and what the archive has."""
+    (tmp_path / "apt-get").write_text("#!/bin/sh\nexit 0\n")
     fake = tmp_path / "apt-cache"
     fake.write_text(
         "#!/bin/sh\n"
-        'case "$1 $3" in\n'
-        f'  "show {config.KERNELS["A"].package}") exit 100 ;;\n'
-        '  "show "*) echo "Package: $3" ;;\n'
-        "  search*) printf '%s - k\\n' linux-image-6.1.0-60-cloud-amd64 "
+        'case "$*" in\n'
+        f'  *"show --no-all-versions {config.KERNELS["A"].package}") exit 100 ;;\n'
+        '  *"show "*) echo "Package: x" ;;\n'
+        "  *search*) printf '%s - k\\n' linux-image-6.1.0-60-cloud-amd64 "
         "linux-image-6.1.0-58-cloud-amd64 ;;\n"
         "esac\n"
     )
-    fake.chmod(0o755)
+    for tool in ("apt-get", "apt-cache"):
+        (tmp_path / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path / "cache")
     with pytest.raises(VMError) as exc:
-        image.check_kernels_available()
+        image.check_kernels_available("Types: deb\n")
     text = str(exc.value)
     assert config.KERNELS["A"].package in text
     assert "linux-image-6.1.0-58-cloud-amd64, linux-image-6.1.0-60-cloud-amd64" in text
+
+
+def test_release_is_chosen_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SEAMLESS_VM_RELEASE", raising=False)
+    assert config._release().version == config.DEFAULT_RELEASE == "13"
+    monkeypatch.setenv("SEAMLESS_VM_RELEASE", "12")
+    assert config._release().codename == "bookworm"
+    monkeypatch.setenv("SEAMLESS_VM_RELEASE", "14")
+    with pytest.raises(VMError, match="(?s)SEAMLESS_VM_RELEASE='14'.*one of 12, 13"):
+        config._release()
+
+
+def test_every_release_walks_an_upgrade_between_two_of_its_own_kernels() -> None:
+    for release in config.RELEASES.values():
+        a, b = release.kernels["A"], release.kernels["B"]
+        assert a.release != b.release and not a.suite and not b.suite

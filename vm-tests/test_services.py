@@ -52,6 +52,7 @@ def start_tmux(g: qemu.Guest) -> int:
     return int(g.run("systemctl", "show", "-P", "MainPID", "tmux"))
 
 
+@pytest.mark.debian12
 def test_redis_tmux_and_a_counter_survive_the_upgrade(boot_guest: BootGuest) -> None:
     """redis with 100,000 keys, a tmux session with typed history and scrollback, a
     counter advancing every 200 ms and a process holding 256 MiB: after `seamless

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.vm
 B = config.KERNELS["B"]
 
 
+@pytest.mark.debian12
 def test_an_established_ssh_session_keeps_working_across_the_upgrade(
     boot_guest: BootGuest, tmp_path: Path,
 ) -> None:

@@ -16,8 +16,9 @@ pytestmark = pytest.mark.vm
 A, B = config.KERNELS["A"], config.KERNELS["B"]
 REGION = "512M!1G"
 
-#: Every packaged service of the stock image, each carried with its main PID.
-UNITS = ("postgresql@15-main.service", "mariadb.service", "redis-server.service",
+#: Every packaged service of the stock image, each carried with its main PID (PG: the
+#: cluster unit of the release's PostgreSQL, postgresql@15-main in 12, @17-main in 13).
+UNITS = ("postgresql@PG-main.service", "mariadb.service", "redis-server.service",
          "memcached.service", "nginx.service", "apache2.service", "ssh.service",
          "cron.service", "earlyoom.service")
 
@@ -26,13 +27,13 @@ UNITS = ("postgresql@15-main.service", "mariadb.service", "redis-server.service"
 #: host's IPC namespace (PostgreSQL), a private user namespace beside the host's
 #: namespaces (redis), io_uring and an 8 TiB address space reservation (MariaDB).
 REMEDIES = """
-mkdir -p /etc/systemd/system/postgresql@15-main.service.d /etc/systemd/system/redis-server.service.d
-printf '[Service]\\nPrivateIPC=yes\\n' > /etc/systemd/system/postgresql@15-main.service.d/ipc.conf
+mkdir -p /etc/systemd/system/postgresql@PG-main.service.d /etc/systemd/system/redis-server.service.d
+printf '[Service]\\nPrivateIPC=yes\\n' > /etc/systemd/system/postgresql@PG-main.service.d/ipc.conf
 printf '[Service]\\nPrivateUsers=no\\n' > /etc/systemd/system/redis-server.service.d/users.conf
 printf '[mariadbd]\\ninnodb_use_native_aio=0\\ninnodb_buffer_pool_size_max=128M\\n' \\
     > /etc/mysql/mariadb.conf.d/90-seamless.cnf
 systemctl daemon-reload
-systemctl restart postgresql@15-main redis-server mariadb
+systemctl restart postgresql@PG-main redis-server mariadb
 """
 
 MEMCACHED = "timeout 5 bash -c 'exec 3<>/dev/tcp/127.0.0.1/11211; cat >&3; cat <&3'"
@@ -88,8 +89,17 @@ def http_client(g: qemu.Guest) -> tuple[int, int]:
     return int(port), int(count)
 
 
+def with_pg(g: qemu.Guest, text: str) -> str:
+    """``text`` with PG replaced by the guest's PostgreSQL major version."""
+    return text.replace("PG", g.run("ls", "/etc/postgresql").split()[0])
+
+
 def main_pids(g: qemu.Guest) -> dict[str, int]:
-    return {u: int(g.run("systemctl", "show", "-P", "MainPID", u)) for u in UNITS}
+    return {u: int(g.run("systemctl", "show", "-P", "MainPID", u)) for u in units(g)}
+
+
+def units(g: qemu.Guest) -> tuple[str, ...]:
+    return tuple(with_pg(g, u) for u in UNITS)
 
 
 def assert_state(g: qemu.Guest) -> None:
@@ -123,7 +133,7 @@ def test_a_stock_debian_server_keeps_its_packaged_services(boot_stock: BootGuest
                    "innodb_buffer_pool_size_max"):
         assert remedy in hints, hints
 
-    g.sh(REMEDIES, timeout=300)
+    g.sh(with_pg(g, REMEDIES), timeout=300)
     g.sh(LOAD_STATE, timeout=120)
     # A package upgrade before the kernel's: libc replaced on disk, as dpkg does it (a
     # new file renamed over the old): every running process maps a deleted libc.
@@ -137,13 +147,13 @@ def test_a_stock_debian_server_keeps_its_packaged_services(boot_stock: BootGuest
     assert plan["ok"], plan["findings"]
     replaced = [f for f in plan["findings"] if "files replaced" in f["resource"]]
     # the services started before libc was replaced; the clients after
-    services = {t["root"] for t in plan["trees"] if t["unit"] in UNITS}
-    clients = {t["root"] for t in plan["trees"] if t["unit"] not in UNITS}
+    services = {t["root"] for t in plan["trees"] if t["unit"] in units(g)}
+    clients = {t["root"] for t in plan["trees"] if t["unit"] not in units(g)}
     assert services <= {f["pid"] for f in replaced}, replaced
     assert not clients & {f["pid"] for f in replaced}, replaced
     assert any("libc.so.6" in f["resource"] for f in replaced), replaced
     planned = {t["unit"] for t in plan["trees"]}
-    assert set(UNITS) | {"pgclient.service", "httpclient.service"} <= planned, planned
+    assert set(units(g)) | {"pgclient.service", "httpclient.service"} <= planned, planned
     # The plan never lies: what it calls ready, a checkpoint carries.
     checked = g.channel.run(["seamless", "checkpoint", "--leave-running", "--no-pre-dump"],
                             timeout=600)
@@ -181,7 +191,7 @@ def test_a_stock_debian_server_keeps_its_packaged_services(boot_stock: BootGuest
     # connected, and used once in B, pg_ctl's fast shutdown waited out its 60 s: see the
     # issue's closing note.)
     g.run("systemctl", "stop", "pgclient", "httpclient")
-    for unit in UNITS:
+    for unit in units(g):
         restarted = g.channel.run(["timeout", "180", "systemctl", "restart", unit], timeout=300)
         assert restarted.returncode == 0, (unit, g.sh(
             "systemctl list-jobs --no-pager; journalctl -b --no-pager -n 40", check=False))

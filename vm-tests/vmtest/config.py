@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-DISTRIBUTION = "bookworm"
+from vmtest.errors import VMError
 
 
 @dataclass(frozen=True)
 class Kernel:
-    label: str  # "A" or "B"
+    label: str  # "A", "B" or "O"
     package: str  # the Debian package that carries it
     release: str  # `uname -r` once it runs
+    suite: str = ""  # the codename it comes from when not the guest's own release
 
     @property
     def vmlinuz(self) -> str:
@@ -29,16 +30,52 @@ class Kernel:
         return f"/boot/initrd.img-{self.release}.initramfs-tools"
 
 
-def _kernel(label: str, abi: str) -> Kernel:
+def _kernel(label: str, abi: str, suite: str = "") -> Kernel:
     release = f"{abi}-cloud-amd64"
-    return Kernel(label=label, package=f"linux-image-{release}", release=release)
+    return Kernel(label=label, package=f"linux-image-{release}", release=release, suite=suite)
 
 
-#: The upgrade path the tests walk: A is the running kernel, B the target.
-KERNELS: dict[str, Kernel] = {
-    "A": _kernel("A", "6.1.0-47"),  # 6.1.170
-    "B": _kernel("B", "6.1.0-56"),  # 6.1.192
+@dataclass(frozen=True)
+class Release:
+    """A Debian release the test bed builds a guest of, and the kernels it walks."""
+
+    version: str  # "13"
+    codename: str  # "trixie"
+    #: The upgrade path the tests walk: A is the running kernel, B the target; O, where
+    #: there is one, the previous release's kernel a dist-upgraded server still runs.
+    kernels: dict[str, Kernel] = field(default_factory=dict)
+
+
+#: Every release the test bed knows, and its kernels: the one place they are named.
+RELEASES: dict[str, Release] = {
+    "12": Release("12", "bookworm", {
+        "A": _kernel("A", "6.1.0-47"),  # 6.1.170
+        "B": _kernel("B", "6.1.0-56"),  # 6.1.192
+    }),
+    "13": Release("13", "trixie", {
+        "A": _kernel("A", "6.12.90+deb13"),
+        "B": _kernel("B", "6.12.118+deb13"),
+        # A server dist-upgraded from Debian 12 still runs 12's kernel until its reboot.
+        "O": _kernel("O", "6.1.0-56", suite="bookworm"),
+    }),
 }
+DEFAULT_RELEASE = "13"
+RELEASE_VARIABLE = "SEAMLESS_VM_RELEASE"
+
+
+def _release() -> Release:
+    """The release chosen by ``SEAMLESS_VM_RELEASE`` (12 or 13; 13 when unset)."""
+    chosen = os.environ.get(RELEASE_VARIABLE, "") or DEFAULT_RELEASE
+    if chosen not in RELEASES:
+        raise VMError(f"{RELEASE_VARIABLE}={chosen!r} names no release the test bed knows",
+                      hint=f"set it to one of {', '.join(RELEASES)} (or unset it: "
+                           f"{DEFAULT_RELEASE})")
+    return RELEASES[chosen]
+
+
+RELEASE = _release()
+DISTRIBUTION = RELEASE.codename
+KERNELS: dict[str, Kernel] = RELEASE.kernels
 
 #: Debian packages of the guest besides the kernels.  Project dependencies come
 #: from Debian's archive (python3-click ...) so the guest needs no network.

@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent.parent
 GUEST = HERE / "guest"
 IMAGE_SIZE = "4G"
-KEEP = 3  # cached images and bases kept per kind
+KEEP = 6  # cached images and bases kept per kind (releases, stock or not)
 
 DRACUT_CONF = """\
 # seamless test bed: a generic initramfs (not host-only: it is built in a chroot)
@@ -93,12 +93,22 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
         raise VMError(f"{argv[0]} is not installed (apt-get install {argv[0]})") from e
 
 
-def host_apt_sources(etc: Path = Path("/etc/apt")) -> str:
-    """The host's Debian apt sources for our distribution, as one deb822 text.
+#: Debian's codenames, oldest first: a host source of any of them is the mirror to use.
+CODENAMES = ("bullseye", "bookworm", "trixie", "forky", "duke", "sid")
 
-    Read at run time, so no mirror address is ever written into the repository.
+
+def host_apt_sources(etc: Path = Path("/etc/apt"),
+                     codenames: tuple[str, ...] | None = None) -> str:
+    """The host's Debian apt sources, moved to ``codenames`` (the guest's release and
+    any other a kernel comes from), as one deb822 text.
+
+    The host may run another release than the guest: its Debian mirrors serve every
+    release, so each of its Debian sources is taken with the suite's codename swapped
+    (``bookworm-security`` becomes ``trixie-security``). Read at run time, so no mirror
+    address is ever written into the repository.
     """
-    stanzas: list[str] = []
+    wanted = codenames or wanted_codenames()
+    found: list[tuple[str, list[str]]] = []  # (the stanza but its suites, suites)
     paths = [etc / "sources.list"]
     d = etc / "sources.list.d"
     if d.is_dir():
@@ -110,29 +120,51 @@ def host_apt_sources(etc: Path = Path("/etc/apt")) -> str:
         if path.suffix == ".sources":
             for stanza in re.split(r"\n\s*\n", text):
                 fields = _deb822(stanza)
-                suites = fields.get("suites", "").split()
                 enabled = fields.get("enabled", "yes").lower() != "no"
-                if enabled and "deb" in fields.get("types", "").split() and any(
-                    s.split("-")[0] == config.DISTRIBUTION for s in suites
-                ):
-                    stanzas.append("\n".join(
-                        line for line in stanza.strip().splitlines()
-                        if not line.lstrip().startswith("#")
-                    ))
+                if enabled and "deb" in fields.get("types", "").split():
+                    found.append((_without_fields(stanza, ("types", "suites")),
+                                  fields.get("suites", "").split()))
         else:
             for line in text.splitlines():
                 m = re.match(r"^\s*deb\s+(\[[^]]*\]\s+)?(\S+)\s+(\S+)\s+(.+)$", line)
-                if m and m.group(3).split("-")[0] == config.DISTRIBUTION:
-                    stanzas.append(
-                        f"Types: deb\nURIs: {m.group(2)}\nSuites: {m.group(3)}\n"
-                        f"Components: {m.group(4).split('#')[0].strip()}"
-                    )
+                if m:
+                    components = m.group(4).split("#")[0].strip()
+                    found.append((f"URIs: {m.group(2)}\nComponents: {components}",
+                                  [m.group(3)]))
+    stanzas: list[str] = []
+    for codename in wanted:
+        for rest, suites in found:
+            moved = sorted({codename + s[len(s.split("-")[0]):] for s in suites
+                            if s.split("-")[0] in CODENAMES})
+            stanza = f"Types: deb\nSuites: {' '.join(moved)}\n{rest}"
+            if moved and stanza not in stanzas:
+                stanzas.append(stanza)
     if not stanzas:
         raise VMError(
-            f"no apt source for Debian {config.DISTRIBUTION} in /etc/apt/sources.list(.d)",
-            hint="the guest is built from the host's apt sources: add a bookworm source",
+            "no Debian apt source in /etc/apt/sources.list(.d)",
+            hint="the guest is built from the host's Debian mirror: add a Debian source",
         )
     return "\n\n".join(stanzas) + "\n"
+
+
+def wanted_codenames() -> tuple[str, ...]:
+    """The guest's release first, then any other release one of its kernels comes from."""
+    others = [k.suite for k in config.KERNELS.values() if k.suite]
+    return tuple(dict.fromkeys([config.DISTRIBUTION, *others]))
+
+
+def _without_fields(stanza: str, names: tuple[str, ...]) -> str:
+    """A deb822 stanza without comments and without the fields ``names`` (lower case)."""
+    kept: list[str] = []
+    dropping = False
+    for line in stanza.strip().splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        if not line[:1].isspace():
+            dropping = line.split(":", 1)[0].strip().lower() in names
+        if not dropping:
+            kept.append(line)
+    return "\n".join(kept)
 
 
 def _deb822(stanza: str) -> dict[str, str]:
@@ -164,27 +196,62 @@ def packages(extra: tuple[str, ...] = ()) -> list[str]:
     return sorted(set(config.PACKAGES) | set(kernels) | set(extra))
 
 
-def check_kernels_available() -> None:
+class AptIndex:
+    """The package lists of the guest's sources, in a directory of the test bed's own.
+
+    The host's apt knows only the host's release; this asks the guest's (``apt-get
+    update`` into the cache, refreshed once a day) without touching the host's apt.
+    """
+
+    MAX_AGE = 24 * 3600.0
+
+    def __init__(self, sources: str) -> None:
+        self.dir = config.CACHE_DIR / f"apt-{_digest(sources)}"
+        self.sources = sources
+
+    def _options(self) -> list[str]:
+        d = self.dir
+        return [
+            "-o", "Dir::Etc::SourceList=/dev/null", "-o", f"Dir::Etc::SourceParts={d / 'etc'}",
+            "-o", f"Dir::State::Lists={d / 'lists'}", "-o", f"Dir::State::Status={d / 'status'}",
+            "-o", f"Dir::Cache={d / 'cache'}", "-o", "Debug::NoLocking=1",
+        ]
+
+    def update(self) -> None:
+        stamp = self.dir / "updated"
+        if stamp.exists() and time.time() - stamp.stat().st_mtime < self.MAX_AGE:
+            return
+        for sub in ("etc", "lists/partial", "cache/archives/partial"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        (self.dir / "etc/debian.sources").write_text(self.sources)
+        (self.dir / "status").touch()
+        with step("apt-get update (the guest's release)"):
+            _run(["apt-get", *self._options(), "update"])
+        stamp.touch()
+
+    def cache(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["apt-cache", *self._options(), *args],
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL)
+
+
+def check_kernels_available(sources: str) -> None:
     """Stop with the alternatives when the archive no longer has a kernel we name."""
+    index = AptIndex(sources)
+    index.update()
     for kernel in config.KERNELS.values():
-        shown = subprocess.run(
-            ["apt-cache", "show", "--no-all-versions", kernel.package],
-            capture_output=True, text=True, stdin=subprocess.DEVNULL,
-        )
+        shown = index.cache("show", "--no-all-versions", kernel.package)
         if shown.returncode == 0 and shown.stdout.strip():
             continue
-        found = subprocess.run(
-            ["apt-cache", "search", "--names-only", r"^linux-image-[0-9.]+-[0-9]+-cloud-amd64$"],
-            capture_output=True, text=True, stdin=subprocess.DEVNULL,
-        )
+        found = index.cache("search", "--names-only", r"^linux-image-[0-9.]+.*-cloud-amd64$")
         alternatives = sorted(line.split()[0] for line in found.stdout.splitlines() if line)
         raise VMError(
-            f"kernel {kernel.label}: the archive has no package {kernel.package}",
+            f"kernel {kernel.label} of Debian {config.RELEASE.version}: the archive has no "
+            f"package {kernel.package}",
             hint=(
                 f"choose another in vm-tests/vmtest/config.py; the archive has: "
                 f"{', '.join(alternatives)}"
                 if alternatives
-                else "run apt-get update first (apt-cache knows no cloud kernel at all)"
+                else "the archive knows no cloud kernel at all: check the host's apt sources"
             ),
         )
 
@@ -229,7 +296,7 @@ def build_base(extra: tuple[str, ...]) -> Path:
         return base
     if os.geteuid() != 0:
         raise VMError("building the guest image needs root (mmdebstrap --mode=root)")
-    check_kernels_available()
+    check_kernels_available(sources)
     _remove_tree(base)
     base.mkdir(parents=True)
     with step(f"mmdebstrap {config.DISTRIBUTION} with {len(pkgs)} packages"):
