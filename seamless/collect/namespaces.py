@@ -32,8 +32,12 @@ from pathlib import Path
 from seamless.mounts import unescape
 
 #: Mount points, in any namespace, whose mounts are never a service's own: CRIU is told
-#: to leave them out of a service's mount namespace.
-FOREIGN_MOUNTS = ("/run/user/",)
+#: to leave them out of a service's mount namespace. A login's /run/user/UID, and the
+#: credentials systemd mounts for a unit at /run/credentials/UNIT (systemd 257 does it
+#: for long-running units too: journald, networkd, getty), which propagate into every
+#: namespace made before them, and which the new boot has not made yet when the trees
+#: are restored. (A unit's own credentials are read at its start, not carried.)
+FOREIGN_MOUNTS = ("/run/user/", "/run/credentials/")
 
 
 @dataclass(frozen=True)

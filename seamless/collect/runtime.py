@@ -60,7 +60,10 @@ def unit_paths(units: Iterable[str | None]) -> dict[str, list[str]]:
         paths += [f"{RUN}/{d}" for d in props.get("RuntimeDirectory", "").split() if d]
         if props.get("PrivateTmp") == "yes" and boot:
             for tmp in ("/tmp", "/var/tmp"):
-                paths += sorted(glob.glob(f"{tmp}/systemd-private-{boot}-{glob.escape(unit)}-*"))
+                # named after the boot the service started in: this one, or an earlier
+                # one for a service restored by an earlier upgrade and not restarted
+                name = f"{tmp}/systemd-private-{{}}-{glob.escape(unit)}-*"
+                paths += sorted(glob.glob(name.format(boot)) or glob.glob(name.format("*")))
         found[unit] = paths
     return found
 
