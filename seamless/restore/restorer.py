@@ -121,6 +121,9 @@ def restore_options(inherit: tuple[InheritFd, ...], lazy: bool = False,
         ext_unix_sk=bool(inherit),
         inherit_fd=inherit,
         manage_cgroups=CgroupMode.SOFT,  # back into the unit's cgroup, created if missing
+        # A network namespace's sysctl that the new kernel lacks (going back from 6.12
+        # to 6.1, say) is skipped, not fatal: the namespace works without it.
+        weak_sysctls=True,
     )
 
 
