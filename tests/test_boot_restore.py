@@ -78,6 +78,7 @@ def reports(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[Path, Path
     var_report = tmp_path / "report-var" / "last-upgrade.json"
     monkeypatch.setattr(boot, "REPORT_RUN", run_report)
     monkeypatch.setattr(boot, "REPORT_VAR", var_report)
+    monkeypatch.setattr(boot, "DEFERRED", tmp_path / "report-run" / "deferred")
     return run_report, var_report
 
 
@@ -441,6 +442,35 @@ def test_all_restored_in_order_adopted_reported_and_wiped(
     assert "finishing" not in report
 
 
+def test_before_init_a_sandboxed_tree_defers_every_tree_to_the_restore_unit(
+    env: BootEnv, reports: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """CRIU makes a mount namespace again only with the real root as its root, which the
+    initramfs's chroot is not: restored before init, a generation with a sandboxed
+    service leaves all its trees to seamless-restore.service (no report, so the unit
+    runs), which restores them all and says why."""
+    sandboxed = tree(303, 2, "redis-server.service", "redis-server")
+    sandboxed["mount_namespace"] = True
+    gen = seal_generation(env.store.generations_dir / "gen-4", [sandboxed])
+    for d in ("101", "202"):
+        (env.gen.final / d).rename(gen.final / d)
+    criu = FakeRestorer()
+
+    report = boot.boot_restore(4, criu=criu, root=env.root)
+
+    assert criu.calls == [] and env.modules_loaded == 0
+    assert report["deferred"].startswith("1 tree with a mount namespace of its own "
+                                         "(redis-server.service)")
+    assert not reports[0].exists() and not reports[1].exists()
+    assert gen.final.exists() and env.unmounted == [env.store.root]
+    # after switch-root: all three, the reason in the report
+    (env.root / "run/systemd/system").mkdir(parents=True)
+    report = boot.boot_restore(4, criu=criu, root=env.root)
+    assert sorted(criu.calls) == ["101", "202", "303"] and report["ok"]
+    assert report["stage"] == "systemd" and report["deferred"].startswith("1 tree")
+    assert json.loads(reports[0].read_text())["deferred"] == report["deferred"]
+
+
 def test_a_page_image_too_short_for_criu_is_reported_as_corrupt(
     env: BootEnv, reports: tuple[Path, Path]
 ) -> None:
@@ -563,22 +593,26 @@ def systemctl(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[list[str]
 HAND_OVER = boot.hand_over
 
 
+def pid_1(tmp_path: Path, comm: str) -> None:
+    (tmp_path / "proc/1").mkdir(parents=True)
+    (tmp_path / "proc/1/comm").write_text(comm + "\n")
+
+
 def test_hand_over_when_systemd_runs(systemctl: list[list[str]], tmp_path: Path) -> None:
-    (tmp_path / "run/systemd/system").mkdir(parents=True)
+    pid_1(tmp_path, "systemd")
     boot.hand_over(["a.service", "b.service"])
     assert systemctl == [["systemctl", "daemon-reload"],
                          ["systemctl", "start", "--no-block", "a.service", "b.service"]]
 
 
-def test_no_hand_over_without_systemd(systemctl: list[list[str]]) -> None:
+def test_no_hand_over_before_init(systemctl: list[list[str]], tmp_path: Path) -> None:
+    """Restored before init, the adoption has made /run/systemd/system for the systemd
+    to come; the initramfs's init is PID 1: nothing to tell systemd yet."""
+    (tmp_path / "run/systemd/system").mkdir(parents=True)
+    pid_1(tmp_path, "sh")
     boot.hand_over(["a.service"])
     assert systemctl == []
-
-
-def test_no_hand_over_as_pid_1(systemctl: list[list[str]], tmp_path: Path,
-                               monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "run/systemd/system").mkdir(parents=True)
-    monkeypatch.setattr(os, "getpid", lambda: 1)
+    (tmp_path / "proc/1/comm").unlink()
     boot.hand_over(["a.service"])
     assert systemctl == []
 
@@ -911,34 +945,3 @@ def test_a_retry_while_a_lazy_restore_s_memory_arrives_is_refused(
     monkeypatch.setattr(boot, "lazy_daemons_run", lambda: False)  # the daemons are gone
     report = boot.boot_restore(3, criu=criu, root=env.root, previous=first)
     assert criu.calls and report["generation"] == 3
-
-
-def test_a_restore_before_init_keeps_tmp_for_the_boot(tmp_path: Path) -> None:
-    """Restored before init (initramfs-tools), the trees' /tmp files and the services'
-    private /tmp would be removed by the boot's tmpfiles: /run/tmpfiles.d overrides keep
-    them for this boot; everything else of the files is as the distribution has it, and
-    an operator's own file in /etc wins."""
-    from seamless.restore.boot import keep_tmp
-
-    lib = tmp_path / "usr/lib/tmpfiles.d"
-    lib.mkdir(parents=True)
-    (lib / "tmp.conf").write_text("# Clear tmp directories separately\nD /tmp 1777 root root -\n"
-                                  "#q /var/tmp 1777 root root 30d\n")
-    (lib / "systemd-tmp.conf").write_text(
-        "x /tmp/systemd-private-%b-*\nX /tmp/systemd-private-%b-*/tmp\n"
-        "R! /tmp/systemd-private-*\nR! /var/tmp/systemd-private-*\n")
-    written = keep_tmp(tmp_path)
-    run = tmp_path / "run/tmpfiles.d"
-    assert written == [run / "tmp.conf", run / "systemd-tmp.conf"]
-    tmp = (run / "tmp.conf").read_text().splitlines()
-    assert "d /tmp 1777 root root -" in tmp and "#q /var/tmp 1777 root root 30d" in tmp
-    assert not any(line.startswith("D ") for line in tmp)
-    private = (run / "systemd-tmp.conf").read_text().splitlines()
-    assert "x /tmp/systemd-private-%b-*" in private
-    assert not any(line.startswith("R!") for line in private)
-
-    (tmp_path / "etc/tmpfiles.d").mkdir(parents=True)
-    (tmp_path / "etc/tmpfiles.d/tmp.conf").write_text("# the operator's\n")
-    for f in written:
-        f.unlink()
-    assert keep_tmp(tmp_path) == [run / "systemd-tmp.conf"]

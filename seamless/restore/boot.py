@@ -26,7 +26,7 @@ from seamless.errors import SeamlessError
 from seamless.log import complete_step, count, log
 from seamless.memstore.generation import Generation, is_page_image
 from seamless.memstore.store import Store, open_store, unmount
-from seamless.restore import adopt, lazy
+from seamless.restore import adopt, bootfs, lazy
 from seamless.restore.lazy import Pager
 from seamless.restore.restorer import Restorer, RestoreReport, restore_all, trees_in
 from seamless.run import run
@@ -40,6 +40,9 @@ REPORT_VAR = Path("/var/lib/seamless/last-upgrade.json")
 HANDED_OVER_ENV = "SEAMLESS_HANDED_OVER"
 #: Written into the store by `seamless upgrade` just before the kexec.
 UPGRADE_RECORD = "upgrade.json"
+#: Written by a restore before init that leaves the trees to seamless-restore.service
+#: (it says why): the unit runs when it is there, although the report is not.
+DEFERRED = Path("/run/seamless/deferred")
 
 
 def corrupt_trees(bad_files: list[str]) -> dict[str, str]:
@@ -152,6 +155,13 @@ def still_running(previous: dict[str, Any] | None, number: int,
             if t.get("restored") and t.get("pid") and alive(int(t["pid"]))}
 
 
+def sandboxed_trees(gen: Generation) -> list[str]:
+    """The units (or commands) of the generation's trees that have a mount namespace of
+    their own: sandboxed services."""
+    return [str(info.get("unit") or info.get("command", "?")) for _, info in trees_in(gen.final)
+            if info.get("mount_namespace")]
+
+
 def restore_stage(root: Path = Path("/")) -> str:
     """Where a boot-time restore runs: under systemd (seamless-restore.service) or in
     an initramfs without it (initramfs-tools), before init."""
@@ -199,11 +209,29 @@ def boot_restore(number: int | None, *, keep: bool = False,
                 if upgrade.get("generation") == n:
                     report["times"] = {**upgrade.get("times", {}), **report["times"]}
                     lazy = upgrade.get("lazy_pages", False) if lazy is None else lazy
+        if report["stage"] == "initramfs" and retry is None:
+            deferred = sandboxed_trees(gen)
+            if deferred:
+                # CRIU makes a tree's mount namespace again from the real root as its
+                # root, which a chroot from the initramfs is not: every tree is restored
+                # after switch-root, as with dracut (the PIDs stay reserved until then).
+                # All of them, so no connection between two trees waits for its peer.
+                why = (f"{count(len(deferred), 'tree')} with a mount namespace of its own "
+                       f"({', '.join(deferred[:3])}): restored after switch-root")
+                log.info("generation %d: %s, by seamless-restore.service", n, why)
+                DEFERRED.parent.mkdir(parents=True, exist_ok=True)
+                DEFERRED.write_text(why + "\n")
+                report["deferred"] = why
+                return report
+        if DEFERRED.is_file() and retry is None:
+            report["deferred"] = DEFERRED.read_text().strip()
         with complete_step(f"verifying generation {n} (its page images: while the trees "
                            "are restored)"):
             bad = gen.verify(lambda path: not is_page_image(path))
         report["corrupt"] = bad
         load_criu_modules()
+        if report["stage"] == "initramfs" and retry is None:
+            report["mounted"] = bootfs.mount_boot_tmpfs(root)
         criu = criu or Criu()
         lazy = bool(lazy) and lazy_pages_work(criu)
         skip = corrupt_trees(bad)
@@ -221,8 +249,8 @@ def boot_restore(number: int | None, *, keep: bool = False,
             pages.stop()
         report.update(ok=restored.ok, trees=restored.to_json()["trees"],
                       adopted=adopt_services(restored, root))
-        if report["stage"] == "initramfs" and any(t.restored for t in restored.trees):
-            keep_tmp(root)
+        if any(t.restored for t in restored.trees):
+            bootfs.keep_tmp(root, before_init=report["stage"] == "initramfs")
         # The trees run: say so at once. Handing the services to systemd and overwriting
         # the generation take seconds, and the boot's services start meanwhile.
         write_report({**report, "finishing": True}, store)
@@ -239,7 +267,8 @@ def boot_restore(number: int | None, *, keep: bool = False,
         raise
     finally:
         report["times"]["finished"] = time.time()
-        write_report(report, store)
+        if "deferred" not in report or report["stage"] != "initramfs":
+            write_report(report, store)
         if store is not None:
             if pagers:  # even after an error: the daemons read from the store
                 finish_in_background(report, store, gen, pagers, keep)
@@ -340,11 +369,20 @@ def _visible(path: Path, within: float = 300) -> bool:
     return path.exists()
 
 
+def systemd_runs() -> bool:
+    """Whether systemd is PID 1 already (not the initramfs's init, before it). Not
+    /run/systemd/system: the adoption has just made it, for the systemd to come."""
+    try:
+        return Path("/proc/1/comm").read_text().strip() == "systemd"
+    except OSError:
+        return False
+
+
 def hand_over(units: list[str]) -> None:
     """When systemd runs already (the restore unit), make it read the runtime units and
     start the adopted ones (their start is /bin/true: it only records the main PID)."""
-    if not Path("/run/systemd/system").is_dir() or os.getpid() == 1:
-        return  # the initramfs: systemd reads them when it starts
+    if not systemd_runs():
+        return  # before init: systemd reads them when it starts
     run(["systemctl", "daemon-reload"], check=False)
     finish = [adopt.FINISH_UNIT] if (Path("/") / adopt.RUNTIME_UNITS / adopt.FINISH_UNIT).exists() \
         else []
@@ -359,50 +397,6 @@ def generation_from_cmdline(cmdline: str | None = None) -> int | None:
             value = arg.removeprefix("seamless.restore=")
             return int(value) if value.isdigit() else None
     return None
-
-
-#: What of the boot's tmpfiles.d removes what the restored processes hold in /tmp and
-#: /var/tmp: Debian's "D /tmp" (emptied at every boot) and systemd's "R!" of every
-#: service's private /tmp (``PrivateTmp=``), each line as the restore keeps it.
-TMPFILES_KEEP = {
-    "tmp.conf": (("D /tmp ", "d /tmp "),),
-    "systemd-tmp.conf": (("R! /tmp/systemd-private-", None),
-                         ("R! /var/tmp/systemd-private-", None)),
-}
-
-
-def keep_tmp(root: Path = Path("/")) -> list[Path]:
-    """When the trees were restored before init (an initramfs without systemd), the
-    boot's tmpfiles would then empty /tmp and remove the services' private /tmp under
-    them: for this boot only (/run/tmpfiles.d overrides the distribution's files of the
-    same name), /tmp is kept as the restored processes have it. An operator's own file
-    in /etc/tmpfiles.d wins, as always. Returns the files written."""
-    written = []
-    for name, changes in TMPFILES_KEEP.items():
-        if (root / "etc/tmpfiles.d" / name).exists():
-            continue
-        source = next((d / name for d in (root / "usr/lib/tmpfiles.d", root / "lib/tmpfiles.d")
-                       if (d / name).is_file()), None)
-        if source is None:
-            continue
-        lines: list[str] = []
-        changed = False
-        for line in source.read_text().splitlines():
-            kept: str | None = line
-            for prefix, replacement in changes:
-                if line.startswith(prefix):
-                    kept = None if replacement is None else replacement + line[len(prefix):]
-                    changed = True
-                    break
-            if kept is not None:
-                lines.append(kept)
-        if changed:
-            target = root / "run/tmpfiles.d" / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text("# seamless: this boot keeps /tmp as the restored processes "
-                              "have it\n" + "\n".join(lines) + "\n")
-            written.append(target)
-    return written
 
 
 def adopt_services(report: RestoreReport, root: Path) -> list[str]:

@@ -138,7 +138,9 @@ def status_command(as_json: bool) -> None:
              "systemd": "by seamless-restore.service, before the services"}.get(
         report.get("stage") or "")
     if where:
-        click.echo(f"restored {where}")
+        click.echo(f"restored {where}"
+                   + (f" (not before init: {report['deferred']})" if report.get("deferred")
+                      else ""))
     if report.get("finishing"):
         click.echo("the restore is still finishing: the trees run; it hands their services "
                    "to systemd and overwrites the generation")
