@@ -29,6 +29,12 @@ class Kernel:
         """The same kernel's initramfs built by initramfs-tools (the image has both)."""
         return f"/boot/initrd.img-{self.release}.initramfs-tools"
 
+    @property
+    def dracut_initrd(self) -> str:
+        """dracut's initramfs in the stock-server image, whose :attr:`initrd` is
+        initramfs-tools' (the distribution's default generator)."""
+        return f"/boot/initrd.img-{self.release}.dracut"
+
 
 def _kernel(label: str, abi: str, suite: str = "") -> Kernel:
     release = f"{abi}-cloud-amd64"

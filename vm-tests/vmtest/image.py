@@ -387,6 +387,13 @@ def _configure(root: Path, wheel: Path, stock: bool) -> None:
         for kernel in config.KERNELS.values():
             _run(["chroot", str(root), "mkinitramfs", "-o", kernel.initramfs_tools_initrd,
                   kernel.release])
+            if stock:
+                # A stock server boots the initramfs of the distribution's default
+                # generator, initramfs-tools; dracut's is kept beside it.
+                boot = root / "boot"
+                name = Path(kernel.initrd).name
+                (boot / name).rename(boot / Path(kernel.dracut_initrd).name)
+                (boot / Path(kernel.initramfs_tools_initrd).name).rename(boot / name)
 
 
 @contextlib.contextmanager
