@@ -47,6 +47,7 @@ class Release:
 
     version: str  # "13"
     codename: str  # "trixie"
+    criu: str  # the version of its CRIU package, as `criu --version` begins it
     #: The upgrade path the tests walk: A is the running kernel, B the target; O, where
     #: there is one, the previous release's kernel a dist-upgraded server still runs.
     kernels: dict[str, Kernel] = field(default_factory=dict)
@@ -54,11 +55,11 @@ class Release:
 
 #: Every release the test bed knows, and its kernels: the one place they are named.
 RELEASES: dict[str, Release] = {
-    "12": Release("12", "bookworm", {
+    "12": Release("12", "bookworm", "3.17", {
         "A": _kernel("A", "6.1.0-47"),  # 6.1.170
         "B": _kernel("B", "6.1.0-56"),  # 6.1.192
     }),
-    "13": Release("13", "trixie", {
+    "13": Release("13", "trixie", "4.1", {
         "A": _kernel("A", "6.12.90+deb13"),
         "B": _kernel("B", "6.12.118+deb13"),
         # A server dist-upgraded from Debian 12 still runs 12's kernel until its reboot.
