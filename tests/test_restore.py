@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -458,6 +459,31 @@ def test_the_lock_is_criu_s_table_with_each_connection_both_ways() -> None:
         "add element inet CRIU-501 conns4 { 10.0.2.15 . 22 . 10.0.2.2 . 47306 }"]
 
 
+RUN_ID = "0f4c1a52-9d1e-4b8e-a3f0-5b2d7c9e1a44"
+#: CRIU 4.1's name for it: "inet CRIU-" and the run id, in a buffer of 32 bytes.
+TABLE_41 = "CRIU-0f4c1a52-9d1e-4b8e-a3"
+
+
+def inventory(run_id: str | None) -> bytes:
+    """An inventory.img as CRIU writes it: its magic, then one entry (its size, then the
+    protobuf message: img_version = 2 and, from CRIU 4.1, dump_criu_run_id)."""
+    message = b"\x08\x02" + (b"\x6a" + bytes([len(run_id)]) + run_id.encode() if run_id else b"")
+    return struct.pack("<II", 0x58313116, len(message)) + message
+
+
+def test_the_lock_table_is_named_as_the_dumping_criu_names_it(tmp_path: Path) -> None:
+    from seamless.restore.netlock import table
+
+    assert table(501) == "inet CRIU-501"
+    assert table(501, tmp_path) == "inet CRIU-501"  # no inventory
+    (tmp_path / "inventory.img").write_bytes(inventory(None))  # CRIU 3.17
+    assert table(501, tmp_path) == "inet CRIU-501"
+    (tmp_path / "inventory.img").write_bytes(inventory(RUN_ID))
+    assert table(501, tmp_path) == f"inet {TABLE_41}"
+    (tmp_path / "inventory.img").write_bytes(b"\x16\x31\x31\x58\xff\x00\x00\x00\x08")
+    assert table(501, tmp_path) == "inet CRIU-501"  # cut short: as if none
+
+
 def test_connections_are_locked_before_any_address_and_unlocked_after_a_failure(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -473,6 +499,8 @@ def test_connections_are_locked_before_any_address_and_unlocked_after_a_failure(
             info["connections"] = [{**conn, "rport": conn["rport"] + pid}]
             info["addresses"] = [{"interface": "eth0", "address": "10.0.2.15", "prefix": 24}]
         info_file.write_text(json.dumps(info))
+    # 300 was dumped by CRIU 4.1, which names its table after the dump's run id
+    (tmp_path / "300" / "inventory.img").write_bytes(inventory(RUN_ID))
     events: list[str] = []
 
     def bring_up(addresses: list[Any]) -> list[str]:
@@ -489,8 +517,8 @@ def test_connections_are_locked_before_any_address_and_unlocked_after_a_failure(
                 stream=lambda *_: os.open(os.devnull, os.O_WRONLY), nft=nft)
 
     assert events == [
-        "lock CRIU-300", "lock CRIU-200",  # before the first address comes up
-        "addresses 1", "restore 300", "unlock CRIU-300",
+        f"lock {TABLE_41}", "lock CRIU-200",  # before the first address comes up
+        "addresses 1", "restore 300", f"unlock {TABLE_41}",
         "addresses 1", "restore 200", "unlock CRIU-200",  # failed: CRIU left it
         "addresses 0", "restore 100",
     ]

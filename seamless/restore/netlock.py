@@ -1,7 +1,8 @@
 """The lock of a tree's TCP connections, made again in the new kernel.
 
 CRIU's dump locks each established connection of a tree (nftables: a table
-``inet CRIU-<root PID>`` whose rules drop the connection's segments both ways),
+``inet CRIU-<root PID>`` in CRIU 3.17, ``inet CRIU-<the dump's run id>`` in 4.1, whose
+rules drop the connection's segments both ways),
 so that the peer's segments are dropped, not answered with a reset, until the
 restore has the socket back; at the end of the restore CRIU deletes that table.
 CRIU expects the restore in the same kernel, where the lock still stands. After a
@@ -18,8 +19,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+import struct
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
 
 from seamless.errors import SeamlessError
 from seamless.log import log
@@ -28,9 +35,53 @@ from seamless.log import log
 SOCCR_MARK = "0xC114"
 
 
-def table(root: int) -> str:
-    """CRIU's table for the tree whose root is ``root`` (netfilter.c nftables_get_table)."""
-    return f"inet CRIU-{root}"
+def table(root: int, images_dir: Path | None = None) -> str:
+    """CRIU's table for the tree whose root is ``root``, dumped into ``images_dir``
+    (netfilter.c nftables_get_table): named after the dump's run id where CRIU (4.1 and
+    later) wrote one into the inventory, the whole "inet CRIU-..." in a buffer of 32
+    bytes; else after the root."""
+    run_id = criu_run_id(images_dir) if images_dir is not None else None
+    return f"inet CRIU-{run_id}"[:31] if run_id else f"inet CRIU-{root}"
+
+
+#: The magics an image may begin with before its own (CRIU's images/magic.h).
+IMG_COMMON_MAGIC, IMG_SERVICE_MAGIC = 0x54564319, 0x55105940
+#: inventory_entry's dump_criu_run_id (CRIU's images/inventory.proto).
+RUN_ID_FIELD = 13
+
+
+@functools.cache
+def _inventory_class() -> Any:
+    """A message class for the one field of CRIU's inventory read here (protobuf keeps
+    the others as unknown fields)."""
+    proto = descriptor_pb2.FileDescriptorProto(name="seamless_criu_inventory.proto",
+                                               package="seamless.criuimg", syntax="proto2")
+    message = proto.message_type.add(name="inventory_entry")
+    message.field.add(name="dump_criu_run_id", number=RUN_ID_FIELD,
+                      type=descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
+                      label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    descriptor = pool.FindMessageTypeByName("seamless.criuimg.inventory_entry")
+    if hasattr(message_factory, "GetMessageClass"):  # protobuf 4.22+; Debian's is 4.21
+        return message_factory.GetMessageClass(descriptor)
+    return message_factory.MessageFactory(pool).GetPrototype(descriptor)  # type: ignore[attr-defined]
+
+
+def criu_run_id(images_dir: Path) -> str | None:
+    """The run id of the dump in ``images_dir`` (inventory.img), or None (CRIU 3.17, or
+    no inventory to read)."""
+    try:
+        data = (images_dir / "inventory.img").read_bytes()
+        pos = 4
+        if struct.unpack_from("<I", data)[0] in (IMG_COMMON_MAGIC, IMG_SERVICE_MAGIC):
+            pos = 8
+        (size,) = struct.unpack_from("<I", data, pos)
+        entry = _inventory_class().FromString(data[pos + 4:pos + 4 + size])
+    except (OSError, struct.error, DecodeError) as e:
+        log.debug("no run id in %s: %s", images_dir, e)
+        return None
+    return str(entry.dump_criu_run_id) or None
 
 
 #: The table that holds the connections between two trees over loopback until every
@@ -64,13 +115,15 @@ def lock_script(root: int, connections: Iterable[dict[str, Any]],
 Runner = Callable[[str], None]
 
 
-def lock(root: int, connections: list[dict[str, Any]], nft: Runner | None = None) -> bool:
-    """Lock a tree's connections (nothing to do without any); True when locked. A lock
-    that cannot be made is logged, not raised: the restore goes on as before."""
+def lock(root: int, connections: list[dict[str, Any]], nft: Runner | None = None,
+         name: str | None = None) -> bool:
+    """Lock a tree's connections (nothing to do without any) in the table ``name``
+    (default: :func:`table` of ``root``); True when locked. A lock that cannot be made is
+    logged, not raised: the restore goes on as before."""
     if not connections:
         return False
     try:
-        (nft or libnftables)(lock_script(root, connections))
+        (nft or libnftables)(lock_script(root, connections, name))
     except SeamlessError as e:
         log.warning("the TCP connections of tree %d are not locked (a peer's segment may "
                     "reset them before the restore): %s", root, e)
@@ -80,11 +133,12 @@ def lock(root: int, connections: list[dict[str, Any]], nft: Runner | None = None
     return True
 
 
-def unlock(root: int, nft: Runner | None = None) -> None:
+def unlock(root: int, nft: Runner | None = None, name: str | None = None) -> None:
     """Delete the table if CRIU did not (its restore failed: the peers should learn at once
     that the connections are gone)."""
+    t = name or table(root)
     try:
-        (nft or libnftables)(f"add table {table(root)}\ndelete table {table(root)}\n")
+        (nft or libnftables)(f"add table {t}\ndelete table {t}\n")
     except SeamlessError as e:
         log.warning("the lock of tree %d's connections stays: %s", root, e)
 

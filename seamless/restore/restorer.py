@@ -171,8 +171,13 @@ def restore_all(
     todo = [(d, i) for d, i in trees if not (running and int(i["root"]) in running)
             and not (skip and d.name in skip)]
     # Before any tree's address comes up: every connection to restore is locked again.
-    locked = {int(i["root"]) for _, i in todo
-              if netlock.lock(int(i["root"]), i.get("connections", []), nft)}
+    locked: dict[int, str] = {}  # the root of each tree locked, and its table
+    for d, i in todo:
+        root = int(i["root"])
+        if i.get("connections"):
+            name = netlock.table(root, d)
+            if netlock.lock(root, i["connections"], nft, name):
+                locked[root] = name
     # ... and those over loopback, between two trees, until every tree is back.
     loopback = netlock.lock_loopback([c for _, i in todo for c in i.get("loopback", [])], nft)
     streams = connect_streams([i for _, i in todo])
@@ -194,15 +199,15 @@ def restore_all(
                               gate, streams)
             finally:
                 if tree.root in locked:  # CRIU unlocks after a restore; not after a failure
-                    netlock.unlock(tree.root, nft)
+                    netlock.unlock(tree.root, nft, locked[tree.root])
     except BaseException:
         # Something no tree catches (an interruption, a bug): no tree may run on with
         # memory that will never arrive, and no connection stays locked.
         for root, lazy in report.pagers.items():
             lazy.stop()
             kill_tree(root)
-        for root in locked:
-            netlock.unlock(root, nft)
+        for root, name in locked.items():
+            netlock.unlock(root, nft, name)
         raise
     finally:
         if loopback:
