@@ -23,7 +23,7 @@ import click
 
 from seamless.collect.checkpoint import HeldTrees, take_checkpoint
 from seamless.collect.cli import pre_dump_option, selection_from, selection_options
-from seamless.collect.criu import Criu, CriuError
+from seamless.collect.criu import Criu, CriuError, kernels
 from seamless.collect.layout import load_criu_modules
 from seamless.collect.plan import StoreSpace, make_plan, render
 from seamless.collect.processes import read_table
@@ -38,14 +38,21 @@ from seamless.memstore.store import no_region_error, open_store
 from seamless.restore.boot import UPGRADE_RECORD, wipe_generation
 
 
-def _criu_check() -> None:
+def _criu_check(target_release: str) -> None:
+    """CRIU works on this kernel (``criu check``) and is known to work on the target."""
     with tempfile.TemporaryDirectory(prefix="seamless-check-") as work:
         try:
-            Criu().check(Path(work))
+            criu = Criu()
+            criu.check(Path(work))
+            version = criu.version()
         except CriuError as e:
             raise SeamlessError(f"criu check fails on this kernel: {e}",
                                 hint="CRIU cannot checkpoint here; see criu check's output "
                                 "(run `criu check` by hand)") from e
+    why = kernels.unsupported(version, target_release)
+    if why is not None:
+        raise SeamlessError(why, hint="choose an older kernel, or upgrade with a newer CRIU "
+                                      "(the distribution's next release has one)")
 
 
 def _lazy_pages_check() -> None:
@@ -126,7 +133,7 @@ def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
         cmdline.require_region(args, region.memmap)
         initrd_used, rebuilt = prepare_initrd(image, initrd_path, False, dry_run)
         load_criu_modules()
-        _criu_check()
+        _criu_check(image.release)
         if lazy_pages:
             _lazy_pages_check()
         plan = make_plan(read_table(), selection,

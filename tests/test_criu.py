@@ -489,3 +489,16 @@ def test_debian_python3_protobuf_round_trips_a_request() -> None:
     ours = wire.request(ReqType.RESTORE, images_dir_fd=3, options=CriuOptions(
         rst_sibling=True, inherit_fd=(InheritFd("socket:[9]", 5),)))
     assert bytes.fromhex(data_hex) == ours, version
+
+
+def test_a_criu_too_old_for_the_target_kernel_is_named() -> None:
+    """Debian 12's CRIU 3.17 cannot restore on 6.13 and later (vvar_vclock); 4.1 can."""
+    from seamless.collect.criu import Version, kernels
+
+    assert kernels.unsupported(Version(3, 17, 1), "6.1.0-56-cloud-amd64") is None
+    assert kernels.unsupported(Version(3, 17, 1), "6.12.118+deb13-cloud-amd64") is None
+    why = kernels.unsupported(Version(3, 17, 1), "7.3.4+deb13-cloud-amd64")
+    assert why is not None and why.startswith("CRIU 3.17.1 cannot restore on Linux 7.3.4")
+    assert "4.1 or later" in why
+    assert kernels.unsupported(Version(4, 1, 1), "7.3.4+deb13-cloud-amd64") is None
+    assert kernels.unsupported(Version(3, 17), "vmlinuz") is None

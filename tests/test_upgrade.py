@@ -33,6 +33,9 @@ from seamless.memstore.store import GENERATIONS, Store
 from seamless.restore.boot import UPGRADE_RECORD
 from tests.test_kexec import RELEASE, make_bzimage
 
+#: The preflight's CRIU check itself (the fixtures replace it in every other test).
+REAL_CRIU_CHECK = upgrade._criu_check
+
 real_lazy_pages_check = upgrade._lazy_pages_check  # the fixture below forbids it
 MEMMAP = "memmap=256M!1G"
 RUNNING = f"BOOT_IMAGE=/boot/vmlinuz-old root=UUID=1234-abcd ro quiet {MEMMAP} console=ttyS0"
@@ -133,6 +136,7 @@ class World:
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     checkpoint_error: BaseException | None = None
     criu_checked: int = 0
+    criu_target: str = ""
     gen: Generation | None = None
 
     def take_checkpoint(self, trees: Sequence[FakeTree], images: Generation, number: int, *,
@@ -179,7 +183,8 @@ def world(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> World:
     plan = FakePlan([FakeTree(101, [101, 102]), FakeTree(300, [300, 7000, 350])])
     w = World(tmp_path, image, rd, store, region, plan)
 
-    def criu_check() -> None:
+    def criu_check(target: str) -> None:
+        w.criu_target = target
         w.criu_checked += 1
 
     def open_store(r: Region) -> Store:
@@ -279,7 +284,7 @@ def test_the_new_command_line_keeps_the_region_and_the_pids(world: World) -> Non
     assert cmdline.PID_MARGIN == 4096
     assert not any(a.startswith(("BOOT_IMAGE=", "initrd=")) for a in args)
     assert args[-1] == "seamless.last_pid=11096" and "debug" in args
-    assert world.criu_checked == 1
+    assert world.criu_checked == 1 and world.criu_target == RELEASE  # CRIU can go there
     assert world.checkpoints[0]["leave_running"] is False
     assert world.checkpoints[0]["target_release"] == RELEASE
     assert world.loader.names() == ["load", "enter"]  # the fake enter returns; the real not
@@ -406,3 +411,21 @@ def test_needs_root(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     result = invoke(world, "--kernel", world.image, "--yes")
     assert exit_status(result) == ExitCode.UNCHANGED and "needs root" in message(result)
     assert world.loader.calls == [] and world.checkpoints == []
+
+
+def test_the_preflight_refuses_a_target_kernel_the_criu_cannot_restore_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from seamless.collect.criu import Version
+
+    class OldCriu:
+        def check(self, work: Path) -> None:
+            pass
+
+        def version(self) -> Version:
+            return Version(3, 17, 1)
+
+    monkeypatch.setattr(upgrade, "Criu", OldCriu)
+    REAL_CRIU_CHECK("6.12.118+deb13-cloud-amd64")
+    with pytest.raises(SeamlessError, match="CRIU 3.17.1 cannot restore on Linux 7.3.4"):
+        REAL_CRIU_CHECK("7.3.4+deb13-cloud-amd64")
