@@ -48,11 +48,12 @@ from seamless.collect.criu.options import CriuOptions
 from seamless.collect.criu.wire import ReqType, Response, Version
 from seamless.log import log
 
-#: The action scripts CRIU 3.17 announces with a NOTIFY (criu/action-scripts.c).
+#: The action scripts CRIU announces with a NOTIFY (criu/action-scripts.c): 3.17's, and
+#: query-ext-files, which 4.0 and later send during a dump.
 SCRIPTS = frozenset({
     "pre-dump", "post-dump", "pre-restore", "post-restore", "network-lock", "network-unlock",
     "setup-namespaces", "post-setup-namespaces", "pre-resume", "post-resume",
-    "orphan-pts-master", "status-ready",
+    "orphan-pts-master", "status-ready", "query-ext-files",
 })
 
 #: CRIU's answers are a few hundred bytes; anything near this is not CRIU.
