@@ -81,3 +81,47 @@ def test_unit_paths_find_private_tmp_of_this_boot_or_else_an_earlier_one(
                           "/var/tmp/systemd-private-OLD-nginx.service-c"],
         "cron.service": [],
     }
+
+
+EARLYOOM = """\
+146 130 254:0 / / ro,relatime master:1 - ext4 /dev/vda rw
+168 146 0:33 / /tmp rw,nosuid,nodev master:18 - tmpfs tmpfs rw
+57 168 0:41 /tmp /tmp rw,nosuid,nodev shared:115 - tmpfs tmpfs rw,mode=700
+59 146 0:41 /var-tmp /var/tmp rw,nosuid,nodev shared:147 - tmpfs tmpfs rw,mode=700
+60 146 0:25 /systemd/inaccessible/dir /home ro master:5 - tmpfs tmpfs rw
+61 146 0:33 /systemd-private-x-memcached.service-y/tmp /srv/t rw master:18 - tmpfs tmpfs rw
+"""
+HOST = """\
+22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+30 22 0:25 / /run rw,nosuid shared:5 - tmpfs tmpfs rw
+31 22 0:33 / /tmp rw,nosuid shared:18 - tmpfs tmpfs rw
+"""
+
+
+def test_a_disconnected_private_tmp_is_a_bind_criu_cannot_dump(tmp_path: Path) -> None:
+    """systemd 257's PrivateTmp=disconnected (DynamicUser=yes): /tmp and /var/tmp bind two
+    directories of a tmpfs mounted nowhere else; binds of the host's /tmp and /run are
+    reachable."""
+    proc = fake_proc(tmp_path, own_mnt=True)
+    (proc / "7" / "mountinfo").write_text(EARLYOOM)
+    (proc / "self" / "mountinfo").write_text(HOST)
+    assert namespaces.unreachable_binds(7, proc) == ["/tmp", "/var/tmp"]
+    (proc / "7" / "mountinfo").write_text(EARLYOOM.replace("0:41", "0:33"))
+    assert namespaces.unreachable_binds(7, proc) == []
+
+
+def test_a_unix_socket_of_the_hosts_network_namespace_is_named(tmp_path: Path) -> None:
+    """PrivateNetwork=yes and a journal stream of the host's: CRIU cannot find it."""
+    proc = fake_proc(tmp_path, own_mnt=True)
+    header = "Num RefCount Protocol Flags Type St Inode Path\n"
+    for pid, ns, inodes in (("self", "net:[1]", (3623, 100)), ("7", "net:[2]", (200,))):
+        os.symlink(ns, proc / pid / "ns" / "net")
+        (proc / pid / "net").mkdir()
+        (proc / pid / "net" / "unix").write_text(header + "".join(
+            f"0000: 00000002 00000000 00000000 0001 03 {i}\n" for i in inodes))
+    (proc / "7" / "fd").mkdir()
+    os.symlink("socket:[200]", proc / "7" / "fd" / "3")
+    os.symlink("/dev/null", proc / "7" / "fd" / "0")
+    assert namespaces.foreign_unix_sockets([7], 7, proc) == []
+    os.symlink("socket:[3623]", proc / "7" / "fd" / "1")
+    assert namespaces.foreign_unix_sockets([7], 7, proc) == [7]

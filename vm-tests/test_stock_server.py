@@ -22,18 +22,23 @@ UNITS = ("postgresql@PG-main.service", "mariadb.service", "redis-server.service"
          "memcached.service", "nginx.service", "apache2.service", "ssh.service",
          "cron.service", "earlyoom.service")
 
-#: What CRIU refuses by design in three of Debian's units, and what `seamless plan`
-#: tells the operator to apply once (each named in its finding): a SysV segment in the
-#: host's IPC namespace (PostgreSQL), a private user namespace beside the host's
-#: namespaces (redis), io_uring and an 8 TiB address space reservation (MariaDB).
+#: What CRIU refuses by design in Debian's units, and what `seamless plan` tells the
+#: operator to apply once (each named in its finding): a SysV segment in the host's IPC
+#: namespace (PostgreSQL), a private user namespace beside the host's namespaces
+#: (redis), io_uring and an 8 TiB address space reservation (MariaDB); in Debian 13,
+#: earlyoom's private tmpfs (DynamicUser= implies PrivateTmp=disconnected in systemd
+#: 257) and its network namespace holding a journal stream of the host's.
 REMEDIES = """
 mkdir -p /etc/systemd/system/postgresql@PG-main.service.d /etc/systemd/system/redis-server.service.d
 printf '[Service]\\nPrivateIPC=yes\\n' > /etc/systemd/system/postgresql@PG-main.service.d/ipc.conf
 printf '[Service]\\nPrivateUsers=no\\n' > /etc/systemd/system/redis-server.service.d/users.conf
 printf '[mariadbd]\\ninnodb_use_native_aio=0\\ninnodb_buffer_pool_size_max=128M\\n' \\
     > /etc/mysql/mariadb.conf.d/90-seamless.cnf
+mkdir -p /etc/systemd/system/earlyoom.service.d
+printf '[Service]\\nPrivateTmp=yes\\nPrivateNetwork=no\\n' \\
+    > /etc/systemd/system/earlyoom.service.d/sandbox.conf
 systemctl daemon-reload
-systemctl restart postgresql@PG-main redis-server mariadb
+systemctl restart postgresql@PG-main redis-server mariadb earlyoom
 """
 
 MEMCACHED = "timeout 5 bash -c 'exec 3<>/dev/tcp/127.0.0.1/11211; cat >&3; cat <&3'"
@@ -130,8 +135,15 @@ def test_a_stock_debian_server_keeps_its_packaged_services(boot_stock: BootGuest
     blocking = {f["resource"].split(" ")[0] for f in findings if f["blocking"]}
     assert {"SysV", "user", "io_uring", "a"} <= blocking, findings
     hints = " ".join(f["hint"] for f in findings if f["blocking"])
-    for remedy in ("PrivateIPC=yes", "PrivateUsers=no", "innodb_use_native_aio=0",
-                   "innodb_buffer_pool_size_max"):
+    remedies = ["PrivateIPC=yes", "PrivateUsers=no", "innodb_use_native_aio=0",
+                "innodb_buffer_pool_size_max"]
+    earlyoom = g.run("systemctl", "show", "-P", "PrivateTmpEx", "-P", "PrivateNetwork",
+                     "earlyoom").split()
+    if "disconnected" in earlyoom:  # systemd 257's DynamicUser=
+        remedies.append("PrivateTmp=yes")
+    if "yes" in earlyoom:  # Debian 13's unit
+        remedies.append("PrivateNetwork=no")
+    for remedy in remedies:
         assert remedy in hints, hints
 
     g.sh(with_pg(g, REMEDIES), timeout=300)

@@ -189,3 +189,55 @@ def tmpfs_bind_sources(pid: int, proc: Path = Path("/proc")) -> list[str]:
                     found.add(path)
                 break
     return sorted(found)
+
+
+def unreachable_binds(pid: int, proc: Path = Path("/proc")) -> list[str]:
+    """The mount points in ``pid``'s own mount namespace that bind a directory of a
+    filesystem mounted nowhere else, neither there nor in the host's: CRIU cannot dump
+    them ("doesn't have a proper root mount"). systemd 256 and later make them for
+    ``PrivateTmp=disconnected``, which ``DynamicUser=yes`` implies: one tmpfs of the
+    service's own, its /tmp and /var/tmp bound from two directories of it."""
+    if not own_namespace(pid, "mnt", proc):
+        return []
+    theirs = mountinfo(pid, proc)
+    every = theirs + mountinfo("self", proc)
+    found = []
+    for m in theirs:
+        if m.root == "/" or m.target.startswith(FOREIGN_MOUNTS):
+            continue
+        if not any(n.device == m.device and (n.root == "/" or m.root == n.root
+                                              or m.root.startswith(n.root.rstrip("/") + "/"))
+                   for n in every if n is not m):
+            found.append(m.target)
+    return found
+
+
+def _unix_inodes(pid: int | str, proc: Path) -> set[int]:
+    """The inodes of the unix sockets of ``pid``'s network namespace (/proc/PID/net/unix)."""
+    try:
+        lines = (proc / str(pid) / "net/unix").read_text().splitlines()[1:]
+    except OSError:
+        return set()
+    return {int(f[6]) for f in (line.split() for line in lines) if len(f) > 6 and f[6].isdigit()}
+
+
+def foreign_unix_sockets(pids: Iterable[int], root: int,
+                         proc: Path = Path("/proc")) -> list[int]:
+    """The PIDs of a tree with a network namespace of its own (``root``'s) that hold a
+    unix socket of the host's network namespace (a journal stream, mostly): CRIU looks
+    sockets up in the tree's namespace only ("Unix socket N not found")."""
+    if not own_namespace(root, "net", proc):
+        return []
+    host, own = _unix_inodes("self", proc), _unix_inodes(root, proc)
+    found = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(proc / str(pid) / "fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(proc / str(pid) / "fd" / fd)
+                    if target.startswith("socket:["):
+                        inode = int(target[8:-1])
+                        if inode in host and inode not in own:
+                            found.append(pid)
+                            break
+    return found

@@ -613,6 +613,22 @@ def sandbox_findings(tree: ProcessTree) -> list[Finding]:
                 "innodb_buffer_pool_size_max = innodb_buffer_pool_size in its [mariadbd] "
                 f"section, then restart it); or {exclude}", blocking=True))
             break
+    disconnected = namespaces.unreachable_binds(tree.root.pid)
+    if disconnected:
+        found.append(Finding(
+            tree.root.pid, f"a private tmpfs of its own ({', '.join(disconnected)})",
+            "a /tmp of a filesystem of the service's own, mounted nowhere else "
+            "(PrivateTmp=disconnected, which DynamicUser=yes implies since systemd 256): "
+            "CRIU cannot dump such a bind",
+            _drop_in(unit, "PrivateTmp=yes") + " (its /tmp then lives in the host's, "
+            f"which is carried); or {exclude}", blocking=True))
+    streams = namespaces.foreign_unix_sockets(tree.pids, tree.root.pid)
+    if streams:
+        found.append(Finding(
+            streams[0], "a unix socket from outside its network namespace",
+            "a network namespace of its own (PrivateNetwork=yes) and a unix socket of the "
+            "host's (its journal stream): CRIU finds sockets in the tree's namespace only",
+            _drop_in(unit, "PrivateNetwork=no") + f"; or {exclude}", blocking=True))
     uring = [pid for pid in tree.pids if namespaces.uses_io_uring(pid)]
     if uring:
         found.append(Finding(
