@@ -13,7 +13,7 @@ timed "mypy" mypy
 # The VM tests run on Debian 13 (or the release SEAMLESS_VM_RELEASE names); the core
 # upgrade scenarios (marked debian12) run on Debian 12 too, so neither breaks silently.
 phase "pytest (host tests and VM tests, Debian ${SEAMLESS_VM_RELEASE:-13})"
-timed "pytest" python -m pytest "$@"
+timed "pytest" python -m pytest --durations=12 "$@"
 if [ -z "${SEAMLESS_VM_RELEASE:-}" ]; then
     phase "pytest (the core upgrade scenarios on Debian 12)"
     status=0
