@@ -945,3 +945,14 @@ def test_a_retry_while_a_lazy_restore_s_memory_arrives_is_refused(
     monkeypatch.setattr(boot, "lazy_daemons_run", lambda: False)  # the daemons are gone
     report = boot.boot_restore(3, criu=criu, root=env.root, previous=first)
     assert criu.calls and report["generation"] == 3
+
+
+@pytest.mark.parametrize("where", ["usr/local/lib/systemd/system",
+                                   "run/systemd/generator.late"])
+def test_a_unit_from_usr_local_or_a_generator_keeps_its_file(tmp_path: Path, where: str) -> None:
+    """An operator's unit in /usr/local, or one a generator made (a SysV script's, after
+    switch-root), gets a drop-in: a whole runtime unit would shadow it for good."""
+    (tmp_path / where).mkdir(parents=True)
+    (tmp_path / where / "legacy.service").write_text("[Service]\n")
+    written = adopt.adopt("legacy.service", 7, root=tmp_path)
+    assert written.name == adopt.DROPIN

@@ -28,7 +28,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-UNIT_DIRS = ("etc/systemd/system", "usr/lib/systemd/system", "lib/systemd/system")
+#: Where systemd finds unit files (the runtime directory aside), the operator's first; the
+#: generators' directories exist only once systemd has run them (after switch-root).
+UNIT_DIRS = ("etc/systemd/system", "run/systemd/generator.early", "run/systemd/generator",
+             "usr/local/lib/systemd/system", "usr/lib/systemd/system", "lib/systemd/system",
+             "run/systemd/generator.late")
 RUNTIME_UNITS = Path("run/systemd/system")
 PID_FILES = Path("run/seamless/adopt")
 DROPIN = "50-seamless-adopt.conf"

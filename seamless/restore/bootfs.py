@@ -20,10 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from seamless.log import log
+from seamless.restore.adopt import UNIT_DIRS
 from seamless.run import run
-
-#: Where units are found, the operator's first (as systemd looks).
-UNIT_DIRS = ("etc/systemd/system", "usr/lib/systemd/system", "lib/systemd/system")
 
 
 @dataclass(frozen=True)
