@@ -956,3 +956,22 @@ def test_a_unit_from_usr_local_or_a_generator_keeps_its_file(tmp_path: Path, whe
     (tmp_path / where / "legacy.service").write_text("[Service]\n")
     written = adopt.adopt("legacy.service", 7, root=tmp_path)
     assert written.name == adopt.DROPIN
+
+
+def test_a_users_unit_named_like_a_system_unit_is_not_adopted(
+    env: BootEnv, reports: tuple[Path, Path]
+) -> None:
+    """A user's own ssh.service (in their systemd --user manager) is restored, but the
+    system's ssh.service is not handed its process."""
+    (env.root / "lib/systemd/system").mkdir(parents=True)
+    (env.root / "lib/systemd/system/ssh.service").write_text("[Service]\n")
+    users = tree(404, 2, "ssh.service", "/home/mallory/fake-sshd")
+    users["cgroup"] = "/user.slice/user-1000.slice/user@1000.service/app.slice/ssh.service"
+    gen = seal_generation(env.store.generations_dir / "gen-4", [users])
+    report = boot.boot_restore(4, criu=FakeRestorer(), root=env.root)
+    assert trees_by_root(report)[404]["restored"] and report["adopted"] == []
+    assert not (env.root / "run/systemd/system/ssh.service.d").exists()
+    assert not (env.root / "run/seamless/adopt/ssh.service.pid").exists()
+    assert gen.final.exists() is False  # restored and wiped as usual
+    assert adopt.system_unit(users["cgroup"]) == "user@1000.service"
+    assert adopt.system_unit("/system.slice/ssh.service") == "ssh.service"

@@ -75,6 +75,17 @@ ExecStart=/bin/systemctl daemon-reload
 """
 
 
+def system_unit(cgroup: str) -> str | None:
+    """The system manager's unit a process ran in, from its cgroup: the first unit of the
+    path. A user's own units (under ``user@UID.service``) are the user manager's, never a
+    system unit of the same name: a user's ``ssh.service`` must not take over the
+    system's at adoption."""
+    for part in cgroup.split("/"):
+        if part.endswith((".service", ".scope")):
+            return part
+    return None
+
+
 def has_unit_file(unit: str, root: Path) -> bool:
     """Whether the unit (or, for an instance ``NAME@I.service``, its template) has a file."""
     prefix, at, _ = unit.partition("@")

@@ -404,7 +404,9 @@ def adopt_services(report: RestoreReport, root: Path) -> list[str]:
     dropins = []
     for tree in report.trees:
         new = tree.restored and not tree.earlier
-        if new and tree.pid and tree.unit and tree.unit.endswith(".service"):
+        # only a tree of the system unit's own cgroup: not a user's unit of the same name
+        system = adopt.system_unit(tree.cgroup) == tree.unit or not tree.cgroup
+        if new and tree.pid and tree.unit and tree.unit.endswith(".service") and system:
             path = adopt.adopt(tree.unit, tree.pid, root)
             adopted.append(tree.unit)
             if path.name == adopt.DROPIN:

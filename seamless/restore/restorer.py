@@ -63,6 +63,8 @@ class TreeRestore:
     lazy: bool = False
     #: The addresses the restore put up for its sockets ("10.0.2.15/24 on eth0").
     addresses: list[str] = field(default_factory=list)
+    #: Its cgroup in the old boot ("/system.slice/nginx.service").
+    cgroup: str = ""
 
 
 @dataclass
@@ -184,7 +186,7 @@ def restore_all(
     try:
         for images_dir, info in trees:
             tree = TreeRestore(int(info["root"]), info.get("unit"), str(info.get("command", "")),
-                               restored=False)
+                               restored=False, cgroup=str(info.get("cgroup", "")))
             report.trees.append(tree)
             if running and tree.root in running:
                 tree.restored, tree.earlier, tree.pid = True, True, running[tree.root]
