@@ -31,6 +31,7 @@ from seamless.errors import ExitCode, SeamlessError
 from seamless.kexec import cmdline, loader
 from seamless.kexec.cli import check_policy, prepare_initrd
 from seamless.kexec.image import KernelImage
+from seamless.lock import exclusive
 from seamless.log import complete_step, count, log
 from seamless.memstore.generation import Generation
 from seamless.memstore.region import find_region
@@ -92,6 +93,7 @@ def _write_record(path: Path, record: dict[str, Any]) -> None:
               "Implies --no-pre-dump unless --pre-dump is given: CRIU restores the pages a "
               "pre-dump copied before the tree runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@exclusive("seamless upgrade")
 def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
                     includes: tuple[str, ...], excludes: tuple[str, ...], config_path: Path,
                     dry_run: bool, yes: bool, pre_dump: bool | None, lazy_pages: bool,

@@ -5,5 +5,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 # The test bed's own code (vm-tests/vmtest) is tested on the host too.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "vm-tests"))
+
+
+@pytest.fixture(autouse=True)
+def lock_in_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """seamless's lock is taken under tmp_path, never in the host's /run."""
+    from seamless import lock
+
+    path = tmp_path / "run-seamless" / "lock"
+    monkeypatch.setattr(lock, "LOCK", path)
+    return path

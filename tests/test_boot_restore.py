@@ -975,3 +975,21 @@ def test_a_users_unit_named_like_a_system_unit_is_not_adopted(
     assert gen.final.exists() is False  # restored and wiped as usual
     assert adopt.system_unit(users["cgroup"]) == "user@1000.service"
     assert adopt.system_unit("/system.slice/ssh.service") == "ssh.service"
+
+
+@pytest.mark.parametrize(("stage", "code"), [("initramfs", 0), ("systemd", ExitCode.CHANGED)])
+def test_a_restore_left_to_the_unit_is_no_failure_of_the_initramfs(
+    monkeypatch: pytest.MonkeyPatch, stage: str, code: int
+) -> None:
+    """Before init, a generation left to seamless-restore.service exits 0 (the boot
+    script would say the restore failed); the unit's own restore says how it went."""
+    from seamless.restore import cli as restore_cli
+
+    monkeypatch.setattr(restore_cli.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(restore_cli, "boot_restore", lambda *a, **k: {
+        "ok": False, "deferred": "1 tree with a mount namespace of its own", "stage": stage})
+    result = CliRunner().invoke(cli, ["restore", "--boot", "--generation", "4"],
+                                standalone_mode=False)
+    status = (result.exception.status if isinstance(result.exception, SeamlessError)
+              else result.exit_code)
+    assert status == code, result.output

@@ -16,6 +16,7 @@ from seamless.collect.plan import StoreSpace, make_plan, render
 from seamless.collect.processes import read_table
 from seamless.collect.select import CONFIG_PATH, RULE_KINDS, Selection, load_config
 from seamless.errors import ExitCode, SeamlessError
+from seamless.lock import exclusive
 from seamless.log import complete_step, count, log
 from seamless.memstore.generation import Generation
 from seamless.memstore.store import Store, open_store
@@ -100,6 +101,7 @@ def plan_command(includes: tuple[str, ...], excludes: tuple[str, ...], config_pa
               "are all that is left of them).")
 @pre_dump_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@exclusive("seamless checkpoint")
 def checkpoint_command(includes: tuple[str, ...], excludes: tuple[str, ...], config_path: Path,
                        images_dir: Path | None, target_release: str | None,
                        leave_running: bool, pre_dump: bool | None, as_json: bool) -> None:

@@ -13,6 +13,7 @@ import click
 from seamless.errors import ExitCode, SeamlessError
 from seamless.kexec import cmdline, initrd, loader
 from seamless.kexec.image import KernelImage, KexecPolicy, kexec_policy
+from seamless.lock import exclusive
 from seamless.log import complete_step, log
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ def last_pid_of(region: Region, number: int) -> int:
               help="Restore this store generation in the new kernel (used by upgrade).")
 @click.option("--yes", is_flag=True, help="Do not ask before rebooting into the kernel.")
 @click.option("--json", "as_json", is_flag=True, help="Print what is (or would be) done as JSON.")
+@exclusive("seamless kexec")
 def kexec_command(
     kernel: Path | None,
     initrd_path: Path | None,

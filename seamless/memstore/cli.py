@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from seamless.errors import ExitCode, SeamlessError
+from seamless.lock import exclusive
 from seamless.log import complete_step, count
 from seamless.memstore import setup
 from seamless.memstore.region import Region, find_region, memformat, memparse, parse_iomem
@@ -95,6 +96,7 @@ def store_group() -> None:
 @store_group.command("format")
 @click.option("--force", is_flag=True, help="Overwrite a device that holds other data.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@exclusive("seamless store format")
 def format_command(force: bool, as_json: bool) -> None:
     """Make an empty store on the preserved region (its contents are lost)."""
     need_root("formatting the store")
@@ -177,6 +179,7 @@ def verify_command(number: int | None, as_json: bool) -> None:
 
 @store_group.command("wipe")
 @click.option("--yes", is_flag=True, help="Do not ask.")
+@exclusive("seamless store wipe")
 def wipe_command(yes: bool) -> None:
     """Overwrite the whole region with zeros, leaving an empty store."""
     need_root("wiping the store")

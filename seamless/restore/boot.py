@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 
 import seamless
+from seamless import lock
 from seamless.collect.criu import Criu
 from seamless.collect.layout import load_criu_modules
 from seamless.errors import SeamlessError
@@ -315,6 +316,12 @@ def finish_in_background(report: dict[str, Any], store: Store, gen: Generation,
     code = 0
     try:
         os.setsid()
+        try:
+            # Until it exits: no upgrade or checkpoint while the memory arrives. (Before
+            # init, /run is the initramfs's, which the boot moves into the real root.)
+            lock.hold("the lazy restore's finisher, until the memory is back")
+        except SeamlessError as e:
+            log.warning("the lazy restore's finisher runs without the lock: %s", e)
         finish_lazy(report, store, gen, pagers, keep)
     except BaseException:
         log.exception("finishing the lazy restore failed")

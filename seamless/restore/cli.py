@@ -12,6 +12,7 @@ import click
 from seamless.collect.criu import Criu
 from seamless.collect.layout import TREE_INFO
 from seamless.errors import ExitCode, SeamlessError
+from seamless.lock import held
 from seamless.log import complete_step, count
 from seamless.restore import boothooks
 from seamless.restore.boot import (
@@ -82,10 +83,21 @@ def restore_command(images_dir: Path | None, number: int | None, boot: bool, kee
                                    keep=keep)
         if as_json:
             click.echo(json.dumps(boot_report, indent=2))
+        if boot_report.get("deferred") and boot_report.get("stage") == "initramfs":
+            return  # seamless-restore.service restores them after switch-root
         if not boot_report["ok"]:
             raise SeamlessError("some trees were not restored (seamless status says which)",
                                 exit_code=ExitCode.CHANGED)
         return
+    if images_dir is not None and not any(images_dir.glob(f"*/{TREE_INFO}")):
+        raise SeamlessError(f"{images_dir} holds no checkpointed tree",
+                            hint="give the directory a checkpoint wrote its trees into")
+    with held("seamless restore"):
+        _restore_by_hand(images_dir, number, keep, as_json)
+
+
+def _restore_by_hand(images_dir: Path | None, number: int | None, keep: bool,
+                     as_json: bool) -> None:
     if images_dir is None:
         # A generation of the store: a retry after a failed or missing boot-time restore.
         # Trees an earlier restore brought back and that still run are left alone.
@@ -96,9 +108,6 @@ def restore_command(images_dir: Path | None, number: int | None, boot: bool, kee
         if as_json:
             click.echo(json.dumps(retried, indent=2))
     else:
-        if not any(images_dir.glob(f"*/{TREE_INFO}")):
-            raise SeamlessError(f"{images_dir} holds no checkpointed tree",
-                                hint="give the directory a checkpoint wrote its trees into")
         with complete_step(f"restoring the trees of {images_dir}"):
             report = restore_all(images_dir, Criu())
         trees = report.trees
