@@ -985,7 +985,7 @@ def test_a_restore_left_to_the_unit_is_no_failure_of_the_initramfs(
     script would say the restore failed); the unit's own restore says how it went."""
     from seamless.restore import cli as restore_cli
 
-    monkeypatch.setattr(restore_cli.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
     monkeypatch.setattr(restore_cli, "boot_restore", lambda *a, **k: {
         "ok": False, "deferred": "1 tree with a mount namespace of its own", "stage": stage})
     result = CliRunner().invoke(cli, ["restore", "--boot", "--generation", "4"],
