@@ -211,3 +211,19 @@ def test_every_release_walks_an_upgrade_between_two_of_its_own_kernels() -> None
     for release in config.RELEASES.values():
         a, b = release.kernels["A"], release.kernels["B"]
         assert a.release != b.release and not a.suite and not b.suite
+
+
+def test_a_guest_dead_of_tcgs_code_patching_race_says_so(tmp_path: Path) -> None:
+    """The int3 oops of QEMU TCG's cross-vCPU code patching is named (the VM tests run
+    again once what dies of it), even when the oops is far above the console's tail; and
+    a guest whose QEMU is still exiting after the panic is waited for."""
+    (tmp_path / "console.log").write_text(
+        "[   29.93] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\r\n"
+        + "".join(f"[   29.94] trace {i}\r\n" for i in range(60))
+        + "[   29.94] Kernel panic - not syncing: Fatal exception in interrupt\r\n")
+    proc = subprocess.Popen(["sleep", "1"])
+    guest = qemu.Guest(tmp_path, qemu.GuestSpec(image=str(tmp_path)), proc)
+    with pytest.raises(LostVMError) as exc:
+        guest.check_alive()
+    assert exc.value.reason == f"the guest kernel panicked: {qemu.TCG_RACE_REASON}"
+    assert proc.poll() == 0  # waited for QEMU to go
