@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,13 +153,24 @@ def sysv_shm_maps(pid: int, proc: Path = Path("/proc")) -> int:
         return 0
 
 
+def fd_targets(pid: int, proc: Path = Path("/proc")) -> Iterator[tuple[str, str]]:
+    """Each open descriptor of ``pid`` and what it points at ("socket:[123]"); nothing
+    when the process is gone, and no descriptor closed meanwhile."""
+    base = proc / str(pid) / "fd"
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        with contextlib.suppress(OSError):
+            yield name, os.readlink(base / name)
+
+
 def uses_io_uring(pid: int, proc: Path = Path("/proc")) -> bool:
     """Whether ``pid`` holds an io_uring instance (a descriptor or its rings mapped)."""
+    if any(t == "anon_inode:[io_uring]" for _, t in fd_targets(pid, proc)):
+        return True
     try:
-        for name in os.listdir(proc / str(pid) / "fd"):
-            with contextlib.suppress(OSError):
-                if os.readlink(proc / str(pid) / "fd" / name) == "anon_inode:[io_uring]":
-                    return True
         with open(proc / str(pid) / "maps") as f:
             return any("io_uring" in line for line in f)
     except OSError:
@@ -229,15 +240,7 @@ def foreign_unix_sockets(pids: Iterable[int], root: int,
     if not own_namespace(root, "net", proc):
         return []
     host, own = _unix_inodes("self", proc), _unix_inodes(root, proc)
-    found = []
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(proc / str(pid) / "fd"):
-                with contextlib.suppress(OSError):
-                    target = os.readlink(proc / str(pid) / "fd" / fd)
-                    if target.startswith("socket:["):
-                        inode = int(target[8:-1])
-                        if inode in host and inode not in own:
-                            found.append(pid)
-                            break
-    return found
+    foreign = host - own
+    return [pid for pid in pids
+            if any(t.startswith("socket:[") and int(t[8:-1]) in foreign
+                   for _, t in fd_targets(pid, proc))]

@@ -477,16 +477,7 @@ class Network:
 
 
 def _fds(pid: int) -> Iterable[tuple[str, str]]:
-    base = f"/proc/{pid}/fd"
-    try:
-        names = os.listdir(base)
-    except OSError:
-        return
-    for name in names:
-        try:
-            yield name, os.readlink(f"{base}/{name}")
-        except OSError:
-            continue
+    return namespaces.fd_targets(pid)
 
 
 def _mapped_files(pid: int) -> set[str]:

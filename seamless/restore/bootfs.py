@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from seamless.log import log
+from seamless.mounts import mounts
 from seamless.restore.adopt import UNIT_DIRS
 from seamless.run import run
 
@@ -86,12 +87,8 @@ def boot_tmpfs(root: Path = Path("/")) -> list[Tmpfs]:
     return found
 
 
-def _is_mount(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> bool:
-    try:
-        lines = mountinfo.read_text().splitlines()
-    except OSError:
-        return False
-    return any(line.split()[4] == str(path) for line in lines if len(line.split()) > 4)
+def _is_mount(path: Path) -> bool:
+    return any(m.target == str(path) for m in mounts())
 
 
 def mount_boot_tmpfs(root: Path = Path("/")) -> list[str]:
