@@ -168,6 +168,20 @@ def sync() -> None:
     _libc.sync()
 
 
+AT_EMPTY_PATH = 0x1000
+AT_SYMLINK_NOFOLLOW = 0x100
+
+
+def chown_fd(fd: int, uid: int, gid: int) -> None:
+    """Change the owner of what ``fd`` is open on, even a descriptor opened with O_PATH
+    on a symbolic link itself (fchownat with AT_EMPTY_PATH): no name is looked up."""
+    rc: int = _libc.fchownat(
+        ctypes.c_int(fd), ctypes.c_char_p(b""), ctypes.c_uint(uid), ctypes.c_uint(gid),
+        ctypes.c_int(AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW),
+    )
+    _check(rc, "fchownat")
+
+
 def remount_readonly(target: str, flags: int = 0) -> int:
     """Remount the filesystem at ``target`` read-only, keeping the per-mount ``flags``.
 

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from seamless import safepath
 from seamless.log import log
 from seamless.run import CommandError, run
 
@@ -147,37 +148,27 @@ def collect(paths: Sequence[str], volatile_open: Sequence[str] = ()) -> list[dic
 
 def recreate(entries: Sequence[dict[str, Any]]) -> list[str]:
     """Make a tree's runtime files again where the new boot has none (see
-    :func:`collect`), parents first, never through a symbolic link; what exists is left
-    as it is. Returns the paths made."""
+    :func:`collect`), parents first, never through a user's symbolic link (see
+    :mod:`seamless.safepath`); what exists is left as it is. Returns the paths made."""
     made = []
     for e in entries:
-        path = str(e["path"])
-        if os.path.lexists(path):
-            continue
-        parent = os.path.dirname(path)
-        if os.path.islink(parent) or not os.path.isdir(parent):
-            log.warning("not making %s again: its directory is not there", path)
-            continue
-        kind = e.get("kind")
-        if kind == "dir":
-            os.mkdir(path, 0o700)
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        elif kind == "file":
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            os.write(fd, base64.b64decode(e["data"]))
-        elif kind == "symlink":
-            os.symlink(str(e["target"]), path)
-            os.lchown(path, int(e["uid"]), int(e["gid"]))
-            made.append(path)
-            continue
-        else:
-            continue
+        path, kind = str(e["path"]), e.get("kind")
+        uid, gid, mode = int(e["uid"]), int(e["gid"]), int(e.get("mode", 0))
         try:
-            os.fchown(fd, int(e["uid"]), int(e["gid"]))
-            os.fchmod(fd, int(e["mode"]))
-        finally:
-            os.close(fd)
-        made.append(path)
+            if kind == "dir":
+                new = safepath.make_dir(path, uid, gid, mode, parents=False)
+            elif kind == "file":
+                new = safepath.make_file(path, base64.b64decode(e["data"]), uid, gid, mode,
+                                         parents=False)
+            elif kind == "symlink":
+                new = safepath.make_symlink(path, str(e["target"]), uid, gid, parents=False)
+            else:
+                continue
+        except (safepath.UnsafePath, OSError) as err:
+            log.warning("not making %s again: %s", path, err)
+            continue
+        if new:
+            made.append(path)
     if made:
         log.info("made %d runtime files and directories again", len(made))
     return made

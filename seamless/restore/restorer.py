@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import psutil
 
+from seamless import safepath
 from seamless.collect import runtime
 from seamless.collect.criu import (
     CgroupMode,
@@ -172,6 +173,9 @@ def restore_all(
     trees = trees_in(images_root)
     todo = [(d, i) for d, i in trees if not (running and int(i["root"]) in running)
             and not (skip and d.name in skip)]
+    # Every path a tree needs is made before the first tree runs: a tree that runs could
+    # put its own links there (see seamless.safepath).
+    unready = {d.name: why for d, i in todo if (why := make_paths(i)) is not None}
     # Before any tree's address comes up: every connection to restore is locked again.
     locked: dict[int, str] = {}  # the root of each tree locked, and its table
     for d, i in todo:
@@ -192,8 +196,9 @@ def restore_all(
                 tree.restored, tree.earlier, tree.pid = True, True, running[tree.root]
                 progress(f"tree {tree.root} ({tree.command[:50]}) runs already: not restored again")
                 continue
-            if skip and images_dir.name in skip:
-                tree.error = skip[images_dir.name]
+            why_not = (skip or {}).get(images_dir.name) or unready.get(images_dir.name)
+            if why_not is not None:
+                tree.error = why_not
                 progress(f"NOT restoring tree {tree.root} ({tree.command[:50]}): {tree.error}")
                 continue
             try:
@@ -239,9 +244,6 @@ def _restore_tree(
             refused.append(reason)
             raise SeamlessError(reason)
     try:
-        runtime.recreate(info.get("runtime_files", []))
-        recreate_dirs(info.get("socket_dirs", []))
-        recreate_fifos(info.get("fifos", []))
         tree.addresses = bring_up_addresses(info.get("addresses", []))
         inherit = []
         for external in info.get("external", []):
@@ -322,18 +324,25 @@ def connect_streams(infos: list[dict[str, Any]]) -> dict[int, int]:
 SO_SNDBUFFORCE = 32
 
 
+def make_paths(info: dict[str, Any]) -> str | None:
+    """Make what a tree needs on the new boot's filesystems and cannot find there: its
+    runtime files, the directories of its bound unix sockets, its named pipes on tmpfs.
+    Returns why the tree cannot be restored, or None."""
+    runtime.recreate(info.get("runtime_files", []))
+    try:
+        recreate_dirs(info.get("socket_dirs", []))
+        recreate_fifos(info.get("fifos", []))
+    except (OSError, SeamlessError) as e:  # safepath.UnsafePath is a SeamlessError
+        return f"cannot make what it needs: {e}"
+    return None
+
+
 def recreate_dirs(dirs: list[dict[str, Any]]) -> None:
     """Make the directories of a tree's bound unix sockets again when the new boot has
     none (a cleaned /tmp): CRIU binds the sockets there."""
     for d in dirs:
-        path = Path(d["path"])
-        if path.is_dir():
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.mkdir(mode=0o700)
-        os.chown(path, int(d["uid"]), int(d["gid"]))
-        os.chmod(path, int(d["mode"]))
-        log.info("made %s again for the sockets bound in it", path)
+        if safepath.make_dir(str(d["path"]), int(d["uid"]), int(d["gid"]), int(d["mode"])):
+            log.info("made %s again for the sockets bound in it", d["path"])
 
 
 #: Where the restore makes the named pipes that replace another namespace's.
@@ -359,7 +368,7 @@ def reopen_foreign(record: dict[str, Any] | None, root: int, n: int) -> int:
         return new_pipe(root, n)
     flags = int(record.get("flags", os.O_RDONLY))
     keep = os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_SYNC | os.O_DSYNC
-    fd = os.open(str(record["path"]), (flags & keep) | os.O_NOCTTY | os.O_CLOEXEC)
+    fd = safepath.open_file(str(record["path"]), (flags & keep) | os.O_NOCTTY)
     if record.get("kind") == "file" and not flags & os.O_APPEND:
         os.lseek(fd, int(record.get("pos", 0)), os.SEEK_SET)
     return fd
@@ -369,14 +378,8 @@ def recreate_fifos(fifos: list[dict[str, Any]]) -> None:
     """Make a tree's named pipes on tmpfs again (the new boot's /run has none): CRIU
     reopens each by its path."""
     for f in fifos:
-        path = Path(f["path"])
-        if path.exists():
-            continue
-        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        os.mkfifo(path, 0o600)
-        os.chown(path, int(f["uid"]), int(f["gid"]))
-        os.chmod(path, int(f["mode"]))
-        log.info("made the named pipe %s again", path)
+        if safepath.make_fifo(str(f["path"]), int(f["uid"]), int(f["gid"]), int(f["mode"])):
+            log.info("made the named pipe %s again", f["path"])
 
 
 def bring_up_addresses(addresses: list[dict[str, Any]],
