@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
@@ -47,10 +47,12 @@ def untouched(secret: Path) -> None:
 
 def test_a_user_s_link_on_the_way_is_not_followed(hostile: tuple[Path, Path]) -> None:
     home, secret = hostile
-    for make in (lambda p: safepath.make_dir(p, USER, USER, 0o777),
-                 lambda p: safepath.make_fifo(p, USER, USER, 0o666),
-                 lambda p: safepath.make_file(p, b"x", USER, USER, 0o666),
-                 lambda p: safepath.make_symlink(p, "/etc", USER, USER)):
+    makers: list[Callable[[str], bool]] = [
+        lambda p: safepath.make_dir(p, USER, USER, 0o777),
+        lambda p: safepath.make_fifo(p, USER, USER, 0o666),
+        lambda p: safepath.make_file(p, b"x", USER, USER, 0o666),
+        lambda p: safepath.make_symlink(p, "/etc", USER, USER)]
+    for make in makers:
         with pytest.raises(safepath.UnsafePath, match=f"user {USER} owns"):
             make(str(home / "link" / "made"))
     with pytest.raises(safepath.UnsafePath, match=f"user {USER} owns"):
