@@ -36,7 +36,7 @@ from seamless.collect.criu import (
 from seamless.collect.layout import TREE_INFO
 from seamless.errors import ExitCode, SeamlessError
 from seamless.memstore.generation import MANIFEST, Generation
-from seamless.memstore.records import Manifest, TreeRecord
+from seamless.memstore.records import FileEntry, Manifest, TreeRecord
 from seamless.memstore.store import GENERATIONS, Store
 from seamless.restore import adopt, boot, lazy
 
@@ -451,9 +451,8 @@ def test_before_init_a_sandboxed_tree_defers_every_tree_to_the_restore_unit(
     runs), which restores them all and says why."""
     sandboxed = tree(303, 2, "redis-server.service", "redis-server")
     sandboxed["mount_namespace"] = True
-    gen = seal_generation(env.store.generations_dir / "gen-4", [sandboxed])
-    for d in ("101", "202"):
-        (env.gen.final / d).rename(gen.final / d)
+    others = [json.loads((env.gen.final / d / TREE_INFO).read_text()) for d in ("101", "202")]
+    gen = seal_generation(env.store.generations_dir / "gen-4", [*others, sandboxed])
     criu = FakeRestorer()
 
     report = boot.boot_restore(4, criu=criu, root=env.root)
@@ -993,3 +992,59 @@ def test_a_restore_left_to_the_unit_is_no_failure_of_the_initramfs(
     status = (result.exception.status if isinstance(result.exception, SeamlessError)
               else result.exit_code)
     assert status == code, result.output
+
+
+def test_the_manifest_is_the_truth_a_tree_it_lists_and_no_other(
+    env: BootEnv, reports: tuple[Path, Path]
+) -> None:
+    """A tree the manifest lists whose directory is gone is a failure, not silently
+    dropped; a tree directory it does not list is neither restored nor trusted."""
+    import shutil
+
+    shutil.rmtree(env.gen.final / "202")
+    stranger = env.gen.final / "303"
+    stranger.mkdir()
+    (stranger / TREE_INFO).write_text(json.dumps(tree(303, 0, "evil.service", "/bin/evil")))
+    criu = FakeRestorer()
+
+    report = env.restore(criu)
+
+    assert criu.calls == ["101"]
+    assert report["ok"] is False
+    trees = trees_by_root(report)
+    assert sorted(trees) == [101, 202]
+    assert trees[202]["error"] == "its images are not in the generation"
+    assert trees[101]["restored"]
+    assert f"303/{TREE_INFO}" in report["corrupt"]  # there, and not in the manifest
+    assert "202/core-202.img" in report["corrupt"]  # listed, and not there
+    assert "wiped" not in report
+
+
+@pytest.mark.parametrize("path", ["../../etc/shadow", "/etc/shadow", "101/../../x", "101//x"])
+def test_a_manifest_naming_a_file_outside_its_generation_is_refused(
+    env: BootEnv, reports: tuple[Path, Path], path: str
+) -> None:
+    manifest = env.gen.manifest()
+    manifest.files.append(FileEntry(path, 1, b"x"))
+    (env.gen.final / MANIFEST).write_bytes(manifest.to_bytes())
+    criu = FakeRestorer()
+
+    with pytest.raises(SeamlessError, match="lists a file outside it") as e:
+        env.restore(criu)
+
+    assert e.value.status == ExitCode.CHECK_FAILED
+    assert criu.calls == [] and env.gen.sealed
+    assert "cannot be trusted" in json.loads(reports[0].read_text())["error"]
+
+
+def test_an_unknown_checksum_algorithm_is_a_refusal_not_a_traceback(env: BootEnv) -> None:
+    manifest = env.gen.manifest()
+    manifest.digest_algorithm = "sha3000/64MiB"
+    (env.gen.final / MANIFEST).write_bytes(manifest.to_bytes())
+    with pytest.raises(SeamlessError, match="'sha3000/64MiB', an algorithm this seamless"):
+        env.gen.verify()
+    manifest.trees.append(TreeRecord(root=101))
+    manifest.digest_algorithm = "md5"
+    (env.gen.final / MANIFEST).write_bytes(manifest.to_bytes())
+    with pytest.raises(SeamlessError, match="not distinct PIDs"):
+        env.gen.verify()

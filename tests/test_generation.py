@@ -212,3 +212,17 @@ def test_seals_with_xxh64_and_says_what_is_missing_without_xxhash(
     with pytest.raises(SeamlessError, match="xxhash module is missing") as e:
         gen.verify()
     assert e.value.hint == "install python3-xxhash"
+
+
+def test_what_criu_writes_after_the_seal_is_not_a_stranger(tmp_path: Path) -> None:
+    gen = Generation(tmp_path / "ckpt")
+    (gen.create() / "100").mkdir()
+    (gen.partial / "100" / "pages-1.img").write_bytes(b"p" * 100)
+    gen.seal(Manifest(generation=1, trees=[TreeRecord(root=100)]))
+    for name in ("stats-dump", "stats-restore", "restore.log", "irmap-cache",
+                 "lazy-pages.status"):
+        (gen.final / "100" / name).write_bytes(b"CRIU's, after the post-dump notification")
+    assert gen.verify() == []
+    (gen.final / "100" / "pages-2.img").write_bytes(b"not dumped")
+    assert gen.verify() == ["100/pages-2.img"]
+    assert gen.verify(lambda path: not generation.is_page_image(path)) == []

@@ -254,10 +254,15 @@ class Follower:
 
 
 def covered(root: Path) -> list[Path]:
-    """What the manifest covers: everything but itself and CRIU's logs (CRIU goes on
-    writing a dump's log after the images are done: while it thaws the tree)."""
+    """What the manifest covers: everything but itself and what CRIU writes after the
+    images are done, read by nobody: its logs (it goes on writing a dump's while it
+    thaws the tree), its statistics ("stats-dump" comes after the post-dump
+    notification the seal runs in; "stats-restore" from each restore), its cache of
+    inotify paths, and what a lazy restore's daemon leaves (its exit status)."""
     return sorted(p for p in root.rglob("*")
-                  if p.is_file() and p.name != MANIFEST and p.suffix != ".log")
+                  if p.is_file() and p.name != MANIFEST and p.suffix != ".log"
+                  and not p.name.startswith(("stats-", "lazy-pages."))
+                  and p.name != "irmap-cache")
 
 
 def fsync_dir(path: Path) -> None:
@@ -266,6 +271,12 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _refused(gen: Generation, why: str) -> SeamlessError:
+    return SeamlessError(f"{gen.final} cannot be trusted: {why}",
+                         hint="remove it (seamless store wipe) and checkpoint again",
+                         exit_code=ExitCode.CHECK_FAILED)
 
 
 @dataclass
@@ -338,20 +349,39 @@ class Generation:
         return manifest
 
     def manifest(self) -> Manifest:
+        """The generation's manifest, refused unless every file it lists is a plain path
+        inside the generation, its trees' roots are distinct PIDs, and its checksum
+        algorithm is one this seamless knows."""
         path = self.final / MANIFEST
         try:
             data = path.read_bytes()
         except FileNotFoundError as e:
             raise SeamlessError(f"{self.final} is not a sealed checkpoint (no {MANIFEST})",
                                 exit_code=ExitCode.CHECK_FAILED) from e
-        return Manifest.from_bytes(data)
+        manifest = Manifest.from_bytes(data)
+        for entry in manifest.files:
+            parts = entry.path.split("/")
+            if entry.path.startswith("/") or any(p in ("", ".", "..") for p in parts):
+                raise _refused(self, f"it lists a file outside it ({entry.path!r})")
+        roots = [t.root for t in manifest.trees]
+        if any(r <= 0 for r in roots) or len(set(roots)) != len(roots):
+            raise _refused(self, f"its trees' roots are not distinct PIDs ({roots})")
+        try:
+            _new(_algorithm(manifest.digest_algorithm)[0])
+        except ValueError as e:
+            raise _refused(self, f"its checksums are {manifest.digest_algorithm!r}, an "
+                           "algorithm this seamless does not know") from e
+        return manifest
 
     def verify(self, select: Callable[[str], bool] | None = None) -> list[str]:
-        """The files whose size or checksum differ from the manifest's, or are missing;
-        ``select(path)``: only the files it is true for (paths relative to the
-        generation)."""
+        """The files whose size or checksum differ from the manifest's, that are missing,
+        or that are there and not in the manifest (CRIU's logs aside); ``select(path)``:
+        only the files it is true for (paths relative to the generation)."""
         manifest = self.manifest()
-        bad = []
+        listed = {e.path for e in manifest.files}
+        bad = [rel for p in covered(self.final)
+               if (rel := str(p.relative_to(self.final))) not in listed
+               and (select is None or select(rel))]
         present = []
         for entry in manifest.files:
             if select is not None and not select(entry.path):

@@ -159,7 +159,8 @@ def still_running(previous: dict[str, Any] | None, number: int,
 def sandboxed_trees(gen: Generation) -> list[str]:
     """The units (or commands) of the generation's trees that have a mount namespace of
     their own: sandboxed services."""
-    return [str(info.get("unit") or info.get("command", "?")) for _, info in trees_in(gen.final)
+    return [str(info.get("unit") or info.get("command", "?"))
+            for _, info in trees_in(gen.final, gen.manifest().trees)
             if info.get("mount_namespace")]
 
 
@@ -236,13 +237,14 @@ def boot_restore(number: int | None, *, keep: bool = False,
         criu = criu or Criu()
         lazy = bool(lazy) and lazy_pages_work(criu)
         skip = corrupt_trees(bad)
-        pages = PageCheck(gen, [d.name for d, info in trees_in(gen.final)
+        pages = PageCheck(gen, [d.name for d, info in trees_in(gen.final, manifest.trees)
                                 if int(info["root"]) not in running and d.name not in skip])
         try:
             with complete_step(f"restoring {count(len(manifest.trees) - len(running), 'tree')}"
                                + (" (their memory follows while they run)" if lazy else "")):
                 restored = restore_all(gen.final, criu, skip=skip, running=running,
-                                       pager=Pager.start if lazy else None, gate=pages)
+                                       pager=Pager.start if lazy else None, gate=pages,
+                                       listed=manifest.trees)
             pagers = restored.pagers
             report["times"]["retry_restored" if retry is not None else "restored"] = time.time()
             report["corrupt"] = sorted(bad + pages.bad())

@@ -12,7 +12,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +33,7 @@ from seamless.collect.criu import (
 from seamless.collect.layout import JOURNALD_STDOUT, TREE_INFO
 from seamless.errors import SeamlessError
 from seamless.log import log
+from seamless.memstore.records import TreeRecord
 from seamless.restore import netlock
 from seamless.restore.lazy import Pager, kill_tree
 from seamless.run import run
@@ -130,11 +131,24 @@ def restore_options(inherit: tuple[InheritFd, ...], lazy: bool = False,
     )
 
 
-def trees_in(images_root: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """The trees of a checkpoint, in restore order (the order they were dumped in)."""
+def trees_in(images_root: Path, listed: Sequence[TreeRecord] | None = None
+             ) -> list[tuple[Path, dict[str, Any]]]:
+    """The trees of a checkpoint, in restore order (the order they were dumped in);
+    with ``listed`` (its manifest's trees), only those. A tree whose record does not
+    read is left out, as one that is not listed."""
+    names = None if listed is None else {str(t.root) for t in listed}
     found = []
     for info_file in images_root.glob(f"*/{TREE_INFO}"):
-        info: dict[str, Any] = json.loads(info_file.read_text())
+        tree = info_file.parent.name
+        if names is not None and tree not in names:
+            log.debug("not restoring %s: the generation's manifest does not list it", tree)
+            continue
+        try:
+            info: dict[str, Any] = json.loads(info_file.read_text())
+            int(info.get("order", info["root"]))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("not restoring %s: its %s does not read (%s)", tree, TREE_INFO, e)
+            continue
         found.append((info_file.parent, info))
     return sorted(found, key=lambda t: int(t[1].get("order", t[1]["root"])))
 
@@ -150,6 +164,7 @@ def restore_all(
     pager: Callable[[Path], Pager] | None = None,
     nft: netlock.Runner | None = None,
     gate: Callable[[str], str | None] | None = None,
+    listed: Sequence[TreeRecord] | None = None,
 ) -> RestoreReport:
     """Restore every tree under ``images_root``; failures are reported, not raised.
 
@@ -167,10 +182,16 @@ def restore_all(
     before it runs (CRIU's post-restore); it may wait, and when it returns a reason CRIU
     kills the tree instead, which is then reported failed with that reason (the page
     images are verified while the trees are restored: see :class:`.boot.PageCheck`).
+    ``listed``: the trees the generation's manifest lists, exactly those are restored
+    (one whose images are not there is reported failed).
     """
     report = RestoreReport()
     start = time.monotonic()
-    trees = trees_in(images_root)
+    trees = trees_in(images_root, listed)
+    there = {d.name for d, _ in trees}
+    report.trees += [TreeRestore(t.root, t.unit, t.command, restored=False,
+                                 error="its images are not in the generation")
+                     for t in listed or [] if str(t.root) not in there]
     todo = [(d, i) for d, i in trees if not (running and int(i["root"]) in running)
             and not (skip and d.name in skip)]
     # Every path a tree needs is made before the first tree runs: a tree that runs could
