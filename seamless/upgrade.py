@@ -36,7 +36,7 @@ from seamless.log import complete_step, count, log
 from seamless.memstore.generation import Generation
 from seamless.memstore.region import find_region
 from seamless.memstore.store import no_region_error, open_store
-from seamless.restore.boot import UPGRADE_RECORD, wipe_generation
+from seamless.restore.boot import UPGRADE_RECORD
 
 
 def _criu_check(target_release: str) -> None:
@@ -203,14 +203,14 @@ def _finish_dry_run(held: HeldTrees, gen: Generation, result: dict[str, Any]) ->
     except BaseException:
         held.abort()
         loader.unload()
-        wipe_generation(gen)
+        gen.wipe()
         raise
     try:
         with complete_step("thawing the trees"):
             held.release()
     finally:
         loader.unload()
-        wipe_generation(gen)  # it holds process memory, and no kernel will restore it
+        gen.wipe()  # it holds process memory, and no kernel will restore it
     result["verified"] = not bad
     if bad:
         raise SeamlessError("the generation did not verify: " + ", ".join(bad),
@@ -223,7 +223,7 @@ def _roll_back(held: HeldTrees, gen: Generation, record_path: Path) -> None:
     held.abort()
     loader.unload()
     try:  # best effort: entering may have remounted the store read-only
-        wipe_generation(gen)
+        gen.wipe()
         record_path.unlink(missing_ok=True)
     except OSError as w:
         log.warning("generation %s not removed: %s", gen.final, w)

@@ -313,7 +313,7 @@ def test_wipe_generation_overwrites_then_removes(tmp_path: Path) -> None:
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(str(gen.final / "101" / "lazy-pages.socket"))
 
-    boot.wipe_generation(gen)
+    gen.wipe()
 
     assert not gen.final.exists() and not gen.partial.exists()
     assert kept.read_bytes() == bytes(size)  # overwritten with zeros before the unlink
@@ -907,7 +907,7 @@ def test_a_failed_wipe_after_a_lazy_restore_is_reported_not_left_arriving(
     def wipe(gen: Generation) -> None:
         raise OSError(39, "Directory not empty")
 
-    monkeypatch.setattr(boot, "wipe_generation", wipe)
+    monkeypatch.setattr(Generation, "wipe", wipe)
     boot.finish_lazy(*finisher.calls[0])
 
     final = json.loads(reports[0].read_text())
@@ -1048,3 +1048,34 @@ def test_an_unknown_checksum_algorithm_is_a_refusal_not_a_traceback(env: BootEnv
     (env.gen.final / MANIFEST).write_bytes(manifest.to_bytes())
     with pytest.raises(SeamlessError, match="not distinct PIDs"):
         env.gen.verify()
+
+
+def test_a_generation_kept_after_a_failed_restore_expires_overwritten(
+    env: BootEnv, reports: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kept a day for a retry, then overwritten by `seamless store expire`; a generation
+    restored with --keep, or one never restored, has no end."""
+    kept_by_hand = seal_generation(env.store.generations_dir / "gen-2",
+                                   [tree(303, 0, None, "/bin/old")], number=2)
+    pages = env.gen.final / "101" / "pages-1.img"
+    other = env.gen.final.parent / "pages-link"
+    os.link(pages, other)  # another name for the inode: sees what the expiry wrote
+    report = env.restore(FakeRestorer(fail={"101"}))
+    until = report["kept_until"]
+    assert until == pytest.approx(report["times"]["finished"] + 24 * 3600)
+    assert env.store.kept_until(3) == until and env.store.kept_until(2) is None
+    status = env.store.status()
+    assert [g.get("kept_until") for g in status["generations"]] == [None, until]
+
+    assert env.store.expire(now=until - 1) == [] and env.gen.sealed
+    assert env.store.expire(now=until + 1) == [3]
+    assert not env.gen.final.exists() and kept_by_hand.sealed
+    assert other.read_bytes() == bytes(len(other.read_bytes()))  # zeros
+    stored = json.loads(env.store.report_path(3).read_text())
+    assert stored["expired"] == until + 1 and stored["wiped"] is True
+    assert env.store.expire(now=until + 2) == []
+
+
+def test_an_explicit_keep_or_a_full_restore_sets_no_expiry(env: BootEnv) -> None:
+    assert "kept_until" not in env.restore(FakeRestorer(fail={"101"}), keep=True)
+    assert "kept_until" not in env.restore(FakeRestorer())  # wiped

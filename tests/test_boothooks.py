@@ -37,3 +37,45 @@ def test_no_generator_is_an_error_and_writes_nothing(tmp_path: Path) -> None:
     with pytest.raises(SeamlessError, match="neither dracut nor initramfs-tools"):
         boothooks.install(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_restore_unit_and_the_expiry_timer_are_enabled(tmp_path: Path) -> None:
+    (tmp_path / "usr/share/initramfs-tools").mkdir(parents=True)
+    (tmp_path / "etc/systemd/system").mkdir(parents=True)
+    done = boothooks.install(tmp_path)
+    units = tmp_path / "etc/systemd/system"
+    assert done.unit == units / "seamless-restore.service"
+    for target, name in (("sysinit.target", "seamless-restore.service"),
+                         ("timers.target", "seamless-expire.timer")):
+        link = units / f"{target}.wants" / name
+        assert os.readlink(link) == f"/etc/systemd/system/{name}"
+        assert (units / name).read_text().startswith(("#", "["))
+    assert "ExecStart=seamless store expire" in (units / "seamless-expire.service").read_text()
+    boothooks.install(tmp_path)  # again: no error
+
+
+def test_a_udev_rule_lets_only_root_read_the_store_s_device(tmp_path: Path) -> None:
+    (tmp_path / "usr/share/initramfs-tools").mkdir(parents=True)
+    boothooks.install(tmp_path)
+    rule = (tmp_path / "etc/udev/rules.d" / boothooks.UDEV_RULES).read_text()
+    line = [w for w in rule.splitlines() if w and not w.startswith("#")]
+    assert line == ['SUBSYSTEM=="block", KERNEL=="pmem*", ATTRS{provider}=="e820", '
+                    'OWNER="root", GROUP="root", MODE="0600"']
+
+
+def test_the_store_s_device_is_root_s_alone(tmp_path: Path) -> None:
+    import stat
+
+    from seamless.memstore.store import own_device
+
+    node = tmp_path / "pmem0"
+    os.mknod(node, stat.S_IFBLK | 0o660, os.makedev(259, 77))
+    os.chown(node, 0, 6)  # udev's default: group disk
+    own_device(node)
+    st = node.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o600)
+    plain = tmp_path / "image"  # a loop file of the tests: left alone
+    plain.write_bytes(b"")
+    plain.chmod(0o644)
+    own_device(plain)
+    assert stat.S_IMODE(plain.stat().st_mode) == 0o644

@@ -226,3 +226,23 @@ def test_what_criu_writes_after_the_seal_is_not_a_stranger(tmp_path: Path) -> No
     (gen.final / "100" / "pages-2.img").write_bytes(b"not dumped")
     assert gen.verify() == ["100/pages-2.img"]
     assert gen.verify(lambda path: not generation.is_page_image(path)) == []
+
+
+def test_a_discarded_or_crashed_partial_generation_is_overwritten(tmp_path: Path) -> None:
+    import os
+
+    gen = Generation(tmp_path / "ckpt")
+    (gen.create() / "100").mkdir()
+    pages = gen.partial / "100" / "pages-1.img"
+    pages.write_bytes(b"secret" * 1000)
+    other = tmp_path / "other-name"
+    os.link(pages, other)  # sees what is written to the inode
+    (gen.partial / "100" / "parent").symlink_to(other)  # removed, never followed
+    gen.discard()
+    assert not gen.partial.exists() and other.read_bytes() == bytes(6000)
+
+    (gen.create() / "pages-1.img").write_bytes(b"secret")
+    os.link(gen.partial / "pages-1.img", tmp_path / "crashed")
+    gen.create()  # a partial one left by a crash is never complete
+    assert (tmp_path / "crashed").read_bytes() == bytes(6)
+    assert list(gen.partial.iterdir()) == []

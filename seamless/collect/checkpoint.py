@@ -21,6 +21,7 @@ is ever left frozen by a failure.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -60,7 +61,7 @@ from seamless.collect.resources import (
 )
 from seamless.errors import ExitCode, SeamlessError
 from seamless.log import complete_step, count, log
-from seamless.memstore.generation import Follower, Generation, Hashed
+from seamless.memstore.generation import Follower, Generation, Hashed, shred
 from seamless.memstore.records import Manifest, TreeRecord
 from seamless.memstore.store import MOUNTPOINT as STORE_MOUNTPOINT
 
@@ -414,7 +415,8 @@ def pre_dump_all(trees: Sequence[ProcessTree], root: Path, criu: PreDumper,
         except CriuError as e:
             log.warning("tree %d: pre-dump failed, it will be dumped whole: %s",
                         tree.root.pid, e)
-            shutil.rmtree(images_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                shred(images_dir)  # what it dumped of the tree's memory
             continue
         done.add(tree.root.pid)
         log.info("pre-dumped tree %d (%s): %.1f MiB in %.2f s, still running", tree.root.pid,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +139,9 @@ def status_command(as_json: bool) -> None:
             continue
         trees = count(len(g["trees"]), "tree")
         click.echo(f"gen {g['number']:<5} {trees}, {g['bytes'] >> 20} MiB, "
-                   f"from {g['source_release']} to {g['target_release'] or '?'}")
+                   f"from {g['source_release']} to {g['target_release'] or '?'}"
+                   + (f"; kept for a retry until {when(g['kept_until'])}"
+                      if g.get("kept_until") else ""))
     if not status["generations"]:
         click.echo("no generations")
     for p in status["partial"]:
@@ -175,6 +178,38 @@ def verify_command(number: int | None, as_json: bool) -> None:
                 click.echo(f"  bad: {name}")
     if not all(r["ok"] for r in results):
         raise SeamlessError("the store is corrupt", exit_code=ExitCode.CHECK_FAILED)
+
+
+def when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+
+@store_group.command("expire")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@exclusive("seamless store expire")
+def expire_command(as_json: bool) -> None:
+    """Overwrite the generations kept after a failed restore whose time is up.
+
+    A generation whose restore failed is kept a day for a retry (seamless restore
+    --generation N); it holds the processes' memory, and seamless-expire.timer runs
+    this every hour. Without a store there is nothing to do.
+    """
+    need_root("expiring generations")
+    region = find_region()
+    expired: list[int] = []
+    if region is not None and region.device is not None:
+        try:
+            store = open_store(region)
+        except SeamlessError as e:  # no store to keep anything in: the timer is not failed
+            click.echo(f"no usable store ({e.message}): nothing to expire", err=True)
+        else:
+            expired = store.expire()
+    if as_json:
+        echo_json({"expired": expired})
+    elif expired:
+        click.echo("overwritten: generation " + ", ".join(map(str, expired)))
+    else:
+        click.echo("no generation is due")
 
 
 @store_group.command("wipe")

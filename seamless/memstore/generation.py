@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import mmap
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -265,6 +264,35 @@ def covered(root: Path) -> list[Path]:
                   and p.name != "irmap-cache")
 
 
+def shred(path: Path) -> None:
+    """Overwrite every file under ``path`` (a directory or a file) with zeros, then
+    remove it: a generation holds process memory, which must not outlive it in the
+    store's RAM. Nothing there is nothing to do; symbolic links and sockets are
+    removed, never followed."""
+    if not os.path.lexists(path):
+        return
+    if path.is_dir() and not path.is_symlink():
+        for sub in sorted(path.rglob("*"), reverse=True):  # what a directory holds first
+            _shred_one(sub)
+    _shred_one(path)
+
+
+def _shred_one(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        path.rmdir()
+        return
+    if path.is_file() and not path.is_symlink():
+        zeros = bytes(1 << 20)
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "wb") as f:
+            size = os.fstat(fd).st_size
+            for offset in range(0, size, len(zeros)):
+                f.write(zeros[: min(len(zeros), size - offset)])
+            f.flush()
+            os.fsync(fd)
+    path.unlink()  # a symbolic link, the socket of a lazy restore's daemon
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -297,13 +325,21 @@ class Generation:
         if self.final.exists():
             raise SeamlessError(f"{self.final} exists already",
                                 hint="choose a new directory for this checkpoint")
-        if self.partial.exists():
-            shutil.rmtree(self.partial)  # left by a crash: never complete
+        shred(self.partial)  # left by a crash: never complete
         self.partial.mkdir(mode=0o700, parents=True)
         return self.partial
 
     def discard(self) -> None:
-        shutil.rmtree(self.partial, ignore_errors=True)
+        """Remove the partial generation (a failed checkpoint), overwritten."""
+        try:
+            shred(self.partial)
+        except OSError as e:
+            log.warning("the partial generation %s was not all overwritten: %s",
+                        self.partial, e)
+
+    def wipe(self) -> None:
+        """Overwrite every file of the sealed generation with zeros, then remove it."""
+        shred(self.final)
 
     def hash_ahead(self) -> dict[Path, Hashed]:
         """Hash what the partial generation holds now, for :meth:`seal` to reuse for

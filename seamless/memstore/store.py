@@ -12,6 +12,7 @@ offers it, at /run/seamless/store.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -37,6 +38,10 @@ FS_TYPE = "ext4"
 #: Smaller than this holds no useful checkpoint (and ext4's own metadata takes some).
 MIN_SIZE = 16 << 20
 _GEN = re.compile(r"gen-(\d+)")
+
+#: How long a generation whose restore failed is kept for a retry (``seamless restore
+#: --generation N``) before it is overwritten: it holds the processes' memory.
+KEEP_FAILED_SECONDS = 24 * 3600
 
 
 def no_region_error() -> SeamlessError:
@@ -110,12 +115,51 @@ class Store:
         """Will ``nbytes`` more fit?"""
         return nbytes <= self.free()
 
+    def report_path(self, number: int) -> Path:
+        """Where the restore of generation ``number`` leaves its report in the store."""
+        return self.root / f"report-{number}.json"
+
+    def report(self, number: int) -> dict[str, Any] | None:
+        """The report of the last restore of generation ``number``, if one ran."""
+        try:
+            report: dict[str, Any] = json.loads(self.report_path(number).read_text())
+        except (OSError, ValueError):
+            return None
+        return report if isinstance(report, dict) else None
+
+    def kept_until(self, number: int) -> float | None:
+        """When generation ``number``, kept after a failed restore, is to be overwritten
+        (None: it is not one)."""
+        report = self.report(number)
+        until = report.get("kept_until") if report else None
+        return float(until) if isinstance(until, (int, float)) else None
+
+    def expire(self, now: float | None = None) -> list[int]:
+        """Overwrite and remove every generation kept after a failed restore whose time
+        is up (see :data:`KEEP_FAILED_SECONDS`); its report says when. Returns their
+        numbers."""
+        now = time.time() if now is None else now
+        done = []
+        for n, g in self.generations():
+            until = self.kept_until(n)
+            if until is None or until > now:
+                continue
+            g.wipe()
+            report = self.report(n) or {}
+            report.update(expired=now, wiped=True)
+            self.report_path(n).write_text(json.dumps(report, indent=2))
+            log.info("generation %d was kept for a retry until %s: overwritten", n,
+                     time.strftime("%Y-%m-%d %H:%M", time.localtime(until)))
+            done.append(n)
+        return done
+
     def status(self) -> dict[str, Any]:
         st = os.statvfs(self.root)
         gens = []
         for n, g in self.generations():
             try:
-                gens.append({"number": n, "path": str(g.final), **g.manifest().to_json()})
+                gens.append({"number": n, "path": str(g.final), **g.manifest().to_json(),
+                             "kept_until": self.kept_until(n)})
             except SeamlessError as e:
                 gens.append({"number": n, "path": str(g.final), "error": e.message})
         return {
@@ -200,6 +244,7 @@ def format_store(device: Path, region: Region, *, force: bool = False,
             hint="--force overwrites it; nothing was written")
     if where:
         unmount(mountpoint)
+    own_device(device)
     _mkfs(device)
     return _mount_new(device, region, mountpoint, size)
 
@@ -257,6 +302,19 @@ def is_dax(mountpoint: Path) -> bool:
     return False
 
 
+def own_device(device: Path) -> None:
+    """Let only root read the store's block device: it holds every checkpointed
+    process's memory, and udev gives the disk group read access to every disk (the
+    udev rule seamless installs keeps it so at every boot and event)."""
+    st = os.stat(device)
+    if stat.S_ISBLK(st.st_mode) and (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) != (
+            0, 0, 0o600):
+        os.chown(device, 0, 0)
+        os.chmod(device, 0o600)
+        log.info("only root may read %s now (it was %o, group %d)", device,
+                 stat.S_IMODE(st.st_mode), st.st_gid)
+
+
 def open_store(region: Region | None = None, mountpoint: Path = MOUNTPOINT) -> Store:
     """The running system's store, mounted (mounting it when needed) and checked against
     the region's geometry."""
@@ -282,6 +340,7 @@ def open_store(region: Region | None = None, mountpoint: Path = MOUNTPOINT) -> S
                 + (f" (it holds {fstype})" if fstype else ""),
                 hint="format it: seamless store format")
         mount(region.device, mountpoint)
+    own_device(region.device)
     store = Store(mountpoint)
     try:
         header = store.header()

@@ -26,7 +26,7 @@ from seamless.collect.layout import load_criu_modules
 from seamless.errors import SeamlessError
 from seamless.log import complete_step, count, log
 from seamless.memstore.generation import Generation, is_page_image
-from seamless.memstore.store import Store, open_store, unmount
+from seamless.memstore.store import KEEP_FAILED_SECONDS, Store, open_store, unmount
 from seamless.restore import adopt, bootfs, lazy
 from seamless.restore.lazy import Pager
 from seamless.restore.restorer import Restorer, RestoreReport, restore_all, trees_in
@@ -96,31 +96,12 @@ class PageCheck:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def wipe_generation(gen: Generation) -> None:
-    """Overwrite every file of the generation with zeros, then remove it."""
-    zeros = bytes(1 << 20)
-    for path in sorted(gen.final.rglob("*"), reverse=True):
-        if path.is_file() and not path.is_symlink():
-            size = path.stat().st_size
-            with open(path, "r+b") as f:
-                for offset in range(0, size, len(zeros)):
-                    f.write(zeros[: min(len(zeros), size - offset)])
-                f.flush()
-                os.fsync(f.fileno())
-            path.unlink()
-        elif path.is_dir() and not path.is_symlink():
-            path.rmdir()
-        else:  # a symbolic link, the socket of a lazy restore's daemon
-            path.unlink()
-    gen.final.rmdir()
-
-
 def write_report(report: dict[str, Any], store: Store | None, in_run: bool = True) -> None:
     """Write the report into /run (unless ``in_run`` is false), /var/lib and the store."""
     text = json.dumps(report, indent=2)
     targets = [REPORT_RUN, REPORT_VAR] if in_run else [REPORT_VAR]
     if store is not None:
-        targets.append(store.root / f"report-{report['generation']}.json")
+        targets.append(store.report_path(report["generation"]))
     for path in targets:
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -186,6 +167,7 @@ def boot_restore(number: int | None, *, keep: bool = False,
                               "times": {**boot_times(started), "python_started": seamless.STARTED,
                                         "restorer_started": started}}
     store = None
+    gen: Generation | None = None
     try:
         with complete_step("opening the store"):
             store = open_store()
@@ -263,17 +245,22 @@ def boot_restore(number: int | None, *, keep: bool = False,
             report["memory"] = "arriving"
         elif restored.ok and not keep:
             with complete_step(f"overwriting generation {n} (it held process memory)"):
-                wipe_generation(gen)
+                gen.wipe()
             report["wiped"] = True
     except SeamlessError as e:
         report["error"] = e.format_message()
         raise
     finally:
         report["times"]["finished"] = time.time()
-        if "deferred" not in report or report["stage"] != "initramfs":
+        left_to_the_unit = "deferred" in report and report.get("stage") == "initramfs"
+        if gen is not None and not report.get("wiped") and not keep and not pagers \
+                and not left_to_the_unit:
+            # kept for a retry, and no longer: it holds the processes' memory
+            report["kept_until"] = report["times"]["finished"] + KEEP_FAILED_SECONDS
+        if not left_to_the_unit:
             write_report(report, store)
         if store is not None:
-            if pagers:  # even after an error: the daemons read from the store
+            if pagers and gen is not None:  # even after an error: the daemons read from it
                 finish_in_background(report, store, gen, pagers, keep)
             else:
                 close_store(store)
@@ -358,13 +345,15 @@ def finish_lazy(report: dict[str, Any], store: Store, gen: Generation,
         return
     try:
         if report["ok"] and not keep:
-            wipe_generation(gen)
+            gen.wipe()
             report["wiped"] = True
     except OSError as e:
         report["error"] = f"the generation was not wiped: {e}"
         log.error("%s", report["error"])
     finally:
         report["times"]["finished"] = time.time()
+        if not report.get("wiped") and not keep:
+            report["kept_until"] = report["times"]["finished"] + KEEP_FAILED_SECONDS
         write_report(report, store)
         close_store(store)
     log.info("the memory of %d lazily restored trees is back%s", len(pagers),

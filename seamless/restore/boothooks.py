@@ -59,21 +59,26 @@ class Installed:
 
 
 UNIT = "seamless-restore.service"
+#: Only root may read the store's pmem device.
+UDEV_RULES = "60-seamless-pmem.rules"
+#: Overwrites, hourly, the generations kept after a failed restore once their day is up.
+EXPIRE_UNITS = ("seamless-expire.service", "seamless-expire.timer")
 
 
 def install_unit(root: Path, src: Path) -> Path:
     """The real root's restore unit (where systemd in the initramfs rules out restoring
-    there), enabled in sysinit.target."""
-    source = src / "systemd" / UNIT
-    target = root / "etc/systemd/system" / UNIT
-    shutil.copyfile(source, target)
-    target.chmod(0o644)
-    wants = root / "etc/systemd/system/sysinit.target.wants"
-    wants.mkdir(exist_ok=True)
-    link = wants / UNIT
-    if not link.is_symlink():
-        link.symlink_to(Path("/etc/systemd/system") / UNIT)
-    return target
+    there), enabled in sysinit.target; and the expiry's timer, in timers.target."""
+    units = root / "etc/systemd/system"
+    for name in (UNIT, *EXPIRE_UNITS):
+        shutil.copyfile(src / "systemd" / name, units / name)
+        (units / name).chmod(0o644)
+    for target, name in (("sysinit.target", UNIT), ("timers.target", EXPIRE_UNITS[1])):
+        wants = units / f"{target}.wants"
+        wants.mkdir(exist_ok=True)
+        link = wants / name
+        if not link.is_symlink():
+            link.symlink_to(Path("/etc/systemd/system") / name)
+    return units / UNIT
 
 
 def install(
@@ -111,6 +116,10 @@ def install(
             "neither dracut nor initramfs-tools is installed",
             hint="apt-get install dracut (or initramfs-tools)",
         )
+    rules = root / "etc/udev/rules.d"
+    rules.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src / "udev" / UDEV_RULES, rules / UDEV_RULES)
+    (rules / UDEV_RULES).chmod(0o644)
     return done
 
 

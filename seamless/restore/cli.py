@@ -155,6 +155,15 @@ def status_command(as_json: bool) -> None:
                    "to systemd and overwrites the generation")
     if report.get("error"):
         click.echo(f"error: {report['error']}")
+    if report.get("expired"):
+        click.echo(f"generation {report.get('generation')} was kept for a retry, then "
+                   "overwritten at " + time.strftime("%Y-%m-%d %H:%M",
+                                                      time.localtime(report["expired"])))
+    elif report.get("kept_until") and not report.get("wiped"):
+        click.echo(f"generation {report.get('generation')} is kept for a retry (seamless "
+                   f"restore --generation {report.get('generation')}) until "
+                   + time.strftime("%Y-%m-%d %H:%M", time.localtime(report["kept_until"]))
+                   + ", then overwritten: it holds the processes' memory")
     memory = {"arriving": "still arriving (lazy restore: the trees run meanwhile)",
               "back": "all back (lazy restore)",
               "incomplete": "did NOT all arrive: those trees were stopped"}.get(
