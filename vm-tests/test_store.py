@@ -42,13 +42,16 @@ def test_store_generation_survives_kexec_and_verify_names_a_corrupt_file(
     """format (DAX when possible), a real checkpoint into generation 1, kexec A→B with
     the same memmap=: B's `seamless store verify` passes and every file is identical;
     one flipped byte makes verify fail naming exactly that file; wipe leaves an empty
-    store with none of the old bytes on the device. Throughput with and without DAX."""
+    store with none of the old bytes on the device; only root may read the device, in
+    both kernels. Throughput with and without DAX."""
     g = boot_guest("A")
     region = json.loads(g.run("seamless", "store", "status", "--json", check=False) or "{}")
     assert not region, "a store before format"
     fmt = json.loads(g.run("seamless", "store", "format", "--json"))
     assert fmt["device"] == "/dev/pmem0" and fmt["size"] == 256 << 20
     assert g.run("stat", "-c", "%a", STORE).strip() == "700"
+    # The device holds every checkpointed process's memory: root's alone, not disk's.
+    assert g.run("stat", "-c", "%a %u %g", "/dev/pmem0").strip() == "600 0 0"
     # A second format of a store needs no --force; a foreign filesystem does.
     again = g.channel.run(["seamless", "store", "format"])
     assert again.returncode == 0, again.stderr
@@ -79,6 +82,8 @@ def test_store_generation_survives_kexec_and_verify_names_a_corrupt_file(
     g.run("umount", STORE)  # as the kexec path will do: nothing in flight
     g.kexec(B)
     assert g.run("uname", "-r").strip() == B.release
+    # udev's rule made it so at this boot, before any seamless command ran
+    assert g.run("stat", "-c", "%a %u %g", "/dev/pmem0").strip() == "600 0 0"
 
     verify = g.channel.run(["seamless", "store", "verify", "--json"])
     assert verify.returncode == 0, verify.stderr
