@@ -33,10 +33,10 @@ from seamless.kexec.cli import check_policy, prepare_initrd
 from seamless.kexec.image import KernelImage
 from seamless.lock import exclusive
 from seamless.log import complete_step, count, log
+from seamless.memstore import handoff
 from seamless.memstore.generation import Generation
 from seamless.memstore.region import find_region
 from seamless.memstore.store import no_region_error, open_store
-from seamless.restore.boot import UPGRADE_RECORD
 
 
 def _criu_check(target_release: str) -> None:
@@ -64,14 +64,6 @@ def _lazy_pages_check() -> None:
     if not works:
         raise SeamlessError("this kernel cannot restore lazily (CRIU needs userfaultfd)",
                             hint="upgrade without --lazy-pages")
-
-
-def _write_record(path: Path, record: dict[str, Any]) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 @click.command("upgrade")
@@ -147,7 +139,8 @@ def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
         # The new kernel starts its processes above every PID to restore (with room for
         # children forked before the freeze).
         last_pid = max((p for t in plan.trees for p in t.pids), default=0) + cmdline.PID_MARGIN
-        new_cmdline = cmdline.join(cmdline.with_restore(args, number, last_pid))
+        token = handoff.new_token()  # its digest goes into the store just before the kexec
+        new_cmdline = cmdline.join(cmdline.with_restore(args, number, last_pid, token))
         cmdline.check_length(new_cmdline, image.max_cmdline)
         with complete_step(f"loading {image.release} with kexec_file_load"):
             loader.load(image.path, initrd_used, new_cmdline)
@@ -185,7 +178,12 @@ def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
     if dry_run:
         _finish_dry_run(held, gen, result)
     else:
-        _enter(held, gen, store.root / UPGRADE_RECORD, times, result)
+        record = handoff.UpgradeRecord(
+            generation=number, token_sha256=handoff.digest(token),
+            source_boot_id=manifest.source_boot_id, machine_id=handoff.machine_id(),
+            source_release=result["from"], target_release=image.release,
+            lazy_pages=lazy_pages, times=times)
+        _enter(held, gen, store.root, record)
     result["times"] = times
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -217,41 +215,39 @@ def _finish_dry_run(held: HeldTrees, gen: Generation, result: dict[str, Any]) ->
                             hint="the store may be damaged: seamless store verify")
 
 
-def _roll_back(held: HeldTrees, gen: Generation, record_path: Path) -> None:
+def _roll_back(held: HeldTrees, gen: Generation, store_root: Path) -> None:
     """Thaw every tree (they run on in this kernel), unload the kernel, remove the
     generation and the record that asks the new boot to restore it."""
     held.abort()
     loader.unload()
     try:  # best effort: entering may have remounted the store read-only
+        handoff.remove(store_root)
         gen.wipe()
-        record_path.unlink(missing_ok=True)
     except OSError as w:
         log.warning("generation %s not removed: %s", gen.final, w)
 
 
-def _enter(held: HeldTrees, gen: Generation, record_path: Path, times: dict[str, float],
-           result: dict[str, Any]) -> None:
+def _enter(held: HeldTrees, gen: Generation, store_root: Path,
+           record: handoff.UpgradeRecord) -> None:
     loose = held.let_go()
     if loose:  # a CRIU ended while it held its tree: the tree ran on after its dump
-        _roll_back(held, gen, record_path)
+        _roll_back(held, gen, store_root)
         raise SeamlessError(
             "CRIU let go of tree " + ", ".join(map(str, loose)) + " before the kexec: it "
             "ran on after its dump, and its images would bring back an older state",
             hint="nothing was changed: every tree runs on in this kernel; see CRIU's "
             "dump.log of that tree (seamless --debug) and try again",
             exit_code=ExitCode.UNCHANGED)
-    times["entering"] = time.time()
+    record.times["entering"] = time.time()
     try:
-        _write_record(record_path, {"generation": result["generation"], "times": times,
-                                    "from": result["from"], "to": result["to"],
-                                    "lazy_pages": result["lazy_pages"]})
-        click.echo(f"entering {result['to']}: the processes come back there "
+        handoff.write(store_root, record)
+        click.echo(f"entering {record.target_release}: the processes come back there "
                    "(seamless status shows how it went)", err=True)
         sys.stdout.flush()
         sys.stderr.flush()
         loader.enter()
     except BaseException as e:
-        _roll_back(held, gen, record_path)
-        raise SeamlessError(f"entering {result['to']} failed: {e}",
+        _roll_back(held, gen, store_root)
+        raise SeamlessError(f"entering {record.target_release} failed: {e}",
                             hint="the processes were thawed and run on",
                             exit_code=ExitCode.CHANGED) from e

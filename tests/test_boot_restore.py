@@ -35,6 +35,7 @@ from seamless.collect.criu import (
 )
 from seamless.collect.layout import TREE_INFO
 from seamless.errors import ExitCode, SeamlessError
+from seamless.memstore import handoff
 from seamless.memstore.generation import MANIFEST, Generation
 from seamless.memstore.records import FileEntry, Manifest, TreeRecord
 from seamless.memstore.store import GENERATIONS, Store
@@ -391,6 +392,18 @@ def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> BootEnv:
     return e
 
 
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
+def upgrade_record(env: BootEnv, **fields: Any) -> handoff.UpgradeRecord:
+    """The record `seamless upgrade` leaves for generation 3, for a kexec with TOKEN."""
+    record = handoff.UpgradeRecord(generation=3, token_sha256=handoff.digest(TOKEN),
+                                   source_boot_id=env.gen.manifest().source_boot_id,
+                                   **fields)
+    handoff.write(env.store.root, record)
+    return record
+
+
 def trees_by_root(report: dict[str, Any]) -> dict[int, dict[str, Any]]:
     return {t["root"]: t for t in report["trees"]}
 
@@ -398,8 +411,7 @@ def trees_by_root(report: dict[str, Any]) -> dict[int, dict[str, Any]]:
 def test_all_restored_in_order_adopted_reported_and_wiped(
     env: BootEnv, reports: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (env.store.root / boot.UPGRADE_RECORD).write_text(json.dumps({
-        "generation": 3, "times": {"frozen": 5.0, "entering": 6.0, "restorer_started": 1.0}}))
+    upgrade_record(env, times={"frozen": 5.0, "entering": 6.0, "restorer_started": 1.0})
     criu = FakeRestorer()
     # what `seamless status` finds while the services are handed over (before the wipe)
     early: list[dict[str, object] | None] = []
@@ -712,8 +724,7 @@ def test_status_without_a_report() -> None:
 def test_a_retry_restores_only_what_failed_then_wipes(
     env: BootEnv, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (env.store.root / boot.UPGRADE_RECORD).write_text(json.dumps({
-        "generation": 3, "times": {"frozen": 5.0, "entering": 6.0}}))
+    upgrade_record(env, times={"frozen": 5.0, "entering": 6.0})
     first = env.restore(FakeRestorer(fail={"101"}))
     assert not first["ok"] and env.gen.sealed
     monkeypatch.setattr(psutil, "pid_exists", lambda pid: pid == 202)
@@ -784,8 +795,7 @@ class Finisher:
 
 
 def lazy_upgrade(env: BootEnv, monkeypatch: pytest.MonkeyPatch) -> Finisher:
-    (env.store.root / boot.UPGRADE_RECORD).write_text(json.dumps({
-        "generation": 3, "lazy_pages": True, "times": {"frozen": 5.0}}))
+    upgrade_record(env, times={"frozen": 5.0}, lazy_pages=True)
     monkeypatch.setattr(boot, "Pager", FakePager)
     finisher = Finisher()
     monkeypatch.setattr(boot, "finish_in_background", finisher)
@@ -1079,3 +1089,74 @@ def test_a_generation_kept_after_a_failed_restore_expires_overwritten(
 def test_an_explicit_keep_or_a_full_restore_sets_no_expiry(env: BootEnv) -> None:
     assert "kept_until" not in env.restore(FakeRestorer(fail={"101"}), keep=True)
     assert "kept_until" not in env.restore(FakeRestorer())  # wiped
+
+
+@pytest.fixture
+def booted_with(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The command line of this (new) boot, boot-of-B: set its arguments in the list."""
+    args = ["root=/dev/vda1", "seamless.restore=3"]
+    monkeypatch.setattr(boot, "read_cmdline", lambda: " ".join(args))
+    monkeypatch.setattr(handoff, "boot_id", lambda path=None: "boot-of-B")
+    return args
+
+
+def test_a_boot_restores_only_with_its_upgrade_s_token_and_only_once(
+    env: BootEnv, reports: tuple[Path, Path], booted_with: list[str]
+) -> None:
+    upgrade_record(env, times={"entering": 6.0})
+    booted_with.append(f"seamless.token={TOKEN}")
+    criu = FakeRestorer()
+
+    report = boot.boot_restore(3, criu=criu, root=env.root, keep=True, at_boot=True)
+
+    assert report["ok"] and sorted(criu.calls) == ["101", "202"]
+    record = handoff.read(env.store.root)
+    assert record is not None and record.used_by_boot == "boot-of-B"
+    # the same kernel entered again (systemctl kexec), its command line unchanged
+    with pytest.raises(SeamlessError, match="restored already, by boot boot-of-B"):
+        boot.boot_restore(3, criu=criu, root=env.root, at_boot=True)
+    assert sorted(criu.calls) == ["101", "202"] and env.gen.sealed
+
+
+@pytest.mark.parametrize("case, why", [
+    ("no token", "not started by seamless upgrade"),
+    ("another token", "not generation 3's"),
+    ("no record", "its upgrade did not reach the kexec"),
+    ("another generation's record", "its upgrade did not reach the kexec"),
+    ("another boot's generation", "come from different boots"),
+])
+def test_a_boot_the_upgrade_did_not_start_restores_nothing(
+    env: BootEnv, reports: tuple[Path, Path], booted_with: list[str], case: str, why: str
+) -> None:
+    """A kernel loaded by a coordinator that was killed, seamless.restore= left on a boot
+    loader's line, a generation older than the record: refused before anything is
+    touched, the generation kept (for a day) for a retry by hand."""
+    record = upgrade_record(env)
+    booted_with.append(f"seamless.token={TOKEN}")
+    if case == "no token":
+        booted_with.pop()
+    elif case == "another token":
+        booted_with[-1] = "seamless.token=" + "f" * 32
+    elif case == "no record":
+        handoff.remove(env.store.root)
+    elif case == "another generation's record":
+        record.generation = 2
+        handoff.write(env.store.root, record)
+    else:
+        record.source_boot_id = "boot-before-A"
+        handoff.write(env.store.root, record)
+    criu = FakeRestorer()
+
+    with pytest.raises(SeamlessError, match=why) as e:
+        boot.boot_restore(3, criu=criu, root=env.root, at_boot=True)
+
+    assert "seamless restore --generation 3" in (e.value.hint or "")
+    assert criu.calls == [] and env.modules_loaded == 0 and env.gen.sealed
+    written = json.loads(reports[0].read_text())
+    assert why in written["error"] and written["kept_until"] > time.time()
+    assert handoff.read(env.store.root) in (None, record)  # not marked used
+
+
+def test_a_restore_by_hand_needs_no_token(env: BootEnv, booted_with: list[str]) -> None:
+    report = env.restore(FakeRestorer())
+    assert report["ok"]

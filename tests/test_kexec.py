@@ -29,6 +29,7 @@ from seamless.kexec import cli as kexec_cli
 from seamless.kexec import cmdline, initrd, loader
 from seamless.kexec.image import KernelImage, KexecPolicy, kexec_policy, lockdown_state
 from seamless.log import log
+from seamless.memstore import handoff
 from seamless.memstore import region as memstore_region
 from seamless.memstore.region import Region
 from seamless.restore import boothooks
@@ -539,7 +540,8 @@ def test_kexec_loads_and_enters(env: Env) -> None:
     assert RELEASE in result.stderr
 
 
-def test_upgrade_adds_the_restore_generation(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_upgrade_adds_the_restore_generation(env: Env, monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Path) -> None:
     """The generation's highest PID (plus the margin) is kept free in the new kernel."""
     seen = []
 
@@ -547,14 +549,24 @@ def test_upgrade_adds_the_restore_generation(env: Env, monkeypatch: pytest.Monke
         seen.append(number)
         return 900 + cmdline.PID_MARGIN
 
+    store = tmp_path / "store"
+    store.mkdir()
     monkeypatch.setattr(kexec_cli, "last_pid_of", last_pid_of)
+    monkeypatch.setattr(kexec_cli, "record_for", lambda region, number: handoff.UpgradeRecord(
+        generation=number, token_sha256="", source_boot_id="boot-of-A"))
+    monkeypatch.setattr(kexec_cli, "store_root", lambda region: store)
     result = invoke("--kernel", env.image, "--restore-generation", "7", "--append", "debug",
                     "--yes", "--json")
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert seen == [7]
-    assert out["cmdline"] == (f"{EXPECTED} debug seamless.restore=7 "
+    *args, token = out["cmdline"].split(" ")
+    assert " ".join(args) == (f"{EXPECTED} debug seamless.restore=7 "
                               f"seamless.last_pid={900 + cmdline.PID_MARGIN}")
+    # the new boot's proof: the token on its command line, its digest in the store
+    record = handoff.read(store)
+    assert record is not None and record.generation == 7 and record.target_release == RELEASE
+    assert record.token_sha256 == handoff.digest(token.removeprefix("seamless.token="))
     assert out["release"] == RELEASE and out["region"] == MEMMAP and not out["dry_run"]
     assert env.kernel.calls[0] == ("kexec_file_load", env.image, env.initrd, out["cmdline"])
     assert env.kernel.names()[-1] == "reboot_kexec"

@@ -26,11 +26,12 @@ from seamless.cli import cli
 from seamless.collect.layout import TREE_INFO
 from seamless.errors import ExitCode, SeamlessError
 from seamless.kexec import cmdline
+from seamless.memstore import handoff
 from seamless.memstore.generation import Generation
+from seamless.memstore.handoff import RECORD as UPGRADE_RECORD
 from seamless.memstore.records import Manifest, TreeRecord
 from seamless.memstore.region import Region
 from seamless.memstore.store import GENERATIONS, Store
-from seamless.restore.boot import UPGRADE_RECORD
 from tests.test_kexec import RELEASE, make_bzimage
 
 #: The preflight's CRIU check itself (the fixtures replace it in every other test).
@@ -162,6 +163,7 @@ class World:
         times.update(frozen=1.0, dumped=2.0)
         manifest = images.seal(Manifest(
             generation=number, source_release="old", target_release=target_release,
+            source_boot_id="boot-of-A",
             trees=[TreeRecord(root=t.root, command="app", pids=t.pids) for t in trees]))
         times["sealed"] = 3.0
         return self.held, manifest
@@ -283,14 +285,20 @@ def test_the_new_command_line_keeps_the_region_and_the_pids(world: World) -> Non
     assert f"seamless.last_pid={7000 + cmdline.PID_MARGIN}" in args  # the highest PID + margin
     assert cmdline.PID_MARGIN == 4096
     assert not any(a.startswith(("BOOT_IMAGE=", "initrd=")) for a in args)
-    assert args[-1] == "seamless.last_pid=11096" and "debug" in args
+    assert args[-2] == "seamless.last_pid=11096" and "debug" in args
+    token = args[-1].removeprefix("seamless.token=")  # one-time, unguessable
+    assert args[-1].startswith("seamless.token=") and len(token) == 32
     assert world.criu_checked == 1 and world.criu_target == RELEASE  # CRIU can go there
     assert world.checkpoints[0]["leave_running"] is False
     assert world.checkpoints[0]["target_release"] == RELEASE
     assert world.loader.names() == ["load", "enter"]  # the fake enter returns; the real not
     assert world.held.calls == []
     record = json.loads((world.store.root / UPGRADE_RECORD).read_text())
-    assert record["generation"] == 1 and record["to"] == RELEASE
+    assert record["generation"] == 1 and record["target_release"] == RELEASE
+    assert record["token_sha256"] == handoff.digest(token) and token not in json.dumps(record)
+    assert world.gen is not None
+    assert record["source_boot_id"] == world.gen.manifest().source_boot_id
+    assert record["source_boot_id"] and record["used_by_boot"] is None
     assert record["times"]["frozen"] == 1.0 and "entering" in record["times"]
     assert (world.store.root / UPGRADE_RECORD).stat().st_mode & 0o777 == 0o600
     out = json.loads(result.stdout)

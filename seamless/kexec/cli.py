@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,7 @@ from seamless.kexec import cmdline, initrd, loader
 from seamless.kexec.image import KernelImage, KexecPolicy, kexec_policy
 from seamless.lock import exclusive
 from seamless.log import complete_step, log
+from seamless.memstore import handoff
 
 if TYPE_CHECKING:
     from seamless.memstore.region import Region
@@ -25,6 +27,23 @@ def find_region() -> Region | None:
     from seamless.memstore import region
 
     return region.find_region(load=False)
+
+
+def store_root(region: Region) -> Path:
+    from seamless.memstore.store import open_store
+
+    return open_store(region).root
+
+
+def record_for(region: Region, number: int) -> handoff.UpgradeRecord:
+    """The upgrade record of a kexec that restores generation ``number`` (its token is
+    set by the caller)."""
+    from seamless.memstore.store import open_store
+
+    manifest = open_store(region).generation(number)[1].manifest()
+    return handoff.UpgradeRecord(
+        generation=number, token_sha256="", source_boot_id=manifest.source_boot_id,
+        machine_id=handoff.machine_id(), source_release=os.uname().release)
 
 
 def last_pid_of(region: Region, number: int) -> int:
@@ -101,9 +120,14 @@ def kexec_command(
             f"the running kernel has not reserved the region {region.memmap}: it holds no "
             "checkpoint to restore", hint="reboot once with it (seamless setup), then upgrade")
     args = cmdline.build(cmdline.running_cmdline(), append=append, replace=replace)
+    record = None if restore_generation is None else record_for(region, restore_generation)
+    token = handoff.new_token() if record is not None else None
+    if record is not None and token is not None:
+        record.token_sha256 = handoff.digest(token)
+        record.target_release = image.release
     args = cmdline.with_restore(args, restore_generation,
                                 None if restore_generation is None
-                                else last_pid_of(region, restore_generation))
+                                else last_pid_of(region, restore_generation), token)
     cmdline.require_region(args, region.memmap)
     new_cmdline = cmdline.join(args)
     cmdline.check_length(new_cmdline, image.max_cmdline)
@@ -147,7 +171,15 @@ def kexec_command(
     _print(result, as_json, [*lines, f"entering {image.release}"])
     sys.stdout.flush()
     with complete_step(f"entering {image.release}"):
-        loader.enter()
+        if record is not None:  # the new boot's proof that it may restore the generation
+            record.times["entering"] = time.time()
+            handoff.write(store_root(region), record)
+        try:
+            loader.enter()
+        except BaseException:
+            if record is not None:
+                handoff.remove(store_root(region))
+            raise
 
 
 def check_policy() -> KexecPolicy:

@@ -17,6 +17,7 @@ from seamless.errors import ExitCode, SeamlessError
 ONE_SHOT_PREFIXES = ("BOOT_IMAGE=", "initrd=", "seamless.")
 RESTORE_ARG = "seamless.restore="
 LAST_PID_ARG = "seamless.last_pid="
+TOKEN_ARG = "seamless.token="
 #: Room above the highest checkpointed PID for children forked before the freeze.
 PID_MARGIN = 4096
 PROC_CMDLINE = Path("/proc/cmdline")
@@ -70,18 +71,22 @@ def running_cmdline(path: Path | None = None) -> str:
 
 
 def with_restore(args: Sequence[str], generation: int | None,
-                 last_pid: int | None = None) -> list[str]:
-    """``args`` with ``seamless.restore=GENERATION`` (or with none, for a plain kexec), and
-    ``seamless.last_pid=N`` (the initramfs keeps PIDs up to N free for the restore).
+                 last_pid: int | None = None, token: str | None = None) -> list[str]:
+    """``args`` with ``seamless.restore=GENERATION`` (or with none, for a plain kexec),
+    ``seamless.last_pid=N`` (the initramfs keeps PIDs up to N free for the restore) and
+    ``seamless.token=`` (the one-time proof that this boot is the upgrade's: see
+    :mod:`seamless.memstore.handoff`).
 
     seamless owns these arguments: any given by the operator is replaced.
     """
-    kept = [a for a in args if not a.startswith((RESTORE_ARG, LAST_PID_ARG))]
+    kept = [a for a in args if not a.startswith((RESTORE_ARG, LAST_PID_ARG, TOKEN_ARG))]
     if generation is None:
         return kept
     kept = _insert_before_init_args(kept, f"{RESTORE_ARG}{generation}")
     if last_pid is not None:
         kept = _insert_before_init_args(kept, f"{LAST_PID_ARG}{last_pid}")
+    if token is not None:
+        kept = _insert_before_init_args(kept, f"{TOKEN_ARG}{token}")
     return kept
 
 

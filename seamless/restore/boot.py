@@ -25,6 +25,7 @@ from seamless.collect.criu import Criu
 from seamless.collect.layout import load_criu_modules
 from seamless.errors import SeamlessError
 from seamless.log import complete_step, count, log
+from seamless.memstore import handoff
 from seamless.memstore.generation import Generation, is_page_image
 from seamless.memstore.store import KEEP_FAILED_SECONDS, Store, open_store, unmount
 from seamless.restore import adopt, bootfs, lazy
@@ -39,8 +40,6 @@ REPORT_VAR = Path("/var/lib/seamless/last-upgrade.json")
 #: Names the file that the initramfs-tools boot script makes once /run is in the real
 #: root for good (see :func:`finish_lazy`).
 HANDED_OVER_ENV = "SEAMLESS_HANDED_OVER"
-#: Written into the store by `seamless upgrade` just before the kexec.
-UPGRADE_RECORD = "upgrade.json"
 #: Written by a restore before init that leaves the trees to seamless-restore.service
 #: (it says why): the unit runs when it is there, although the report is not.
 DEFERRED = Path("/run/seamless/deferred")
@@ -154,12 +153,16 @@ def restore_stage(root: Path = Path("/")) -> str:
 def boot_restore(number: int | None, *, keep: bool = False,
                  criu: Restorer | None = None, root: Path = Path("/"),
                  previous: dict[str, Any] | None = None,
-                 lazy: bool | None = None) -> dict[str, Any]:
+                 lazy: bool | None = None, at_boot: bool = False) -> dict[str, Any]:
     """Restore a generation of the store (at boot, or by hand to retry); returns the report
     (also written). ``previous``: the report of an earlier restore of the generation,
     whose trees that still run are left alone and kept in the new report. ``lazy``: the
     trees run before their memory is back (default: as the upgrade asked); a process
     left behind then waits for the memory, wipes the generation and completes the report.
+    ``at_boot``: the boot-time restore, which restores only the generation whose upgrade
+    record the one-time token on this boot's command line matches (see
+    :mod:`seamless.memstore.handoff`), and marks the record used; a restore by hand is
+    the operator's own choice.
     """
     started = time.time()
     pagers: dict[int, Pager] = {}
@@ -168,6 +171,7 @@ def boot_restore(number: int | None, *, keep: bool = False,
                                         "restorer_started": started}}
     store = None
     gen: Generation | None = None
+    record: handoff.UpgradeRecord | None = None
     try:
         with complete_step("opening the store"):
             store = open_store()
@@ -187,12 +191,20 @@ def boot_restore(number: int | None, *, keep: bool = False,
             report["stage"] = retry.get("stage")
         else:
             report["stage"] = restore_stage(root)
-            record = store.root / UPGRADE_RECORD
-            if record.is_file():
-                upgrade = json.loads(record.read_text())
-                if upgrade.get("generation") == n:
-                    report["times"] = {**upgrade.get("times", {}), **report["times"]}
-                    lazy = upgrade.get("lazy_pages", False) if lazy is None else lazy
+            record = handoff.read(store.root)
+            if at_boot:
+                why = handoff.refusal(record, n, handoff.token_from_cmdline(read_cmdline()),
+                                      manifest.source_boot_id, handoff.boot_id(),
+                                      handoff.machine_id(root / "etc/machine-id"))
+                if why is not None:
+                    raise SeamlessError(
+                        f"not restoring generation {n}: {why}",
+                        hint=f"the processes run on where they ran; if generation {n} is "
+                        f"still wanted here, seamless restore --generation {n} restores it "
+                        "by hand")
+            if record is not None and record.generation == n:
+                report["times"] = {**record.times, **report["times"]}
+                lazy = record.lazy_pages if lazy is None else lazy
         if report["stage"] == "initramfs" and retry is None:
             deferred = sandboxed_trees(gen)
             if deferred:
@@ -209,6 +221,10 @@ def boot_restore(number: int | None, *, keep: bool = False,
                 return report
         if DEFERRED.is_file() and retry is None:
             report["deferred"] = DEFERRED.read_text().strip()
+        if at_boot and retry is None and record is not None:
+            # used once: no later boot replays it, whatever its command line says
+            record.used_by_boot = handoff.boot_id()
+            handoff.write(store.root, record)
         with complete_step(f"verifying generation {n} (its page images: while the trees "
                            "are restored)"):
             bad = gen.verify(lambda path: not is_page_image(path))
@@ -387,9 +403,13 @@ def hand_over(units: list[str]) -> None:
     run(["systemctl", "start", "--no-block", *units, *finish], check=False)
 
 
+def read_cmdline() -> str:
+    return Path("/proc/cmdline").read_text()
+
+
 def generation_from_cmdline(cmdline: str | None = None) -> int | None:
     """N of ``seamless.restore=N`` on the kernel command line."""
-    text = cmdline if cmdline is not None else Path("/proc/cmdline").read_text()
+    text = cmdline if cmdline is not None else read_cmdline()
     for arg in text.split():
         if arg.startswith("seamless.restore="):
             value = arg.removeprefix("seamless.restore=")

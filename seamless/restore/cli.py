@@ -80,7 +80,7 @@ def restore_command(images_dir: Path | None, number: int | None, boot: bool, kee
         raise SeamlessError("restoring processes needs root", hint="run it with sudo")
     if boot:
         boot_report = boot_restore(number if number is not None else generation_from_cmdline(),
-                                   keep=keep)
+                                   keep=keep, at_boot=True)
         if as_json:
             click.echo(json.dumps(boot_report, indent=2))
         if boot_report.get("deferred") and boot_report.get("stage") == "initramfs":

@@ -1,0 +1,143 @@
+"""What the old kernel hands the new one about the generation to restore, and the proof
+that the new boot is the one the upgrade started.
+
+A generation in the store outlives the boot that wrote it. Without a proof, a kernel
+loaded by a coordinator that was then killed, a later ``systemctl kexec`` of that kernel,
+or ``seamless.restore=N`` left on a boot loader's command line would restore an old
+generation over a system that ran on since: every process twice, or back in time.
+
+So each upgrade mints a one-time token. The new kernel's command line carries it
+(``seamless.token=``); the store carries only its SHA-256, in the upgrade record, with the
+generation, the machine and the boot the generation was written in. The record is written
+just before the kexec (a coordinator that dies earlier leaves none, and a rollback removes
+it). The restorer restores only a generation whose record matches the token on its
+command line and is not yet used, and marks it used before the first tree comes back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: The upgrade record, in the store's root.
+RECORD = "upgrade.json"
+#: The new kernel's argument that carries the token.
+TOKEN_ARG = "seamless.token="
+MACHINE_ID = Path("/etc/machine-id")
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def new_token() -> str:
+    return secrets.token_hex(16)
+
+
+def digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def boot_id(path: Path = BOOT_ID) -> str:
+    return path.read_text().strip()
+
+
+def machine_id(path: Path = MACHINE_ID) -> str:
+    """The machine's id (empty when it has none, as in an initramfs without it)."""
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def token_from_cmdline(text: str) -> str | None:
+    for arg in text.split():
+        if arg.startswith(TOKEN_ARG):
+            return arg.removeprefix(TOKEN_ARG)
+    return None
+
+
+@dataclass
+class UpgradeRecord:
+    """The upgrade record (``upgrade.json``), version 1."""
+
+    generation: int
+    token_sha256: str
+    #: The boot the generation was written in (its manifest says the same).
+    source_boot_id: str
+    machine_id: str = ""
+    source_release: str = ""
+    target_release: str = ""
+    lazy_pages: bool = False
+    #: When each phase of the upgrade began (wall clock), for the report.
+    times: dict[str, float] = field(default_factory=dict)
+    #: The boot that restored it: a record is used once.
+    used_by_boot: str | None = None
+    version: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> UpgradeRecord:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def write(store_root: Path, record: UpgradeRecord) -> Path:
+    """Write the record whole (a new file renamed over the old one, synced)."""
+    path = store_root / RECORD
+    tmp = path.with_name(RECORD + ".new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(record.to_json(), f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.rename(path)
+    dir_fd = os.open(store_root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def read(store_root: Path) -> UpgradeRecord | None:
+    """The record, or None when there is none or it does not read."""
+    try:
+        data = json.loads((store_root / RECORD).read_text())
+        return UpgradeRecord.from_json(data) if isinstance(data, dict) else None
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def remove(store_root: Path) -> None:
+    (store_root / RECORD).unlink(missing_ok=True)
+
+
+def refusal(record: UpgradeRecord | None, generation: int, token: str | None,
+            source_boot_id: str, this_boot: str, this_machine: str = "") -> str | None:
+    """Why this boot must not restore ``generation`` (written in boot ``source_boot_id``,
+    its manifest says), or None when the record proves that it was started for it."""
+    if token is None:
+        return ("this boot was not started by seamless upgrade (no seamless.token= on its "
+                "command line): a generation is restored only by the boot its upgrade made")
+    if record is None or record.generation != generation:
+        return (f"no upgrade record for generation {generation}: its upgrade did not reach "
+                "the kexec")
+    if not hmac.compare_digest(record.token_sha256, digest(token)):
+        return (f"the token on the command line is not generation {generation}'s: this "
+                "kernel was loaded by another upgrade, or by hand")
+    if record.used_by_boot is not None:
+        return f"generation {generation} was restored already, by boot {record.used_by_boot}"
+    if record.source_boot_id != source_boot_id:
+        return (f"the upgrade record and generation {generation} come from different boots "
+                f"({record.source_boot_id} and {source_boot_id})")
+    if record.source_boot_id == this_boot:
+        return "this is the boot that wrote the generation: nothing to restore"
+    if record.machine_id and this_machine and record.machine_id != this_machine:
+        return f"generation {generation} was written on another machine ({record.machine_id})"
+    return None
