@@ -50,6 +50,15 @@ class ForbiddenLibc:
 
 
 @pytest.fixture(autouse=True)
+def no_lost_upgrade(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`seamless status` looks in the store for an upgrade that never came back: none
+    here (the tests that want one say so)."""
+    from seamless.restore import cli as restore_cli
+
+    monkeypatch.setattr(restore_cli, "unrestored_upgrade", lambda: None)
+
+
+@pytest.fixture(autouse=True)
 def no_real_commands(monkeypatch: pytest.MonkeyPatch) -> None:
     """Any command, CRIU, mount or syscall left unpatched fails the test instead of running."""
 
@@ -1160,3 +1169,37 @@ def test_a_boot_the_upgrade_did_not_start_restores_nothing(
 def test_a_restore_by_hand_needs_no_token(env: BootEnv, booted_with: list[str]) -> None:
     report = env.restore(FakeRestorer())
     assert report["ok"]
+
+
+def test_an_upgrade_that_never_came_back_is_told_and_expires(
+    env: BootEnv, reports: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path
+) -> None:
+    """B panicked (panic=10) and the firmware booted the default entry, without the
+    token: nothing was restored, status says so, and the generation expires a day after
+    the upgrade entered B."""
+    from seamless.restore import cli as restore_cli
+
+    record = upgrade_record(env, times={"entering": 1000.0}, source_release="6.12.90",
+                            target_release="6.12.118")
+    monkeypatch.setattr(boot, "DEFERRED", tmp_path / "no-deferred")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(handoff, "boot_id", lambda path=None: record.source_boot_id)
+    assert boot.unrestored_upgrade() is None  # still the boot that wrote it (in A)
+    monkeypatch.setattr(handoff, "boot_id", lambda path=None: "boot-after-reset")
+    lost = boot.unrestored_upgrade()
+    assert lost is not None and lost["generation"] == 3 and lost["to"] == "6.12.118"
+    assert lost["kept_until"] == 1000.0 + 24 * 3600 == env.store.kept_until(3)
+    monkeypatch.setattr(restore_cli, "unrestored_upgrade", boot.unrestored_upgrade)
+
+    text = CliRunner().invoke(cli, ["status"])
+    assert text.exit_code == 0, text.output
+    assert "upgrade to 6.12.118 NEVER CAME BACK" in text.stdout
+    assert "generation 3 is not replayed and is kept until" in text.stdout
+    out = json.loads(CliRunner().invoke(cli, ["status", "--json"]).stdout)
+    assert out["unrestored_upgrade"]["generation"] == 3
+    assert env.store.expire(now=1000.0 + 24 * 3600 + 1) == [3] and not env.gen.final.exists()
+
+    record.used_by_boot = "boot-of-B"  # restored after all: nothing to tell
+    handoff.write(env.store.root, record)
+    assert boot.unrestored_upgrade() is None

@@ -213,10 +213,14 @@ def test_cmdline_replaces_everything() -> None:
 
 
 def test_restore_argument_is_seamless_own() -> None:
-    args = ["ro", "seamless.restore=1", "--", "single"]
-    assert cmdline.with_restore(args, 7) == ["ro", "seamless.restore=7", "--", "single"]
+    args = ["ro", "seamless.restore=1", "seamless.token=old", "--", "single"]
+    assert cmdline.with_restore(args, 7, token="t") == [
+        "ro", "panic=10", "seamless.restore=7", "seamless.token=t", "--", "single"]
     assert cmdline.with_restore(args, None) == ["ro", "--", "single"]
-    assert cmdline.with_restore(["ro"], 0) == ["ro", "seamless.restore=0"]
+    # the operator's own panic= is theirs (one for init is not the kernel's)
+    assert cmdline.with_restore(["ro", "panic=0"], 0) == ["ro", "panic=0", "seamless.restore=0"]
+    assert cmdline.with_restore(["ro", "--", "panic=0"], 0) == [
+        "ro", "panic=10", "seamless.restore=0", "--", "panic=0"]
 
 
 def test_region_must_be_on_the_new_command_line() -> None:
@@ -561,7 +565,7 @@ def test_upgrade_adds_the_restore_generation(env: Env, monkeypatch: pytest.Monke
     out = json.loads(result.stdout)
     assert seen == [7]
     *args, token = out["cmdline"].split(" ")
-    assert " ".join(args) == (f"{EXPECTED} debug seamless.restore=7 "
+    assert " ".join(args) == (f"{EXPECTED} debug panic=10 seamless.restore=7 "
                               f"seamless.last_pid={900 + cmdline.PID_MARGIN}")
     # the new boot's proof: the token on its command line, its digest in the store
     record = handoff.read(store)
@@ -722,3 +726,22 @@ def test_initrd_read_directly_early_and_compressed_archives(tmp_path: Path) -> N
     assert initrd.has_restorer(path)
     path.write_bytes(_newc("kernel") + b"\x5d\x00\x00 not a known compression")
     assert initrd.read_cpio_names(path) is None
+
+
+def test_a_new_kernel_that_could_not_open_the_store_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """nd_e820 and nd_pmem: built in, or in the initramfs; else every tree would be lost."""
+    release = "6.12.118+deb13-amd64"
+    (tmp_path / release).mkdir()
+    builtin = tmp_path / release / "modules.builtin"
+    builtin.write_text("kernel/drivers/nvdimm/libnvdimm.ko\nkernel/drivers/nvdimm/nd_e820.ko\n")
+    carried = [f"usr/lib/modules/{release}/kernel/drivers/nvdimm/nd_pmem.ko.xz"]
+    assert initrd.store_modules_missing(carried, release, tmp_path) == []
+    assert initrd.store_modules_missing([], release, tmp_path) == ["nd_pmem"]
+    builtin.write_text("")
+    assert initrd.store_modules_missing(carried, release, tmp_path) == ["nd_e820"]
+    assert initrd.store_modules_missing(carried, "7.0.0-unknown", tmp_path) is None
+    monkeypatch.setattr(initrd, "MODULES", tmp_path)
+    with pytest.raises(SeamlessError, match="nd_e820 is neither built into it nor in") as e:
+        initrd.check_store_modules(Path("/boot/initrd.img"), release, carried)
+    assert e.value.status == ExitCode.UNCHANGED

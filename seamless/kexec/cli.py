@@ -207,7 +207,10 @@ def prepare_initrd(
     if not rebuild:
         initrd.check_readable(path, image.release)
         with complete_step(f"looking for the restorer in {path}"):
-            rebuild = not initrd.has_restorer(path)
+            names = initrd.list_files(path)
+            rebuild = not initrd.has_restorer(path, names)
+        if not rebuild:
+            initrd.check_store_modules(path, image.release, names)
         if rebuild and path != default:
             raise SeamlessError(
                 f"{path} lacks the boot-time restorer",
@@ -222,6 +225,7 @@ def prepare_initrd(
     if rebuild:
         with complete_step(f"rebuilding {path} with the restorer"):
             path = initrd.rebuild(image.release)
+        initrd.check_store_modules(path, image.release)
     return path, rebuild
 
 

@@ -18,6 +18,8 @@ ONE_SHOT_PREFIXES = ("BOOT_IMAGE=", "initrd=", "seamless.")
 RESTORE_ARG = "seamless.restore="
 LAST_PID_ARG = "seamless.last_pid="
 TOKEN_ARG = "seamless.token="
+#: Seconds a panicking new kernel waits before it resets the machine.
+PANIC_REBOOT = "panic=10"
 #: Room above the highest checkpointed PID for children forked before the freeze.
 PID_MARGIN = 4096
 PROC_CMDLINE = Path("/proc/cmdline")
@@ -75,13 +77,18 @@ def with_restore(args: Sequence[str], generation: int | None,
     """``args`` with ``seamless.restore=GENERATION`` (or with none, for a plain kexec),
     ``seamless.last_pid=N`` (the initramfs keeps PIDs up to N free for the restore) and
     ``seamless.token=`` (the one-time proof that this boot is the upgrade's: see
-    :mod:`seamless.memstore.handoff`).
+    :mod:`seamless.memstore.handoff`), and ``panic=10`` unless a panic= is there.
 
     seamless owns these arguments: any given by the operator is replaced.
     """
     kept = [a for a in args if not a.startswith((RESTORE_ARG, LAST_PID_ARG, TOKEN_ARG))]
     if generation is None:
         return kept
+    if not any(a.startswith("panic=") for a in _kernel_args(kept)):
+        # A new kernel that panics resets the machine through the firmware rather than
+        # hang: the boot loader's default comes up, without the token, and restores
+        # nothing (the operator's own panic= is kept).
+        kept = _insert_before_init_args(kept, PANIC_REBOOT)
     kept = _insert_before_init_args(kept, f"{RESTORE_ARG}{generation}")
     if last_pid is not None:
         kept = _insert_before_init_args(kept, f"{LAST_PID_ARG}{last_pid}")

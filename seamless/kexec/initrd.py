@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from seamless.errors import SeamlessError
+from seamless.log import log
 from seamless.restore import boothooks
 from seamless.run import run
 
@@ -113,14 +114,58 @@ def list_files(initrd: Path) -> list[str]:
     return [n.removeprefix("./").lstrip("/") for n in names]
 
 
-def has_restorer(initrd: Path) -> bool:
-    """Whether ``initrd`` carries the restorer of dracut or of initramfs-tools."""
-    for name in list_files(initrd):
+def has_restorer(initrd: Path, names: list[str] | None = None) -> bool:
+    """Whether ``initrd`` (whose files are ``names``, when listed already) carries the
+    restorer of dracut or of initramfs-tools."""
+    for name in list_files(initrd) if names is None else names:
         if name.endswith(DRACUT_HOOK) or name == INITRAMFS_TOOLS_SCRIPT or name.endswith(
             "/" + INITRAMFS_TOOLS_SCRIPT
         ):
             return True
     return False
+
+
+#: What the new kernel needs to see the store: the memmap= region's bus, and its
+#: block device (the other pmem modules load with them).
+STORE_MODULES = ("nd_e820", "nd_pmem")
+MODULES = Path("/lib/modules")
+
+
+def _module_name(path: str) -> str:
+    name = path.rsplit("/", 1)[-1]
+    for suffix in (".xz", ".zst", ".gz"):
+        name = name.removesuffix(suffix)
+    return name.removesuffix(".ko").replace("-", "_")
+
+
+def store_modules_missing(names: list[str], release: str,
+                          modules: Path = MODULES) -> list[str] | None:
+    """Of :data:`STORE_MODULES`, those kernel ``release`` has neither built in nor in its
+    initramfs (whose files are ``names``): without them it cannot open the store, and
+    every tree would be lost. None when it cannot tell (no modules.builtin)."""
+    try:
+        builtin = {_module_name(line.strip()) for line in
+                   (modules / release / "modules.builtin").read_text().splitlines()}
+    except OSError:
+        return None
+    carried = {_module_name(n) for n in names if n.endswith((".ko", ".ko.xz", ".ko.zst",
+                                                             ".ko.gz"))}
+    return [m for m in STORE_MODULES if m not in builtin and m not in carried]
+
+
+def check_store_modules(initrd: Path, release: str, names: list[str] | None = None) -> None:
+    """Refuse a new kernel that could not open the store in its initramfs."""
+    missing = store_modules_missing(list_files(initrd) if names is None else names, release,
+                                    MODULES)
+    if missing is None:
+        log.warning("cannot tell whether %s can open the store: %s has no modules.builtin",
+                    release, MODULES / release)
+    elif missing:
+        raise SeamlessError(
+            f"{release} could not open the store: {', '.join(missing)} is neither built "
+            f"into it nor in {initrd}",
+            hint="rebuild the initramfs with the restorer (seamless install-restorer, then "
+            "seamless kexec --rebuild-initrd), or use a kernel with CONFIG_X86_PMEM_LEGACY")
 
 
 def rebuild(release: str) -> Path:

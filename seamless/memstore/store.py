@@ -24,6 +24,7 @@ from typing import Any
 
 from seamless.errors import ExitCode, SeamlessError
 from seamless.log import log
+from seamless.memstore import handoff
 from seamless.memstore.generation import PARTIAL, Generation
 from seamless.memstore.records import Header, Manifest, RecordError
 from seamless.memstore.region import Region, find_region
@@ -128,11 +129,18 @@ class Store:
         return report if isinstance(report, dict) else None
 
     def kept_until(self, number: int) -> float | None:
-        """When generation ``number``, kept after a failed restore, is to be overwritten
-        (None: it is not one)."""
+        """When generation ``number``, kept after a failed restore or after an upgrade
+        that never came back, is to be overwritten (None: it is not one)."""
         report = self.report(number)
         until = report.get("kept_until") if report else None
-        return float(until) if isinstance(until, (int, float)) else None
+        if isinstance(until, (int, float)):
+            return float(until)
+        record = handoff.read(self.root)
+        if record is not None and record.generation == number \
+                and record.used_by_boot is None and record.source_boot_id != handoff.boot_id():
+            # its upgrade entered the new kernel, and no boot restored it since
+            return record.times.get("entering", 0.0) + KEEP_FAILED_SECONDS
+        return None
 
     def expire(self, now: float | None = None) -> list[int]:
         """Overwrite and remove every generation kept after a failed restore whose time

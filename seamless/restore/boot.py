@@ -433,6 +433,27 @@ def adopt_services(report: RestoreReport, root: Path) -> list[str]:
     return adopted
 
 
+def unrestored_upgrade() -> dict[str, Any] | None:
+    """An upgrade that entered its new kernel and was never restored: this boot is not
+    the one it started (the new kernel panicked and the firmware reset the machine, or
+    it was reset or powered off), so its processes are lost and its generation is not
+    replayed. None when there is none, or no store to tell (not root, no region)."""
+    if os.geteuid() != 0 or DEFERRED.exists():
+        return None
+    try:
+        store = open_store()
+    except SeamlessError:
+        return None
+    record = handoff.read(store.root)
+    if record is None or record.used_by_boot is not None \
+            or record.source_boot_id == handoff.boot_id():
+        return None
+    return {"generation": record.generation, "from": record.source_release,
+            "to": record.target_release, "entering": record.times.get("entering"),
+            "kept_until": store.kept_until(record.generation),
+            "running": os.uname().release}
+
+
 def last_report() -> dict[str, Any] | None:
     """The newest report of a restore at boot, if any."""
     found = []

@@ -20,6 +20,7 @@ from seamless.restore.boot import (
     generation_from_cmdline,
     last_report,
     phases,
+    unrestored_upgrade,
 )
 from seamless.restore.restorer import TreeRestore, restore_all
 
@@ -132,12 +133,32 @@ def _restore_by_hand(images_dir: Path | None, number: int | None, keep: bool,
 def status_command(as_json: bool) -> None:
     """What the last upgrade did: kernels, each tree's result, the time of each phase."""
     report = last_report()
-    if report is None:
+    lost = unrestored_upgrade()
+    if report is None and lost is None:
         raise SeamlessError("no upgrade has been restored on this machine yet",
                             hint="seamless upgrade --kernel PATH does one")
     if as_json:
-        click.echo(json.dumps({**report, "phases": dict(phases(report))}, indent=2))
+        out = {**report, "phases": dict(phases(report))} if report is not None else {}
+        if lost is not None:
+            out["unrestored_upgrade"] = lost
+        click.echo(json.dumps(out, indent=2))
         return
+    if lost is not None:
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lost["entering"] or 0))
+        click.echo(f"upgrade to {lost['to']} NEVER CAME BACK: it entered the new kernel at "
+                   f"{at}, and this boot ({lost['running']}) did not come from it (the new "
+                   "kernel panicked and the machine was reset, or it was reset by hand). "
+                   f"The processes of that upgrade are lost; generation {lost['generation']} "
+                   "is not replayed"
+                   + (" and is kept until " + time.strftime(
+                       "%Y-%m-%d %H:%M", time.localtime(lost["kept_until"]))
+                      if lost.get("kept_until") else "")
+                   + f" (seamless restore --generation {lost['generation']} restores it by "
+                   "hand, over what runs now)")
+        if report is None:
+            return
+        click.echo("the upgrade before it:")
+    assert report is not None  # one of the two is there
     when = time.strftime("%Y-%m-%d %H:%M:%S",
                          time.localtime(report["times"].get("restorer_started", 0)))
     click.echo(f"last upgrade: {report.get('from', '?')} -> {report['to']} at {when}, "
