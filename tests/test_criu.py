@@ -30,6 +30,7 @@ from seamless.collect.criu import (
     CriuNotifyError,
     CriuOptions,
     CriuProtocolError,
+    CriuTimeoutError,
     InheritFd,
     Notification,
     Peer,
@@ -263,10 +264,29 @@ def test_peer_exiting_without_answer(tmp_path: Path, images: Path) -> None:
 def test_silent_peer_times_out_and_is_killed(tmp_path: Path, images: Path) -> None:
     fake = Fake(tmp_path, [{"expect": "DUMP"}, {"sleep": 60}])
     start = time.monotonic()
-    with pytest.raises(CriuDiedError, match="did not answer within 1 s and was killed"):
+    with pytest.raises(CriuTimeoutError, match="did not answer within 1 s and was killed"):
         fake.client(timeout=1).dump(images, CriuOptions(pid=1))
     assert time.monotonic() - start < 10
     assert fake.reaped()
+
+
+def test_a_tree_held_by_our_handler_is_not_criu_s_time(tmp_path: Path, images: Path) -> None:
+    """The dump's bound is CRIU's own work: a tree held at post-dump (until every other
+    tree is dumped) does not run it out; a CRIU slow after that still does."""
+    fake = Fake(tmp_path, [
+        {"expect": "DUMP"},
+        {"notify": "post-dump"},
+        {"respond": {"type": "DUMP", "success": True}},
+    ])
+    result = fake.client(timeout=1).dump(images, CriuOptions(pid=1),
+                                         {"post-dump": lambda n: time.sleep(2)})
+    assert [n.script for n in result.notifications] == ["post-dump"]
+
+    slow = Fake(tmp_path, [{"expect": "DUMP"}, {"notify": "post-dump"}, {"sleep": 60}])
+    with pytest.raises(CriuTimeoutError, match="did not answer within 1 s"):
+        slow.client(timeout=1).dump(images, CriuOptions(pid=1),
+                                    {"post-dump": lambda n: time.sleep(2)})
+    assert slow.reaped()
 
 
 def test_failing_handler_tells_criu_to_stop(tmp_path: Path, images: Path) -> None:

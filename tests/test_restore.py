@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from seamless.collect.criu import (
     CriuError,
     CriuOptions,
     CriuResult,
+    CriuTimeoutError,
     NotifyHandler,
 )
 from seamless.collect.layout import TREE_INFO
@@ -660,3 +662,36 @@ def test_an_interrupted_lazy_restore_stops_what_it_started(
     assert killed == [300]
     unlocked = [s.splitlines()[0] for s in scripts if "add element" not in s]
     assert "add table inet CRIU-200" in unlocked
+
+
+class HangingCriu(FakeCriu):
+    """CRIU that runs out of its time on tree 200 (the client killed it)."""
+
+    def restore(self, images_dir: Path, options: CriuOptions | None = None,
+                on_notify: Mapping[str, NotifyHandler] | None = None) -> CriuResult:
+        if images_dir.name == "200":
+            self.calls.append((images_dir.name, options or CriuOptions()))
+            time.sleep(0.6)  # past the whole restore's deadline too
+            raise CriuTimeoutError("restore", "CRIU did not answer within 300 s and was killed")
+        return super().restore(images_dir, options, on_notify)
+
+
+def test_a_restore_that_runs_out_of_time_is_reported_and_the_rest_not_begun(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from seamless.restore import restorer
+
+    for pid, order in ((100, 0), (200, 1), (300, 2)):
+        write_tree(tmp_path, pid, order, [])
+    killed: list[int] = []
+    monkeypatch.setattr(restorer, "kill_tree", lambda root, within=300: killed.append(root))
+    criu = HangingCriu(fail=set())
+
+    report = restore_all(tmp_path, criu, stream=lambda *_: os.open(os.devnull, os.O_WRONLY),
+                         deadline=time.monotonic() + 0.5)
+
+    assert [name for name, _ in criu.calls] == ["100", "200"]
+    assert killed == [200]  # what CRIU made of it before it was killed does not run on
+    errors = {t.root: t.error for t in report.trees}
+    assert errors[100] is None and "within 300 s" in (errors[200] or "")
+    assert errors[300] == "not begun: the restore ran out of time"

@@ -65,7 +65,9 @@ from seamless.memstore.generation import Follower, Generation, Hashed, shred
 from seamless.memstore.records import Manifest, TreeRecord
 from seamless.memstore.store import MOUNTPOINT as STORE_MOUNTPOINT
 
-#: How long a dump may take before we give up on it (CRIU is then killed and thaws it).
+#: How long a dump (or a pre-dump) may take before we give up on it: CRIU is then
+#: killed, and the checkpoint is abandoned and every tree thawed. The time a tree is
+#: held after its dump, until the others are dumped, is not counted.
 DUMP_TIMEOUT = 600.0
 
 
@@ -453,7 +455,7 @@ def take_checkpoint(
     """
     times = {} if times is None else times
     sockets = unix_sockets() or {}
-    criu = criu or Criu()
+    criu = criu or Criu(timeout=DUMP_TIMEOUT)
     created = time.time()
     root = images.create()
     if pre_dump is None:

@@ -30,7 +30,13 @@ from seamless.memstore.generation import Generation, is_page_image
 from seamless.memstore.store import KEEP_FAILED_SECONDS, Store, open_store, unmount
 from seamless.restore import adopt, bootfs, lazy
 from seamless.restore.lazy import Pager
-from seamless.restore.restorer import Restorer, RestoreReport, restore_all, trees_in
+from seamless.restore.restorer import (
+    RESTORE_TIMEOUT,
+    Restorer,
+    RestoreReport,
+    restore_all,
+    trees_in,
+)
 from seamless.run import run
 
 #: Written by the restorer (in the initramfs /run, which becomes the real root's /run)...
@@ -43,6 +49,10 @@ HANDED_OVER_ENV = "SEAMLESS_HANDED_OVER"
 #: Written by a restore before init that leaves the trees to seamless-restore.service
 #: (it says why): the unit runs when it is there, although the report is not.
 DEFERRED = Path("/run/seamless/deferred")
+#: How long the restore of a generation's trees may take at boot: no tree is begun
+#: after it (each is reported), and the boot goes on. Below seamless-restore.service's
+#: TimeoutStartSec (15 min), with room for the store, the checks and the report.
+RESTORE_BUDGET = 600.0
 
 
 def corrupt_trees(bad_files: list[str]) -> dict[str, str]:
@@ -232,7 +242,7 @@ def boot_restore(number: int | None, *, keep: bool = False,
         load_criu_modules()
         if report["stage"] == "initramfs" and retry is None:
             report["mounted"] = bootfs.mount_boot_tmpfs(root)
-        criu = criu or Criu()
+        criu = criu or Criu(timeout=RESTORE_TIMEOUT)
         lazy = bool(lazy) and lazy_pages_work(criu)
         skip = corrupt_trees(bad)
         pages = PageCheck(gen, [d.name for d, info in trees_in(gen.final, manifest.trees)
@@ -242,7 +252,8 @@ def boot_restore(number: int | None, *, keep: bool = False,
                                + (" (their memory follows while they run)" if lazy else "")):
                 restored = restore_all(gen.final, criu, skip=skip, running=running,
                                        pager=Pager.start if lazy else None, gate=pages,
-                                       listed=manifest.trees)
+                                       listed=manifest.trees,
+                                       deadline=time.monotonic() + RESTORE_BUDGET)
             pagers = restored.pagers
             report["times"]["retry_restored" if retry is not None else "restored"] = time.time()
             report["corrupt"] = sorted(bad + pages.bad())

@@ -22,7 +22,7 @@ from seamless.restore.boot import (
     phases,
     unrestored_upgrade,
 )
-from seamless.restore.restorer import TreeRestore, restore_all
+from seamless.restore.restorer import RESTORE_TIMEOUT, TreeRestore, restore_all
 
 
 @click.command("install-restorer")
@@ -110,7 +110,7 @@ def _restore_by_hand(images_dir: Path | None, number: int | None, keep: bool,
             click.echo(json.dumps(retried, indent=2))
     else:
         with complete_step(f"restoring the trees of {images_dir}"):
-            report = restore_all(images_dir, Criu())
+            report = restore_all(images_dir, Criu(timeout=RESTORE_TIMEOUT))
         trees = report.trees
         hint = "the others run again; see each tree's restore.log beside its images"
         if as_json:

@@ -25,6 +25,7 @@ from seamless.collect.criu import (
     CgroupMode,
     CriuOptions,
     CriuResult,
+    CriuTimeoutError,
     InheritFd,
     NetworkLock,
     Notification,
@@ -165,6 +166,7 @@ def restore_all(
     nft: netlock.Runner | None = None,
     gate: Callable[[str], str | None] | None = None,
     listed: Sequence[TreeRecord] | None = None,
+    deadline: float | None = None,
 ) -> RestoreReport:
     """Restore every tree under ``images_root``; failures are reported, not raised.
 
@@ -184,6 +186,9 @@ def restore_all(
     images are verified while the trees are restored: see :class:`.boot.PageCheck`).
     ``listed``: the trees the generation's manifest lists, exactly those are restored
     (one whose images are not there is reported failed).
+    ``deadline`` (``time.monotonic()``): no tree is begun after it, each is reported
+    not restored, and the boot goes on (each CRIU call has its own bound too: see
+    :data:`RESTORE_TIMEOUT`).
     """
     report = RestoreReport()
     start = time.monotonic()
@@ -218,6 +223,8 @@ def restore_all(
                 progress(f"tree {tree.root} ({tree.command[:50]}) runs already: not restored again")
                 continue
             why_not = (skip or {}).get(images_dir.name) or unready.get(images_dir.name)
+            if why_not is None and deadline is not None and time.monotonic() > deadline:
+                why_not = "not begun: the restore ran out of time"
             if why_not is not None:
                 tree.error = why_not
                 progress(f"NOT restoring tree {tree.root} ({tree.command[:50]}): {tree.error}")
@@ -297,6 +304,10 @@ def _restore_tree(
         progress(f"restored tree {tree.root} ({tree.command[:50]}) in {result.seconds:.2f} s"
                  + (" (its memory arrives while it runs)" if tree.lazy else ""))
     except (SeamlessError, OSError, ValueError) as e:  # CriuError is one
+        if isinstance(e, CriuTimeoutError):
+            # CRIU was killed in the middle: what it made of the tree (its PIDs were
+            # kept free for it) must not run on half restored
+            kill_tree(tree.root, within=0)
         # A page image too short for CRIU fails it before the gate: the check says why.
         reason = refused[0] if refused else gate(images_dir.name) if gate is not None else None
         tree.error = reason or str(e)
@@ -365,6 +376,10 @@ def recreate_dirs(dirs: list[dict[str, Any]]) -> None:
         if safepath.make_dir(str(d["path"]), int(d["uid"]), int(d["gid"]), int(d["mode"])):
             log.info("made %s again for the sockets bound in it", d["path"])
 
+
+#: How long one tree's restore may take before CRIU is killed and the tree reported
+#: failed (the whole restore at boot has a bound too: see boot.RESTORE_BUDGET).
+RESTORE_TIMEOUT = 300.0
 
 #: Where the restore makes the named pipes that replace another namespace's.
 PIPES = Path("/run/seamless/pipes")

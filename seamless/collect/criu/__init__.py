@@ -14,6 +14,7 @@ from seamless.collect.criu.errors import (
     CriuError,
     CriuNotifyError,
     CriuProtocolError,
+    CriuTimeoutError,
 )
 from seamless.collect.criu.options import (
     CgroupMode,
@@ -27,6 +28,7 @@ from seamless.collect.criu.wire import ReqType, Version
 
 __all__ = [
     "CgroupMode", "CgroupRoot", "Criu", "CriuDiedError", "CriuError", "CriuNotifyError",
-    "CriuOptions", "CriuProtocolError", "CriuResult", "InheritFd", "NetworkLock", "Notification",
-    "NotifyHandler", "Peer", "PreDumpMode", "ReqType", "SpawnPeer", "Version", "swrk",
+    "CriuOptions", "CriuProtocolError", "CriuResult", "CriuTimeoutError", "InheritFd",
+    "NetworkLock", "Notification", "NotifyHandler", "Peer", "PreDumpMode", "ReqType",
+    "SpawnPeer", "Version", "swrk",
 ]

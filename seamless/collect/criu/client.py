@@ -43,6 +43,7 @@ from seamless.collect.criu.errors import (
     CriuError,
     CriuNotifyError,
     CriuProtocolError,
+    CriuTimeoutError,
 )
 from seamless.collect.criu.options import CriuOptions
 from seamless.collect.criu.wire import ReqType, Response, Version
@@ -136,8 +137,10 @@ def swrk(binary: str = "criu") -> SpawnPeer:
 class Criu:
     """The CRIU engine: dump, pre-dump, check, restore and version, over RPC.
 
-    ``timeout`` bounds each call (CRIU is killed when it runs out); ``None``
-    waits as long as CRIU keeps running.
+    ``timeout`` bounds each call (CRIU is killed when it runs out: a
+    :class:`CriuTimeoutError`), not counting the time the notification handlers take
+    (a tree held at post-dump until every other is dumped); ``None`` waits as long as
+    CRIU keeps running.
     """
 
     def __init__(
@@ -340,7 +343,7 @@ class _Call:
                 wait = min(wait, self.deadline - time.monotonic())
                 if wait <= 0:
                     self.proc.kill()
-                    raise self.error(CriuDiedError, f"CRIU did not answer within "
+                    raise self.error(CriuTimeoutError, f"CRIU did not answer within "
                                      f"{self.timeout:g} s and was killed")
             if poller.poll(wait * 1000):
                 break
@@ -397,6 +400,7 @@ class _Call:
             log.debug("criu %s: %s at %.3f s", self.operation, note.script, note.at)
             ok = True
             handler = handlers.get(note.script)
+            handled = time.monotonic()
             try:
                 if handler is not None and failed is None:
                     handler(note)
@@ -406,6 +410,8 @@ class _Call:
             finally:
                 for fd in fds:
                     os.close(fd)
+                if self.deadline is not None:  # our own time (a tree held) is not CRIU's
+                    self.deadline += time.monotonic() - handled
             self.send(sock, wire.notify_answer(ok))
         if failed is not None:
             note, cause = failed

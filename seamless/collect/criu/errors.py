@@ -79,6 +79,10 @@ class CriuDiedError(CriuError):
     """CRIU exited, or was killed, before it answered."""
 
 
+class CriuTimeoutError(CriuDiedError):
+    """CRIU did not answer in time, and was killed."""
+
+
 class CriuProtocolError(CriuError):
     """CRIU (or whatever runs in its place) answered something that is not the protocol."""
 
