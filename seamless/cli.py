@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from seamless import __version__
+from seamless import __version__, stop
 from seamless.errors import ExitCode, SeamlessError
 from seamless.log import log, setup_logging
 
@@ -72,10 +72,16 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
+    stop.install()  # SIGTERM and SIGHUP stop it as Ctrl-C does: everything put back
     try:
         rv = cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Interrupted", err=True)
+    except click.exceptions.Abort as e:  # click's for Ctrl-C (and stop.Terminated)
+        cause = e.__cause__
+        click.echo(f"Interrupted: {cause}" if isinstance(cause, stop.Terminated)
+                   else "Interrupted", err=True)
+        sys.exit(ExitCode.INTERRUPTED)
+    except stop.Terminated as e:
+        click.echo(f"Interrupted: {e}", err=True)
         sys.exit(ExitCode.INTERRUPTED)
     except KeyboardInterrupt:
         click.echo("Interrupted", err=True)

@@ -21,6 +21,7 @@ from typing import Any
 
 import click
 
+from seamless import stop
 from seamless.collect.checkpoint import HeldTrees, take_checkpoint
 from seamless.collect.cli import pre_dump_option, selection_from, selection_options
 from seamless.collect.criu import Criu, CriuError, kernels
@@ -218,13 +219,14 @@ def _finish_dry_run(held: HeldTrees, gen: Generation, result: dict[str, Any]) ->
 def _roll_back(held: HeldTrees, gen: Generation, store_root: Path) -> None:
     """Thaw every tree (they run on in this kernel), unload the kernel, remove the
     generation and the record that asks the new boot to restore it."""
-    held.abort()
-    loader.unload()
-    try:  # best effort: entering may have remounted the store read-only
-        handoff.remove(store_root)
-        gen.wipe()
-    except OSError as w:
-        log.warning("generation %s not removed: %s", gen.final, w)
+    with stop.critical():
+        held.abort()
+        loader.unload()
+        try:  # best effort: entering may have remounted the store read-only
+            handoff.remove(store_root)
+            gen.wipe()
+        except OSError as w:
+            log.warning("generation %s not removed: %s", gen.final, w)
 
 
 def _enter(held: HeldTrees, gen: Generation, store_root: Path,

@@ -216,3 +216,67 @@ def test_the_watchdog_thaws_when_the_coordinator_is_killed(tmp_path: Path) -> No
     while (a / "cgroup.freeze").read_text() != "0" and time.monotonic() < deadline:
         time.sleep(0.05)
     assert (a / "cgroup.freeze").read_text() == "0"
+
+
+def traced_proc(tmp_path: Path, tracers: dict[int, tuple[int, str]]) -> Path:
+    """A /proc where each PID is traced by (tracer PID, its command name)."""
+    proc = tmp_path / "proc"
+    for pid, (tracer, comm) in tracers.items():
+        (proc / str(pid)).mkdir(parents=True)
+        (proc / str(pid) / "status").write_text(f"Name:\tx\nTracerPid:\t{tracer}\n")
+        if tracer:
+            (proc / str(tracer)).mkdir(parents=True, exist_ok=True)
+            (proc / str(tracer) / "comm").write_text(comm + "\n")
+    return proc
+
+
+def test_the_watchdog_waits_for_criu_only_not_for_a_debugger(tmp_path: Path) -> None:
+    from seamless.collect import watchdog
+
+    cg = tmp_path / "cg"
+    a = make_cgroup(cg, "/system.slice/a.service", [100, 101])
+    assert watchdog.held_by_criu([a], traced_proc(tmp_path / "1", {100: (0, ""),
+                                                               101: (7, "criu")}))
+    assert not watchdog.held_by_criu([a], traced_proc(tmp_path / "2", {100: (0, ""),
+                                                                   101: (8, "gdb")}))
+    assert not watchdog.held_by_criu([a], traced_proc(tmp_path / "3", {}))  # gone
+
+
+def test_the_watchdog_thaws_for_as_long_as_criu_holds_a_task(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No time limit: CRIU freezes the cgroup again as it lets go, however late."""
+    from seamless.collect import watchdog
+
+    a = make_cgroup(tmp_path / "cg", "/system.slice/a.service", [100])
+    (a / "cgroup.freeze").write_text("1")
+    holds = iter([True] * 50 + [False])
+    thawed: list[str] = []
+
+    def held(paths: list[Path], proc: Path = Path("/proc")) -> bool:
+        thawed.append((a / "cgroup.freeze").read_text())
+        (a / "cgroup.freeze").write_text("1")  # CRIU froze it again
+        return next(holds)
+
+    monkeypatch.setattr(watchdog, "held_by_criu", held)
+    monkeypatch.setattr(watchdog, "INTERVAL", 0)
+    r, w = os.pipe()
+    os.close(w)  # the coordinator is gone
+    watchdog.watch([a], stdin=r)
+    os.close(r)
+    assert len(thawed) == 51 and set(thawed) == {"0"}
+    assert (a / "cgroup.freeze").read_text() == "0"
+
+
+def test_the_watchdog_outlives_the_terminal_s_signals(tmp_path: Path) -> None:
+    a = make_cgroup(tmp_path / "cg", "/system.slice/a.service", [])
+    (a / "cgroup.freeze").write_text("1")
+    dog = subprocess.Popen([sys.executable, "-m", "seamless.collect.watchdog", str(a)],
+                           stdin=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+    time.sleep(0.5)  # its handlers are set
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        dog.send_signal(sig)
+    time.sleep(0.2)
+    assert dog.poll() is None and (a / "cgroup.freeze").read_text() == "1"
+    assert dog.stdin is not None
+    dog.stdin.close()
+    assert dog.wait(10) == 0 and (a / "cgroup.freeze").read_text() == "0"

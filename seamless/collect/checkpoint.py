@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from seamless import stop
 from seamless.collect import runtime
 from seamless.collect.criu import (
     Criu,
@@ -234,14 +235,15 @@ class HeldTrees:
         self._answer(abort=True, timeout=timeout)
 
     def _answer(self, *, abort: bool, timeout: float) -> None:
-        for d in self.dumps:
-            d._abort = abort
-            d._release.set()
-        for d in self.dumps:
-            if d._thread is not None:
-                d._thread.join(timeout)
-        if self.freezer is not None:
-            self.freezer.thaw()
+        with stop.critical():  # a signal now waits until every tree is let go
+            for d in self.dumps:
+                d._abort = abort
+                d._release.set()
+            for d in self.dumps:
+                if d._thread is not None:
+                    d._thread.join(timeout)
+            if self.freezer is not None:
+                self.freezer.thaw()
 
     def _check(self, check: bool) -> None:
         failed = [d for d in self.dumps if d.error is not None]

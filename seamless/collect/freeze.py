@@ -12,9 +12,9 @@ together at the end. A tree without a cgroup of its own is frozen by CRIU when
 its dump starts, as before; the plan says which.
 
 Nothing may stay frozen if the coordinator dies: a small watchdog process
-holds a pipe from us and thaws the cgroups when it reads end of file, and
-again for as long as a CRIU still holds their tasks (CRIU freezes the cgroup
-again when it lets go).
+(:mod:`seamless.collect.watchdog`) holds a pipe from us and thaws the cgroups
+when it reads end of file, and again for as long as a CRIU still holds their
+tasks (CRIU freezes the cgroup again when it lets go).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from seamless import stop
 from seamless.collect.processes import ProcessTree
 from seamless.errors import ExitCode, SeamlessError
 from seamless.log import count, log
@@ -35,43 +36,6 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 FREEZE_TIMEOUT = 10.0
 #: How long the cgroups are thawed to let a vfork child run its exec before the next try.
 VFORK_PAUSE = 0.02
-
-#: The watchdog: thaws the cgroups given as arguments once its stdin ends, and keeps
-#: thawing while any of their tasks is still traced (a CRIU refreezes as it lets go).
-WATCHDOG = """\
-import os, sys, time
-paths = sys.argv[1:]
-sys.stdin.buffer.read()
-def thaw():
-    for p in paths:
-        try:
-            with open(os.path.join(p, 'cgroup.freeze'), 'w') as f:
-                f.write('0')
-        except OSError:
-            pass
-def traced():
-    for p in paths:
-        for root, _, _ in os.walk(p):
-            try:
-                pids = open(os.path.join(root, 'cgroup.procs')).read().split()
-            except OSError:
-                continue
-            for pid in pids:
-                try:
-                    status = open(f'/proc/{pid}/status').read()
-                except OSError:
-                    continue
-                if 'TracerPid:\\t0\\n' not in status:
-                    return True
-    return False
-thaw()
-deadline = time.monotonic() + 120
-while traced() and time.monotonic() < deadline:
-    time.sleep(0.2)
-    thaw()
-thaw()
-"""
-
 
 def cgroup_pids(path: Path, listing: str = "cgroup.procs") -> set[int]:
     """Every process in the cgroup ``path`` and the cgroups below it (every thread, with
@@ -157,9 +121,11 @@ class Freezer:
         if not paths:
             return
         if self.watchdog:
+            # in a session of its own: the terminal's hangup or Ctrl-C does not reach it
             self._guard = subprocess.Popen(
-                [sys.executable, "-c", WATCHDOG, *map(str, paths)], stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL, close_fds=True)
+                [sys.executable, "-m", "seamless.collect.watchdog", *map(str, paths)],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True,
+                start_new_session=True)
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -203,6 +169,10 @@ class Freezer:
 
     def thaw(self) -> None:
         """Thaw every cgroup we froze (all at once), and dismiss the watchdog."""
+        with stop.critical():
+            self._thaw()
+
+    def _thaw(self) -> None:
         for path in self._frozen:
             try:
                 _write(path / "cgroup.freeze", "0")

@@ -126,9 +126,12 @@ def swrk(binary: str = "criu") -> SpawnPeer:
     def spawn(sock_fd: int, pass_fds: tuple[int, ...], output: int) -> Peer:
         argv = [binary, "swrk", str(sock_fd)]
         log.debug("+ %s", shlex.join(argv))
+        # In a session of its own: a Ctrl-C or a hangup of the operator's terminal must
+        # not kill CRIU while its code runs inside a process; the coordinator handles
+        # them, and stops CRIU through the protocol (or by closing the socket).
         return subprocess.Popen(
             argv, pass_fds=(sock_fd, *pass_fds), stdin=subprocess.DEVNULL,
-            stdout=output, stderr=output, close_fds=True,
+            stdout=output, stderr=output, close_fds=True, start_new_session=True,
         )
 
     return spawn
