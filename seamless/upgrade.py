@@ -25,6 +25,7 @@ from seamless import stop
 from seamless.collect.checkpoint import HeldTrees, take_checkpoint
 from seamless.collect.cli import pre_dump_option, selection_from, selection_options
 from seamless.collect.criu import Criu, CriuError, kernels
+from seamless.collect.inhibitors import inhibitors
 from seamless.collect.layout import load_criu_modules
 from seamless.collect.plan import StoreSpace, make_plan, render
 from seamless.collect.processes import read_table
@@ -85,12 +86,15 @@ def _lazy_pages_check() -> None:
               "grows with their memory. A tree whose memory does not all arrive is stopped. "
               "Implies --no-pre-dump unless --pre-dump is given: CRIU restores the pages a "
               "pre-dump copied before the tree runs.")
+@click.option("--force", is_flag=True,
+              help="Upgrade even while a package manager is at work or logind inhibits "
+              "shutdown (which systemctl kexec respects).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @exclusive("seamless upgrade")
 def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
                     includes: tuple[str, ...], excludes: tuple[str, ...], config_path: Path,
                     dry_run: bool, yes: bool, pre_dump: bool | None, lazy_pages: bool,
-                    as_json: bool) -> None:
+                    force: bool, as_json: bool) -> None:
     """Upgrade to another kernel, keeping the running processes.
 
     Every user process tree is checkpointed into the preserved RAM region, the
@@ -137,6 +141,13 @@ def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
             click.echo(render(plan), err=True)
             raise SeamlessError("the upgrade would not succeed; nothing was frozen",
                                 hint="see the problems above (seamless plan shows them too)")
+        busy = inhibitors()
+        if busy and not force:
+            raise SeamlessError(
+                "not now: " + "; ".join(map(str, busy)),
+                hint="wait until it is done (--force upgrades anyway); nothing was frozen")
+        for b in busy:
+            log.warning("upgrading anyway (--force): %s", b)
         # The new kernel starts its processes above every PID to restore (with room for
         # children forked before the freeze).
         last_pid = max((p for t in plan.trees for p in t.pids), default=0) + cmdline.PID_MARGIN

@@ -214,3 +214,47 @@ def test_held_trees_say_which_their_criu_let_go_of(tmp_path: Path) -> None:
     ended.join()
     dumps[0]._thread = ended  # its dump call returned: CRIU no longer holds it
     assert held.let_go(proc) == [100, 200]
+
+
+def test_dpkg_s_lock_holders_are_read_from_proc_locks(tmp_path: Path) -> None:
+    import os
+
+    from seamless.collect.inhibitors import dpkg_holders
+
+    lock = tmp_path / "lock-frontend"
+    lock.write_text("")
+    st = os.stat(lock)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    proc = tmp_path / "proc"
+    (proc / "4321").mkdir(parents=True)
+    (proc / "4321" / "cmdline").write_bytes(b"apt-get\0install\0foo\0")
+    (proc / "locks").write_text(
+        f"1: POSIX  ADVISORY  WRITE 4321 {dev} 0 EOF\n"
+        f"1: -> POSIX  ADVISORY  WRITE 999 {dev} 0 EOF\n"  # waiting for it, not holding
+        "2: FLOCK  ADVISORY  WRITE 77 00:19:12 0 EOF\n")
+    found = dpkg_holders((lock, tmp_path / "absent"), proc)
+    assert [(h.who, h.pid) for h in found] == [("apt-get install foo", 4321)]
+    assert str(found[0]).startswith("apt-get install foo (PID 4321): holds ")
+    (proc / "locks").write_text("")
+    assert dpkg_holders((lock,), proc) == []
+
+
+def test_only_logind_s_blocking_shutdown_inhibitors_count(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    from seamless.collect import inhibitors
+
+    answer = {"type": "a(ssssuu)", "data": [[
+        ["shutdown:sleep", "Unattended Upgrades Shutdown", "upgrades before shutdown",
+         "delay", 0, 629],  # delays, never blocks: unattended-upgrades always has it
+        ["shutdown", "backup", "writing the nightly backup", "block", 0, 700],
+        ["sleep", "player", "playing", "block", 1000, 800]]]}
+
+    def busctl(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[bytes]:
+        assert argv[:3] == ["busctl", "--json=short", "call"]
+        return subprocess.CompletedProcess(argv, 0, json.dumps(answer).encode(), b"")
+
+    monkeypatch.setattr(inhibitors, "run", busctl)
+    assert inhibitors.shutdown_inhibitors() == [
+        inhibitors.Inhibitor("backup", "writing the nightly backup", 700)]

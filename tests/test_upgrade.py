@@ -23,6 +23,7 @@ from click.testing import CliRunner, Result
 import seamless.run
 from seamless import syscalls, upgrade
 from seamless.cli import cli
+from seamless.collect.inhibitors import Inhibitor
 from seamless.collect.layout import TREE_INFO
 from seamless.errors import ExitCode, SeamlessError
 from seamless.kexec import cmdline
@@ -139,6 +140,8 @@ class World:
     criu_checked: int = 0
     criu_target: str = ""
     gen: Generation | None = None
+    #: What says "not now" (a package manager at work, a logind inhibitor).
+    busy: list[Inhibitor] = field(default_factory=list)
 
     def take_checkpoint(self, trees: Sequence[FakeTree], images: Generation, number: int, *,
                         leave_running: bool, target_release: str | None = None,
@@ -207,6 +210,7 @@ def world(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> World:
     monkeypatch.setattr(upgrade, "make_plan", make_plan)
     monkeypatch.setattr(upgrade, "render", lambda plan: "PLAN: tree 101 blocks the upgrade")
     monkeypatch.setattr(upgrade, "check_policy", lambda: None)
+    monkeypatch.setattr(upgrade, "inhibitors", lambda: w.busy)
     monkeypatch.setattr(upgrade, "prepare_initrd",
                         lambda image, given, rebuild, dry_run: (rd, False))
     return w
@@ -437,3 +441,19 @@ def test_the_preflight_refuses_a_target_kernel_the_criu_cannot_restore_on(
     REAL_CRIU_CHECK("6.12.118+deb13-cloud-amd64")
     with pytest.raises(SeamlessError, match="CRIU 3.17.1 cannot restore on Linux 7.3.4"):
         REAL_CRIU_CHECK("7.3.4+deb13-cloud-amd64")
+
+
+def test_a_package_manager_at_work_or_a_shutdown_inhibitor_stops_the_upgrade(
+        world: World) -> None:
+    world.busy = [Inhibitor("apt-get install foo", "holds /var/lib/dpkg/lock-frontend: a "
+                            "package manager is at work", 4321)]
+    result = invoke(world, "--kernel", world.image, "--yes")
+    assert result.exit_code == ExitCode.UNCHANGED, result.output
+    error = result.exception
+    assert isinstance(error, SeamlessError)
+    assert "not now: apt-get install foo (PID 4321): holds /var/lib/dpkg" in error.message
+    assert "--force" in (error.hint or "")
+    assert world.loader.names() == [] and world.checkpoints == []
+    result = invoke(world, "--kernel", world.image, "--yes", "--force")
+    assert result.exit_code == 0, result.output
+    assert world.loader.names() == ["load", "enter"]
