@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from seamless import stop
+from seamless import faults, stop
 from seamless.collect.checkpoint import HeldTrees, take_checkpoint
 from seamless.collect.cli import pre_dump_option, selection_from, selection_options
 from seamless.collect.criu import Criu, CriuError, kernels
@@ -159,6 +159,7 @@ def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
     log.info("%d trees to carry (%d MiB), generation %d", len(plan.trees),
              plan.needed >> 20, number)
     try:
+        faults.point("preflight")
         go = yes or dry_run or click.confirm(
             f"Freeze {len(plan.trees)} process trees and reboot into {image.release}?",
             err=True)
@@ -254,6 +255,7 @@ def _enter(held: HeldTrees, gen: Generation, store_root: Path,
     record.times["entering"] = time.time()
     try:
         handoff.write(store_root, record)
+        faults.point("entering")
         click.echo(f"entering {record.target_release}: the processes come back there "
                    "(seamless status shows how it went)", err=True)
         sys.stdout.flush()

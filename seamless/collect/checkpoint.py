@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from seamless import stop
+from seamless import faults, stop
 from seamless.collect import runtime
 from seamless.collect.criu import (
     Criu,
@@ -321,6 +321,7 @@ def dump_all(
         if freezer is not None:
             freezer.freeze()
             progress(describe(freezer, trees))
+            faults.point("frozen")
             if freezer.cgroups:  # their trees are frozen: their sockets stay as they are
                 network = Network.read()
         for order, tree in enumerate(trees):
@@ -479,6 +480,7 @@ def take_checkpoint(
                 pre_dumped = pre_dump_all(trees, root, criu, options)
             with complete_step("hashing the pre-dumped images while the trees run"):
                 ahead = images.hash_ahead()
+            faults.point("pre-dumped")
         times["frozen"] = time.time()
         # The page images are hashed while CRIU writes them (a piece at a time).
         follower = Follower(root)
@@ -487,6 +489,7 @@ def take_checkpoint(
                             freezer=Freezer.for_trees(trees), sockets=sockets)
         times["dumped"] = time.time()
         try:
+            faults.point("dumped")
             with complete_step("sealing: checksums, manifest"):
                 ahead.update(follower.finish())
                 log.info("%d MiB of page images hashed while they were written",
@@ -502,6 +505,7 @@ def take_checkpoint(
                     ) for d in held.dumps],
                 ), ahead)
             times["sealed"] = time.time()
+            faults.point("sealed")
         except BaseException:
             held.abort()
             raise

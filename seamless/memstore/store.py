@@ -25,7 +25,7 @@ from typing import Any
 from seamless.errors import ExitCode, SeamlessError
 from seamless.log import log
 from seamless.memstore import handoff
-from seamless.memstore.generation import PARTIAL, Generation
+from seamless.memstore.generation import PARTIAL, Generation, shred
 from seamless.memstore.records import Header, Manifest, RecordError
 from seamless.memstore.region import Region, find_region
 from seamless.mounts import mounts
@@ -99,12 +99,17 @@ class Store:
         return sorted(p for p in self.generations_dir.iterdir() if p.name.endswith(PARTIAL))
 
     def new_generation(self) -> tuple[int, Generation]:
-        """The next generation to write (numbers never repeat within a store's life)."""
+        """The next generation to write (numbers never repeat within a store's life).
+        A partial generation is overwritten and removed: the caller holds seamless's
+        lock, so it is one a killed run left, never one being written."""
         numbers = [0]
         for p in self.generations_dir.iterdir():
             m = _GEN.fullmatch(p.name.removesuffix(PARTIAL))
             if m:
                 numbers.append(int(m.group(1)))
+        for partial in self.partials():
+            log.warning("overwriting %s, left by a checkpoint that did not finish", partial)
+            shred(partial)
         n = max(numbers) + 1
         return n, Generation(self.generations_dir / f"gen-{n}")
 

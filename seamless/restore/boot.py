@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 
 import seamless
-from seamless import lock
+from seamless import faults, lock
 from seamless.collect.criu import Criu
 from seamless.collect.layout import load_criu_modules
 from seamless.errors import SeamlessError
@@ -182,6 +182,7 @@ def boot_restore(number: int | None, *, keep: bool = False,
     store = None
     gen: Generation | None = None
     record: handoff.UpgradeRecord | None = None
+    restored = RestoreReport()
     try:
         with complete_step("opening the store"):
             store = open_store()
@@ -247,14 +248,16 @@ def boot_restore(number: int | None, *, keep: bool = False,
         skip = corrupt_trees(bad)
         pages = PageCheck(gen, [d.name for d, info in trees_in(gen.final, manifest.trees)
                                 if int(info["root"]) not in running and d.name not in skip])
+        faults.point("restoring")
         try:
             with complete_step(f"restoring {count(len(manifest.trees) - len(running), 'tree')}"
                                + (" (their memory follows while they run)" if lazy else "")):
-                restored = restore_all(gen.final, criu, skip=skip, running=running,
-                                       pager=Pager.start if lazy else None, gate=pages,
-                                       listed=manifest.trees,
-                                       deadline=time.monotonic() + RESTORE_BUDGET)
+                restore_all(gen.final, criu, skip=skip, running=running,
+                            pager=Pager.start if lazy else None, gate=pages,
+                            listed=manifest.trees, deadline=time.monotonic() + RESTORE_BUDGET,
+                            report=restored)
             pagers = restored.pagers
+            faults.point("restored")
             report["times"]["retry_restored" if retry is not None else "restored"] = time.time()
             report["corrupt"] = sorted(bad + pages.bad())
         finally:
@@ -276,6 +279,9 @@ def boot_restore(number: int | None, *, keep: bool = False,
             report["wiped"] = True
     except SeamlessError as e:
         report["error"] = e.format_message()
+        if restored.trees and "trees" not in report:
+            # which trees came back before it ended: a retry leaves them alone
+            report.update(trees=restored.to_json()["trees"])
         raise
     finally:
         report["times"]["finished"] = time.time()
@@ -351,6 +357,7 @@ def finish_lazy(report: dict[str, Any], store: Store, gen: Generation,
     """Wait until the lazily restored trees have all their memory (stopping a tree whose
     memory did not all arrive), then wipe the generation, complete the report and
     unmount the store."""
+    faults.point("finishing")
     failed = lazy.finish(pagers)
     report["times"]["memory_back"] = time.time()
     for tree in report.get("trees", []):

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import psutil
 
-from seamless import safepath
+from seamless import faults, safepath
 from seamless.collect import runtime
 from seamless.collect.criu import (
     CgroupMode,
@@ -167,6 +167,7 @@ def restore_all(
     gate: Callable[[str], str | None] | None = None,
     listed: Sequence[TreeRecord] | None = None,
     deadline: float | None = None,
+    report: RestoreReport | None = None,
 ) -> RestoreReport:
     """Restore every tree under ``images_root``; failures are reported, not raised.
 
@@ -189,8 +190,10 @@ def restore_all(
     ``deadline`` (``time.monotonic()``): no tree is begun after it, each is reported
     not restored, and the boot goes on (each CRIU call has its own bound too: see
     :data:`RESTORE_TIMEOUT`).
+    ``report``: the report to fill (and returned), so that a caller knows which trees
+    came back when something no tree catches ends the restore.
     """
-    report = RestoreReport()
+    report = RestoreReport() if report is None else report
     start = time.monotonic()
     trees = trees_in(images_root, listed)
     there = {d.name for d, _ in trees}
@@ -232,6 +235,8 @@ def restore_all(
             try:
                 _restore_tree(images_dir, info, tree, criu, report, stream, pager, progress,
                               gate, streams)
+                if tree.restored and sum(t.restored and not t.earlier for t in report.trees) == 1:
+                    faults.point("restored-one")
             finally:
                 if tree.root in locked:  # CRIU unlocks after a restore; not after a failure
                     netlock.unlock(tree.root, nft, locked[tree.root])

@@ -1,0 +1,136 @@
+"""Faults at every phase of an upgrade: no process lost, none frozen, nothing replayed.
+
+The coordinator fails (an error), is stopped (SIGTERM, as systemd or an operator would)
+or dies (SIGKILL, as the OOM killer would) at each phase before the kexec, through
+seamless's fault injection (``SEAMLESS_FAULT=POINT:ACTION``, see seamless/faults.py);
+then a new kernel left loaded by a coordinator that died is entered with a plain
+``systemctl kexec``; then the restorer fails after the first tree in the new kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from vmtest import config, qemu
+from vmtest.log import record
+from vmtest.qemu import BootGuest
+from vmtest.workloads import main_pid, prepare_for_criu, read_counter, start_counter
+
+pytestmark = pytest.mark.vm
+
+A, B = config.KERNELS["A"], config.KERNELS["B"]
+UNITS = ("count1", "count2")
+
+#: (where, how, extra arguments): each phase before the kexec, each way to end there.
+BEFORE_THE_KEXEC = [
+    ("preflight", "fail", ()),
+    ("pre-dumped", "term", ("--pre-dump",)),
+    ("frozen", "kill", ()),
+    ("dumped", "term", ()),
+    ("dumped", "kill", ()),
+    ("sealed", "fail", ()),
+    ("entering", "fail", ()),
+    ("sealed", "kill", ()),  # last: it leaves B loaded, for the systemctl kexec below
+]
+
+
+def assert_all_run_thawed(g: qemu.Guest, pids: dict[str, int], what: str) -> None:
+    """Every workload has its PID, runs (its counter moves) and is not frozen; no CRIU
+    is left (a CRIU that lost its coordinator lets its tree go)."""
+    state = g.sh(
+        "for i in $(seq 150); do "
+        "  frozen=$(grep -h 'frozen 1' /sys/fs/cgroup/system.slice/count*.service/"
+        "cgroup.events | wc -l); criu=$(pgrep -xc criu); "
+        '  [ "$frozen" = 0 ] && [ "$criu" = 0 ] && { echo ok; exit 0; }; sleep 0.2; '
+        'done; echo "frozen=$frozen criu=$criu"', check=False).strip()
+    assert state == "ok", f"{what}: {state}"
+    for unit, pid in pids.items():
+        assert main_pid(g, unit) == pid, f"{what}: {unit} lost its process"
+        before = read_counter(g, f"/root/{unit}")
+        time.sleep(0.6)
+        assert read_counter(g, f"/root/{unit}") > before, f"{what}: {unit} does not run"
+
+
+def test_faults_before_the_kexec_lose_nothing_and_a_dead_coordinator_s_kernel_restores_nothing(
+    boot_guest: BootGuest,
+) -> None:
+    """At each phase before the kexec the upgrade fails, is stopped or is killed: every
+    process runs on thawed with its PID, and nothing can be replayed (no upgrade
+    record; a failed or stopped upgrade also leaves no generation and no loaded kernel).
+    The last, killed after the seal, leaves B loaded: entered by a plain systemctl kexec,
+    B refuses to restore its generation (no record of that upgrade), and status says so."""
+    g = boot_guest("A")
+    prepare_for_criu(g)
+    g.run("seamless", "store", "format")
+    pids = {unit: start_counter(g, unit, f"/root/{unit}") for unit in UNITS}
+    outcomes = []
+    for where, how, extra in BEFORE_THE_KEXEC:
+        start = time.monotonic()
+        run = g.channel.run(["seamless", "upgrade", "--kernel", B.vmlinuz, "--yes", *extra],
+                            env={"SEAMLESS_FAULT": f"{where}:{how}"}, timeout=900)
+        what = f"{how} at {where}"
+        err = run.stderr.decode(errors="replace")
+        # fail: an error (1: nothing changed; 3 once it entered), term: interrupted,
+        # kill: the agent sees the signal
+        expected = {"fail": (1, 3), "term": (130,), "kill": (-9, 137)}[how]
+        assert run.returncode in expected, f"{what}: exit {run.returncode}\n{err}"
+        assert_all_run_thawed(g, pids, what)
+        store = json.loads(g.run("seamless", "store", "status", "--json"))
+        loaded = g.run("cat", "/sys/kernel/kexec_loaded").strip()
+        outcomes.append(f"{what}: exit {run.returncode}, {len(store['generations'])} "
+                        f"generations, {len(store['partial'])} partial, kernel loaded {loaded}")
+        assert g.channel.run(["test", "-e", "/run/seamless/store/upgrade.json"]
+                             ).returncode != 0, f"{what}: an upgrade record was left"
+        if how != "kill":  # it put everything back itself, and what a killed run left
+            assert store["generations"] == [] and store["partial"] == [], f"{what}: {store}"
+            assert loaded == "0", f"{what}: the kernel stayed loaded"
+        record(f"fault {what}: back to running in", time.monotonic() - start)
+    print("\n".join(outcomes))
+    last = json.loads(g.run("seamless", "store", "status", "--json"))["generations"]
+    assert last and g.run("cat", "/sys/kernel/kexec_loaded").strip() == "1"
+    number = last[-1]["number"]
+
+    before = g.info
+    assert before is not None
+    g.channel.start(["systemctl", "kexec"])
+    g.wait_ready(qemu.BOOT_TIMEOUT, not_boot=before.boot_id)
+    assert g.run("uname", "-r").strip() == B.release
+    status = json.loads(g.run("seamless", "status", "--json"))
+    assert status["ok"] is False and status.get("trees") in (None, [])
+    assert f"not restoring generation {number}: no upgrade record" in status["error"]
+    for unit in UNITS:  # systemctl kexec stopped them; nothing brought an old state back
+        assert g.run("systemctl", "is-active", unit, check=False).strip() != "active"
+
+
+def test_a_restorer_that_fails_after_one_tree_keeps_the_rest_for_a_retry_by_hand(
+    boot_guest: BootGuest,
+) -> None:
+    """In B the restorer fails once the first tree is back (seamless.fault= on B's
+    command line): that tree runs, the others are not lost but kept in the generation,
+    status says what happened and until when the generation is kept; a retry by hand
+    brings the others back with their PIDs and wipes the generation."""
+    g = boot_guest("A")
+    prepare_for_criu(g)
+    g.run("seamless", "store", "format")
+    pids = {unit: start_counter(g, unit, f"/root/{unit}") for unit in UNITS}
+    g.switch_kernel(["seamless", "upgrade", "--kernel", B.vmlinuz, "--yes",
+                     "--append", "seamless.fault=restored-one:fail"])
+    assert g.run("uname", "-r").strip() == B.release
+    status = json.loads(g.run("seamless", "status", "--json"))
+    assert status["ok"] is False and "injected fault at restored-one" in status["error"]
+    assert status["kept_until"] > time.time()
+    running = [u for u, pid in pids.items()
+               if g.channel.run(["kill", "-0", str(pid)]).returncode == 0]
+    assert len(running) == 1, running
+    retry = g.channel.run(["seamless", "restore", "--generation", str(status["generation"])],
+                          env={"SEAMLESS_FAULT": ""}, timeout=600)
+    assert retry.returncode == 0, retry.stderr.decode(errors="replace")
+    for unit, pid in pids.items():
+        assert g.channel.run(["kill", "-0", str(pid)]).returncode == 0, unit
+        before = read_counter(g, f"/root/{unit}")
+        time.sleep(0.6)
+        assert read_counter(g, f"/root/{unit}") > before, f"{unit} does not run"
+    assert json.loads(g.run("seamless", "store", "status", "--json"))["generations"] == []
