@@ -27,7 +27,7 @@ from seamless.collect.cli import pre_dump_option, selection_from, selection_opti
 from seamless.collect.criu import Criu, CriuError, kernels
 from seamless.collect.inhibitors import inhibitors
 from seamless.collect.layout import load_criu_modules
-from seamless.collect.plan import StoreSpace, make_plan, render
+from seamless.collect.plan import StoreSpace, left_out_services, make_plan, render
 from seamless.collect.processes import read_table
 from seamless.errors import ExitCode, SeamlessError
 from seamless.kexec import cmdline, loader
@@ -39,6 +39,7 @@ from seamless.memstore import handoff
 from seamless.memstore.generation import Generation
 from seamless.memstore.region import find_region
 from seamless.memstore.store import no_region_error, open_store
+from seamless.run import run
 
 
 def _criu_check(target_release: str) -> None:
@@ -135,7 +136,8 @@ def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
         _criu_check(image.release)
         if lazy_pages:
             _lazy_pages_check()
-        plan = make_plan(read_table(), selection,
+        table = read_table()
+        plan = make_plan(table, selection,
                          StoreSpace(device=str(store.root), free=store.free()))
         if not plan.ok:
             click.echo(render(plan), err=True)
@@ -195,7 +197,8 @@ def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
             generation=number, token_sha256=handoff.digest(token),
             source_boot_id=manifest.source_boot_id, machine_id=handoff.machine_id(),
             source_release=result["from"], target_release=image.release,
-            lazy_pages=lazy_pages, times=times)
+            lazy_pages=lazy_pages, times=times,
+            stopped_units=left_out_services(plan, table))
         _enter(held, gen, store.root, record)
     result["times"] = times
     if as_json:
@@ -228,11 +231,35 @@ def _finish_dry_run(held: HeldTrees, gen: Generation, result: dict[str, Any]) ->
                             hint="the store may be damaged: seamless store verify")
 
 
-def _roll_back(held: HeldTrees, gen: Generation, store_root: Path) -> None:
+#: How long the services left out may take to stop before the kexec goes on anyway.
+STOP_TIMEOUT = 90
+
+
+def _stop_left_out(units: list[str]) -> None:
+    """Stop the services left out of the checkpoint (see ``left_out_services``), all in
+    one transaction, so in their dependency order; one that does not stop in time is cut
+    off by the kexec, as it was before."""
+    with complete_step(f"stopping {count(len(units), 'service')} left out, as systemctl "
+                       f"kexec would: {', '.join(units)}"):
+        result = run(["systemctl", "stop", "--", *units], check=False, timeout=STOP_TIMEOUT)
+    if result.returncode != 0:
+        log.warning("not every service left out stopped cleanly (%s): the kexec ends them",
+                    result.stderr.decode(errors="replace").strip())
+
+
+def _start_left_out(units: list[str]) -> None:
+    if units:
+        run(["systemctl", "start", "--no-block", "--", *units], check=False)
+
+
+def _roll_back(held: HeldTrees, gen: Generation, store_root: Path,
+               stopped: list[str] | None = None) -> None:
     """Thaw every tree (they run on in this kernel), unload the kernel, remove the
-    generation and the record that asks the new boot to restore it."""
+    generation and the record that asks the new boot to restore it, and start again
+    the services left out that were stopped."""
     with stop.critical():
         held.abort()
+        _start_left_out(stopped or [])
         loader.unload()
         try:  # best effort: entering may have remounted the store read-only
             handoff.remove(store_root)
@@ -254,6 +281,8 @@ def _enter(held: HeldTrees, gen: Generation, store_root: Path,
             exit_code=ExitCode.UNCHANGED)
     record.times["entering"] = time.time()
     try:
+        if record.stopped_units:
+            _stop_left_out(record.stopped_units)
         handoff.write(store_root, record)
         faults.point("entering")
         click.echo(f"entering {record.target_release}: the processes come back there "
@@ -262,7 +291,7 @@ def _enter(held: HeldTrees, gen: Generation, store_root: Path,
         sys.stderr.flush()
         loader.enter()
     except BaseException as e:
-        _roll_back(held, gen, store_root)
+        _roll_back(held, gen, store_root, record.stopped_units)
         raise SeamlessError(f"entering {record.target_release} failed: {e}",
                             hint="the processes were thawed and run on",
                             exit_code=ExitCode.CHANGED) from e

@@ -1203,3 +1203,27 @@ def test_an_upgrade_that_never_came_back_is_told_and_expires(
     record.used_by_boot = "boot-of-B"  # restored after all: nothing to tell
     handoff.write(env.store.root, record)
     assert boot.unrestored_upgrade() is None
+
+
+def test_services_stopped_before_the_kexec_start_again_in_the_new_boot(
+    env: BootEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before init: wanted by multi-user.target for this boot (enabled or not); when
+    systemd runs: started at once."""
+    unit_dir = env.root / "usr/lib/systemd/system"
+    unit_dir.mkdir(parents=True)
+    (unit_dir / "postgresql@.service").write_text("[Service]\n")
+    (unit_dir / "memcached.service").write_text("[Service]\n")
+    upgrade_record(env, stopped_units=["memcached.service", "gone.service"])
+    monkeypatch.setattr(boot, "systemd_runs", lambda: False)
+
+    report = env.restore(FakeRestorer())
+
+    assert report["started_again"] == ["memcached.service"]  # gone.service has no file
+    link = env.root / "run/systemd/system/multi-user.target.wants/memcached.service"
+    assert os.readlink(link) == "/usr/lib/systemd/system/memcached.service"
+    systemctl: list[list[str]] = []
+    monkeypatch.setattr(boot, "run", lambda argv, **kwargs: systemctl.append(list(argv)))
+    monkeypatch.setattr(boot, "systemd_runs", lambda: True)
+    assert boot.start_left_out(["memcached.service"], env.root) == ["memcached.service"]
+    assert systemctl == [["systemctl", "start", "--no-block", "--", "memcached.service"]]

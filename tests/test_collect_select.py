@@ -199,3 +199,23 @@ def test_files_replaced_on_disk_are_shown_and_carried(tmp_path: Path) -> None:
     finally:
         mapped.close()
         held.close()
+
+
+def test_the_services_left_out_by_the_operator_are_the_ones_stopped_before_the_kexec() -> None:
+    """Left out by a rule or by no include rule: stopped (and started again in the new
+    boot). Never plumbing, a user's own unit, a carried tree's unit, nor a unit this
+    seamless command runs under (ssh.service, excluded, holds the operator's session)."""
+    from seamless.collect.plan import left_out_services
+
+    table = [*TABLE, proc(600, 1, "postgres", "/system.slice/postgresql@17-main.service")]
+    selection = Selection.from_texts([], ["unit:postgresql@17-main.service",
+                                          "unit:ssh.service", "unit:redis-server.service"])
+    plan = make_plan(table, selection, StoreSpace("/dev/pmem0", 1 << 30), coordinator=303)
+    assert left_out_services(plan, table, coordinator=303) == [
+        "redis-server.service", "postgresql@17-main.service"]
+    only_app = Selection.from_texts(["unit:app.service"], [])
+    plan = make_plan(table, only_app, StoreSpace("/dev/pmem0", 1 << 30), coordinator=303)
+    assert left_out_services(plan, table, coordinator=303) == [
+        "redis-server.service", "postgresql@17-main.service"]  # sessions are scopes
+    assert left_out_services(make_plan(table, Selection(), StoreSpace("/dev/pmem0", 1 << 30),
+                                       coordinator=303), table, coordinator=303) == []

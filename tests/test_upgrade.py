@@ -142,6 +142,9 @@ class World:
     gen: Generation | None = None
     #: What says "not now" (a package manager at work, a logind inhibitor).
     busy: list[Inhibitor] = field(default_factory=list)
+    #: The services the plan leaves out, and the systemctl commands run for them.
+    left_out: list[str] = field(default_factory=list)
+    systemctl: list[list[str]] = field(default_factory=list)
 
     def take_checkpoint(self, trees: Sequence[FakeTree], images: Generation, number: int, *,
                         leave_running: bool, target_release: str | None = None,
@@ -211,6 +214,14 @@ def world(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> World:
     monkeypatch.setattr(upgrade, "render", lambda plan: "PLAN: tree 101 blocks the upgrade")
     monkeypatch.setattr(upgrade, "check_policy", lambda: None)
     monkeypatch.setattr(upgrade, "inhibitors", lambda: w.busy)
+    monkeypatch.setattr(upgrade, "left_out_services", lambda plan, table: w.left_out)
+
+    def systemctl(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
+        assert argv[0] == "systemctl"
+        w.systemctl.append(argv)
+        return subprocess.CompletedProcess(argv, 0, b"", b"")
+
+    monkeypatch.setattr(upgrade, "run", systemctl)
     monkeypatch.setattr(upgrade, "prepare_initrd",
                         lambda image, given, rebuild, dry_run: (rd, False))
     return w
@@ -457,3 +468,26 @@ def test_a_package_manager_at_work_or_a_shutdown_inhibitor_stops_the_upgrade(
     result = invoke(world, "--kernel", world.image, "--yes", "--force")
     assert result.exit_code == 0, result.output
     assert world.loader.names() == ["load", "enter"]
+
+
+def test_services_left_out_are_stopped_before_the_kexec_and_started_again_on_a_rollback(
+        world: World) -> None:
+    world.left_out = ["postgresql@17-main.service", "memcached.service"]
+    result = invoke(world, "--kernel", world.image, "--yes")
+    assert result.exit_code == 0, result.output
+    assert world.systemctl == [["systemctl", "stop", "--", *world.left_out]]
+    record = json.loads((world.store.root / UPGRADE_RECORD).read_text())
+    assert record["stopped_units"] == world.left_out  # the new boot starts them again
+    assert world.loader.names() == ["load", "enter"]
+
+    world.systemctl.clear()
+    world.loader.enter_error = SeamlessError("reboot(LINUX_REBOOT_CMD_KEXEC): refused")
+    result = invoke(world, "--kernel", world.image, "--yes")
+    assert isinstance(result.exception, SeamlessError), result.output
+    assert result.exception.status == ExitCode.CHANGED
+    assert world.systemctl == [["systemctl", "stop", "--", *world.left_out],
+                               ["systemctl", "start", "--no-block", "--", *world.left_out]]
+
+    world.systemctl.clear()
+    invoke(world, "--kernel", world.image, "--dry-run")
+    assert world.systemctl == []  # a dry run stops nothing

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from seamless.collect.freeze import own_cgroup
-from seamless.collect.processes import ProcessInfo, ProcessTree
+from seamless.collect.processes import ProcessInfo, ProcessTree, ancestors
 from seamless.collect.resources import Finding, inspect
 from seamless.collect.select import Choice, Selection, choose
 
@@ -70,6 +72,37 @@ class CheckpointPlan:
             "store": asdict(self.store),
             "problems": self.problems,
         }
+
+
+#: Why a process is left out when the operator chose so (a rule), as select.choose says.
+OPERATOR_CHOICES = ("excluded by rule", "matches no include rule")
+#: ... and when it runs this command: its unit is never stopped.
+RUNS_THIS = ("this seamless command", "runs this seamless command")
+
+
+def left_out_services(plan: CheckpointPlan, table: Sequence[ProcessInfo] = (),
+                      coordinator: int | None = None) -> list[str]:
+    """The system services the operator left out of the checkpoint and that run now: the
+    upgrade stops them cleanly before the kexec, in dependency order, as ``systemctl
+    kexec`` would (a database left out gets its shutdown), and the new boot starts them
+    again. Not plumbing (the boot restarts it), not a user's own units, never a unit a
+    carried tree or this seamless command runs in (``table`` and ``coordinator``: the
+    process table and this command's PID, whose units and its ancestors' are kept)."""
+    by_pid = {p.pid: p for p in table}
+    keep = {p.system_unit for t in plan.trees for p in t.members}
+    coordinator = os.getpid() if coordinator is None else coordinator
+    keep |= {by_pid[pid].system_unit for pid in (coordinator, *ancestors(coordinator, by_pid))
+             if pid in by_pid}
+    units: list[str] = []
+    for e in plan.choice.excluded:
+        p = by_pid.get(e.pid)
+        unit = p.system_unit if p is not None else None
+        if e.reason.startswith(RUNS_THIS):
+            keep.add(unit)
+        elif (e.reason.startswith(OPERATOR_CHOICES) and unit and unit.endswith(".service")
+                and not unit.startswith("user@") and unit not in units):
+            units.append(unit)
+    return [u for u in units if u not in keep]
 
 
 def make_plan(

@@ -31,6 +31,15 @@ class ProcessInfo:
         return None
 
     @property
+    def system_unit(self) -> str | None:
+        """The system manager's unit it runs in: the first unit of its cgroup path (a
+        user's own units are under ``user@UID.service``, never the system's)."""
+        for part in self.cgroup.split("/"):
+            if part.endswith((".service", ".scope")):
+                return part
+        return None
+
+    @property
     def command(self) -> str:
         return " ".join(self.cmdline) if self.cmdline else f"[{self.name}]"
 

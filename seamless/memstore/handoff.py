@@ -74,6 +74,9 @@ class UpgradeRecord:
     lazy_pages: bool = False
     #: When each phase of the upgrade began (wall clock), for the report.
     times: dict[str, float] = field(default_factory=dict)
+    #: The services left out of the checkpoint and stopped before the kexec: the new
+    #: boot starts them again.
+    stopped_units: list[str] = field(default_factory=list)
     #: The boot that restored it: a record is used once.
     used_by_boot: str | None = None
     version: int = 1

@@ -271,6 +271,9 @@ def boot_restore(number: int | None, *, keep: bool = False,
         write_report({**report, "finishing": True}, store)
         if report["adopted"]:
             hand_over(report["adopted"])
+        if retry is None and record is not None and record.generation == n \
+                and record.stopped_units:
+            report["started_again"] = start_left_out(record.stopped_units, root)
         if pagers:
             report["memory"] = "arriving"
         elif restored.ok and not keep:
@@ -419,6 +422,30 @@ def hand_over(units: list[str]) -> None:
     finish = [adopt.FINISH_UNIT] if (Path("/") / adopt.RUNTIME_UNITS / adopt.FINISH_UNIT).exists() \
         else []
     run(["systemctl", "start", "--no-block", *units, *finish], check=False)
+
+
+def start_left_out(units: list[str], root: Path) -> list[str]:
+    """Start again the services the upgrade left out and stopped before the kexec (see
+    ``collect.plan.left_out_services``): they ran in the old boot, enabled or not. When
+    systemd runs, at once; before init, systemd starts them as the boot goes on (each
+    wanted by multi-user.target in /run, for this boot only)."""
+    if systemd_runs():
+        run(["systemctl", "start", "--no-block", "--", *units], check=False)
+        return units
+    wants = root / adopt.RUNTIME_UNITS / "multi-user.target.wants"
+    started = []
+    for unit in units:
+        found = next((root / d / unit for d in adopt.UNIT_DIRS
+                      if (root / d / unit).exists()), None)
+        if found is None:
+            log.warning("%s was stopped before the kexec and has no unit file here", unit)
+            continue
+        wants.mkdir(parents=True, exist_ok=True)
+        link = wants / unit
+        if not link.is_symlink():
+            link.symlink_to(Path("/") / found.relative_to(root))
+        started.append(unit)
+    return started
 
 
 def read_cmdline() -> str:
