@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from seamless.errors import ExitCode, SeamlessError
-from seamless.lock import exclusive
+from seamless.lock import exclusive, held
 from seamless.log import complete_step, count
 from seamless.memstore import setup
 from seamless.memstore.region import Region, find_region, memformat, memparse, parse_iomem
@@ -186,7 +186,6 @@ def when(t: float) -> str:
 
 @store_group.command("expire")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@exclusive("seamless store expire")
 def expire_command(as_json: bool) -> None:
     """Overwrite the generations kept after a failed restore whose time is up.
 
@@ -203,7 +202,15 @@ def expire_command(as_json: bool) -> None:
         except SeamlessError as e:  # no store to keep anything in: the timer is not failed
             click.echo(f"no usable store ({e.message}): nothing to expire", err=True)
         else:
-            expired = store.expire()
+            now = time.time()
+            due = [n for n, _ in store.generations()
+                   if (until := store.kept_until(n)) is not None and until <= now]
+            if due:  # the lock only then: an hourly timer must not get in an upgrade's way
+                try:
+                    with held("seamless store expire"):
+                        expired = store.expire(now)
+                except SeamlessError as e:
+                    click.echo(f"not now ({e.message}): the next run expires them", err=True)
     if as_json:
         echo_json({"expired": expired})
     elif expired:
