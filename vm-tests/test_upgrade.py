@@ -119,7 +119,7 @@ def test_a_corrupt_image_fails_its_tree_only_and_a_retry_by_hand_restores_it(
     assert g.run("uname", "-r").strip() == B.release
     state = g.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
     assert state.out.strip() in ("running", "degraded"), state.out
-    status = json.loads(g.run("seamless", "status", "--json"))
+    status = json.loads(g.run("seamless", "status", "--json", check=False))
     assert not status["ok"]
     trees = {t["root"]: t for t in status["trees"]}
     assert not trees[pids["pair"]]["restored"]
@@ -128,7 +128,7 @@ def test_a_corrupt_image_fails_its_tree_only_and_a_retry_by_hand_restores_it(
     assert main_pid(g, "big") == pids["big"] and main_pid(g, "web") == pids["web"]
     assert memory_report(g, pids["big"]) == memory
     assert http(g, PORT) == 3
-    text = g.run("seamless", "status")
+    text = g.run("seamless", "status", check=False)
     assert "FAILED" in text and "corrupt images" in text
     kept = json.loads(g.run("seamless", "store", "status", "--json"))["generations"]
     assert [gen["number"] for gen in kept] == [number], "the failed generation was not kept"

@@ -177,6 +177,7 @@ def boot_restore(number: int | None, *, keep: bool = False,
     started = time.time()
     pagers: dict[int, Pager] = {}
     report: dict[str, Any] = {"generation": number, "to": os.uname().release, "ok": False,
+                              "boot_id": handoff.boot_id(),
                               "times": {**boot_times(started), "python_started": seamless.STARTED,
                                         "restorer_started": started}}
     store = None
@@ -214,6 +215,7 @@ def boot_restore(number: int | None, *, keep: bool = False,
                         f"still wanted here, seamless restore --generation {n} restores it "
                         "by hand")
             if record is not None and record.generation == n:
+                report["boot_id_before"] = record.source_boot_id
                 report["times"] = {**record.times, **report["times"]}
                 lazy = record.lazy_pages if lazy is None else lazy
         if report["stage"] == "initramfs" and retry is None:

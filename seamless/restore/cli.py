@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
+from seamless import __version__
 from seamless.collect.criu import Criu
 from seamless.collect.layout import TREE_INFO
 from seamless.errors import ExitCode, SeamlessError
 from seamless.lock import held
 from seamless.log import complete_step, count
+from seamless.memstore import handoff
 from seamless.restore import boothooks
 from seamless.restore.boot import (
     boot_restore,
@@ -128,10 +132,19 @@ def _restore_by_hand(images_dir: Path | None, number: int | None, keep: bool,
         )
 
 
+#: The version of ``seamless status --json``'s schema (new keys may appear within one).
+STATUS_SCHEMA = 1
+
+
 @click.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def status_command(as_json: bool) -> None:
-    """What the last upgrade did: kernels, each tree's result, the time of each phase."""
+@click.pass_context
+def status_command(ctx: click.Context, as_json: bool) -> None:
+    """What the last upgrade did: kernels, each tree's result, the time of each phase.
+
+    Exits 0 when it restored every tree, 4 when it did not or never came back (a
+    fleet's rollout stops there), 1 when no upgrade was restored here yet.
+    """
     report = last_report()
     lost = unrestored_upgrade()
     if report is None and lost is None:
@@ -141,8 +154,16 @@ def status_command(as_json: bool) -> None:
         out = {**report, "phases": dict(phases(report))} if report is not None else {}
         if lost is not None:
             out["unrestored_upgrade"] = lost
+        out.update(schema_version=STATUS_SCHEMA, host=socket.gethostname(),
+                   seamless_version=__version__, this_boot=handoff.boot_id())
         click.echo(json.dumps(out, indent=2))
-        return
+    else:
+        _print_status(report, lost)
+    if lost is not None or (report is not None and not report.get("ok")):
+        ctx.exit(ExitCode.CHECK_FAILED)
+
+
+def _print_status(report: dict[str, Any] | None, lost: dict[str, Any] | None) -> None:
     if lost is not None:
         at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lost["entering"] or 0))
         click.echo(f"upgrade to {lost['to']} NEVER CAME BACK: it entered the new kernel at "
