@@ -12,6 +12,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "vm-tests"))
 
 
 @pytest.fixture(autouse=True)
+def metrics_in_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """node-exporter's textfile directory is under tmp_path (absent unless a test makes
+    it), never the host's."""
+    from seamless.restore import metrics
+
+    path = tmp_path / "node-exporter"
+    monkeypatch.setattr(metrics, "TEXTFILE_DIR", path)
+    return path
+
+
+@pytest.fixture(autouse=True)
 def lock_in_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """seamless's lock is taken under tmp_path, never in the host's /run."""
     from seamless import lock

@@ -1229,3 +1229,21 @@ def test_services_stopped_before_the_kexec_start_again_in_the_new_boot(
     monkeypatch.setattr(boot, "systemd_runs", lambda: True)
     assert boot.start_left_out(["memcached.service"], env.root) == ["memcached.service"]
     assert systemctl == [["systemctl", "start", "--no-block", "--", "memcached.service"]]
+
+
+def test_node_exporter_gets_the_last_upgrade_as_metrics(
+    env: BootEnv, reports: tuple[Path, Path], metrics_in_tmp: Path
+) -> None:
+    metrics_in_tmp.mkdir()
+    upgrade_record(env, times={"frozen": 1.0, "entering": 2.0})
+    env.restore(FakeRestorer(fail={"101"}))
+    text = (metrics_in_tmp / "seamless.prom").read_text()
+    assert "seamless_last_upgrade_success 0\n" in text
+    assert 'seamless_last_upgrade_trees{result="restored"} 1\n' in text
+    assert 'seamless_last_upgrade_trees{result="failed"} 1\n' in text
+    assert f'seamless_last_upgrade_info{{from="{SOURCE}",to="{os.uname().release}",' \
+           'generation="3"} 1\n' in text
+    assert "# TYPE seamless_last_upgrade_blackout_seconds gauge" in text
+    assert "seamless_store_free_bytes " in text
+    assert oct((metrics_in_tmp / "seamless.prom").stat().st_mode & 0o777) == "0o644"
+    assert [p.name for p in metrics_in_tmp.iterdir()] == ["seamless.prom"]

@@ -98,6 +98,8 @@ def test_faults_before_the_kexec_lose_nothing_and_a_dead_coordinator_s_kernel_re
     g.channel.start(["systemctl", "kexec"])
     g.wait_ready(qemu.BOOT_TIMEOUT, not_boot=before.boot_id)
     assert g.run("uname", "-r").strip() == B.release
+    state = g.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
+    assert state.out.strip() in ("running", "degraded"), state.out  # the restore is done
     done = g.channel.run(["seamless", "status", "--json"])
     assert done.returncode == 4, done.stderr  # a fleet's rollout stops at this host
     status = json.loads(done.stdout)
@@ -121,6 +123,8 @@ def test_a_restorer_that_fails_after_one_tree_keeps_the_rest_for_a_retry_by_hand
     g.switch_kernel(["seamless", "upgrade", "--kernel", B.vmlinuz, "--yes",
                      "--append", "seamless.fault=restored-one:fail"])
     assert g.run("uname", "-r").strip() == B.release
+    state = g.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
+    assert state.out.strip() in ("running", "degraded"), state.out  # the restore is done
     status = json.loads(g.run("seamless", "status", "--json", check=False))
     assert status["ok"] is False and "injected fault at restored-one" in status["error"]
     assert status["kept_until"] > time.time()

@@ -28,7 +28,7 @@ from seamless.log import complete_step, count, log
 from seamless.memstore import handoff
 from seamless.memstore.generation import Generation, is_page_image
 from seamless.memstore.store import KEEP_FAILED_SECONDS, Store, open_store, unmount
-from seamless.restore import adopt, bootfs, lazy
+from seamless.restore import adopt, bootfs, lazy, metrics
 from seamless.restore.lazy import Pager
 from seamless.restore.restorer import (
     RESTORE_TIMEOUT,
@@ -117,6 +117,15 @@ def write_report(report: dict[str, Any], store: Store | None, in_run: bool = Tru
             path.write_text(text)
         except OSError as e:  # a read-only real root: /run still has it
             log.warning("could not write the report to %s: %s", path, e)
+    try:
+        metrics.write(report, blackout, store.free() if store is not None else None)
+    except OSError as e:
+        log.warning("could not write the metrics for node-exporter: %s", e)
+
+
+def blackout(report: dict[str, Any]) -> float | None:
+    """From the freeze to every tree running again, when the report has both."""
+    return dict(phases(report)).get("total blackout (freeze to restored)")
 
 
 def boot_times(now: float, proc: Path = Path("/proc")) -> dict[str, float]:
