@@ -42,8 +42,8 @@ def assert_all_run_thawed(g: qemu.Guest, pids: dict[str, int], what: str) -> Non
     is left (a CRIU that lost its coordinator lets its tree go)."""
     state = g.sh(
         "for i in $(seq 150); do "
-        "  frozen=$(grep -h 'frozen 1' /sys/fs/cgroup/system.slice/count*.service/"
-        "cgroup.events | wc -l); criu=$(pgrep -xc criu); "
+        "  frozen=$(cat /sys/fs/cgroup/system.slice/count*.service/cgroup.events "
+        "| grep -c 'frozen 1' || true); criu=$(pgrep -xc criu || true); "
         '  [ "$frozen" = 0 ] && [ "$criu" = 0 ] && { echo ok; exit 0; }; sleep 0.2; '
         'done; echo "frozen=$frozen criu=$criu"', check=False).strip()
     assert state == "ok", f"{what}: {state}"
