@@ -258,3 +258,19 @@ def test_only_logind_s_blocking_shutdown_inhibitors_count(
     monkeypatch.setattr(inhibitors, "run", busctl)
     assert inhibitors.shutdown_inhibitors() == [
         inhibitors.Inhibitor("backup", "writing the nightly backup", 700)]
+
+
+@pytest.mark.parametrize("where", ["dumped", "sealed"])
+def test_a_checkpoint_failing_after_its_dump_or_its_seal_leaves_no_generation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """Found by the fault injection: a failure after the seal left a sealed generation,
+    the processes' memory and something that looks like a checkpoint to restore."""
+    from seamless import faults
+
+    monkeypatch.setenv(faults.ENV, f"{where}:fail")
+    criu = PreDumpingCriu()
+    gen = Generation(tmp_path / "gen-1")
+    with pytest.raises(faults.InjectedFault):
+        take_checkpoint([tree(10)], gen, 1, leave_running=True, pre_dump=False, criu=criu)
+    assert not gen.final.exists() and not gen.partial.exists()
+    assert list(tmp_path.iterdir()) == []

@@ -510,6 +510,13 @@ def take_checkpoint(
             held.abort()
             raise
     except BaseException:
-        images.discard()
+        with stop.critical():
+            images.discard()
+            if images.sealed:  # sealed, then it failed: its memory must not stay either
+                try:
+                    images.wipe()
+                except OSError as e:
+                    log.warning("the generation %s was not all overwritten: %s",
+                                images.final, e)
         raise
     return held, manifest
