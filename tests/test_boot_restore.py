@@ -824,6 +824,8 @@ def test_a_lazy_restore_leaves_the_wipe_to_when_the_memory_is_back(
     assert criu.lazy == [True, True]
     assert report["ok"] and report["memory"] == "arriving"
     assert env.gen.final.exists() and env.unmounted == []  # the daemons read from it
+    # bounded should the finisher die: the hourly expiry overwrites it a day later
+    assert env.store.kept_until(3) == report["kept_until"] > time.time()
     assert json.loads(reports[0].read_text())["memory"] == "arriving"
     assert env.handed_over == [["app.service"]]
     ((rep, store, gen, pagers, keep),) = finisher.calls

@@ -300,9 +300,9 @@ def boot_restore(number: int | None, *, keep: bool = False,
     finally:
         report["times"]["finished"] = time.time()
         left_to_the_unit = "deferred" in report and report.get("stage") == "initramfs"
-        if gen is not None and not report.get("wiped") and not keep and not pagers \
-                and not left_to_the_unit:
-            # kept for a retry, and no longer: it holds the processes' memory
+        if gen is not None and not report.get("wiped") and not keep and not left_to_the_unit:
+            # kept for a retry, and no longer: it holds the processes' memory (a lazy
+            # restore's finisher wipes it sooner; this bounds it should the finisher die)
             report["kept_until"] = report["times"]["finished"] + KEEP_FAILED_SECONDS
         if not left_to_the_unit:
             write_report(report, store)

@@ -201,7 +201,8 @@ def _print_status(report: dict[str, Any] | None, lost: dict[str, Any] | None) ->
         click.echo(f"generation {report.get('generation')} was kept for a retry, then "
                    "overwritten at " + time.strftime("%Y-%m-%d %H:%M",
                                                       time.localtime(report["expired"])))
-    elif report.get("kept_until") and not report.get("wiped"):
+    elif report.get("kept_until") and not report.get("wiped") \
+            and report.get("memory") != "arriving":
         click.echo(f"generation {report.get('generation')} is kept for a retry (seamless "
                    f"restore --generation {report.get('generation')}) until "
                    + time.strftime("%Y-%m-%d %H:%M", time.localtime(report["kept_until"]))
