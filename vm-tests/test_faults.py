@@ -140,3 +140,51 @@ def test_a_restorer_that_fails_after_one_tree_keeps_the_rest_for_a_retry_by_hand
         time.sleep(0.6)
         assert read_counter(g, f"/root/{unit}") > before, f"{unit} does not run"
     assert json.loads(g.run("seamless", "store", "status", "--json"))["generations"] == []
+
+
+def test_criu_killed_while_it_holds_a_tree_and_a_restorer_failing_after_every_tree(
+    boot_guest: BootGuest,
+) -> None:
+    """In A, the coordinator waits with every tree dumped and held; CRIU is killed (as the
+    OOM killer would), then the coordinator is stopped: every tree runs on thawed, nothing
+    is left in the store. Then the upgrade to B, whose restorer fails once every tree is
+    back (seamless.fault=restored:fail): every tree runs with its PID, status says what
+    failed and keeps the generation, and a retry by hand restores none a second time."""
+    g = boot_guest("A")
+    prepare_for_criu(g)
+    g.run("seamless", "store", "format")
+    pids = {unit: start_counter(g, unit, f"/root/{unit}") for unit in UNITS}
+
+    upgrade = g.channel.start(["seamless", "upgrade", "--kernel", B.vmlinuz, "--yes"],
+                              env={"SEAMLESS_FAULT": "dumped:hang"})
+    output = b""
+    for _, data in upgrade.events(timeout=600):
+        output += data
+        if b"injected fault at dumped" in output:
+            break
+    g.sh("pkill -KILL -x criu; sleep 1; pkill -TERM -f 'seamless upgrade'")
+    done = upgrade.wait(timeout=300)
+    assert done.returncode == 130, done.stderr.decode(errors="replace")
+    assert_all_run_thawed(g, pids, "CRIU killed while it held the trees")
+    store = json.loads(g.run("seamless", "store", "status", "--json"))
+    assert store["generations"] == [] and store["partial"] == [], store
+    assert g.run("cat", "/sys/kernel/kexec_loaded").strip() == "0"
+
+    g.switch_kernel(["seamless", "upgrade", "--kernel", B.vmlinuz, "--yes",
+                     "--append", "seamless.fault=restored:fail"])
+    assert g.run("uname", "-r").strip() == B.release
+    state = g.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
+    assert state.out.strip() in ("running", "degraded"), state.out
+    status = json.loads(g.run("seamless", "status", "--json", check=False))
+    assert status["ok"] is False and "injected fault at restored" in status["error"]
+    assert sorted(t["root"] for t in status["trees"] if t["restored"]) == sorted(pids.values())
+    assert status["kept_until"] > time.time()
+    for unit in pids:
+        before = read_counter(g, f"/root/{unit}")
+        time.sleep(0.6)
+        assert read_counter(g, f"/root/{unit}") > before, f"{unit} does not run"
+    retry = g.channel.run(["seamless", "restore", "--generation", str(status["generation"]),
+                           "--json"], env={"SEAMLESS_FAULT": ""}, timeout=600)
+    assert retry.returncode == 0, retry.stderr.decode(errors="replace")
+    assert all(t["earlier"] for t in json.loads(retry.stdout)["trees"])
+    assert json.loads(g.run("seamless", "store", "status", "--json"))["generations"] == []
