@@ -10,6 +10,8 @@ timed "shellcheck" shellcheck -x -P SCRIPTDIR dev/*.sh .ci/run \
     dracut-module/90seamless/*.sh initramfs/hooks/* initramfs/scripts/*/*
 phase "mypy --strict"
 timed "mypy" mypy
+phase "Debian package (dpkg-buildpackage, lintian)"
+timed "deb" "$ROOT/dev/deb.sh"
 # The VM tests run on Debian 13 (or the release SEAMLESS_VM_RELEASE names); the core
 # upgrade scenarios (marked debian12) run on Debian 12 too, so neither breaks silently.
 phase "pytest (host tests and VM tests, Debian ${SEAMLESS_VM_RELEASE:-13})"

@@ -18,6 +18,7 @@ Exit codes:
   2  usage error
   3  failed after something was changed (the message says what state the system is in)
   4  a check found a problem (nothing was changed)
+  130  interrupted (Ctrl-C, SIGTERM, a hangup): everything was put back first
 """
 
 

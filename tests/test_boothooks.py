@@ -79,3 +79,29 @@ def test_the_store_s_device_is_root_s_alone(tmp_path: Path) -> None:
     plain.chmod(0o644)
     own_device(plain)
     assert stat.S_IMODE(plain.stat().st_mode) == 0o644
+
+
+def test_the_debian_package_s_hooks_are_its_own_and_nothing_is_copied(tmp_path: Path) -> None:
+    (tmp_path / "var/lib/dpkg/info").mkdir(parents=True)
+    (tmp_path / boothooks.DPKG_LIST).write_text("/usr/bin/seamless\n")
+    module = tmp_path / "usr/lib/dracut/modules.d/90seamless"
+    module.mkdir(parents=True)
+    unit = tmp_path / "usr/lib/systemd/system/seamless-restore.service"
+    unit.parent.mkdir(parents=True)
+    unit.write_text("[Unit]\n")
+    (tmp_path / "etc/systemd/system").mkdir(parents=True)
+    done = boothooks.install(tmp_path)
+    assert done.dracut == module and done.unit == unit and done.initramfs_tools == []
+    assert list((tmp_path / "etc/systemd/system").iterdir()) == []
+    assert not (tmp_path / "etc/dracut.conf.d").exists()
+
+
+def test_the_package_installs_every_hook_the_hand_install_does() -> None:
+    """debian/seamless.install and the hand install (install-restorer) carry the same
+    files: a hook added to one is added to the other."""
+    root = Path(__file__).resolve().parents[1]
+    packaged = {line.split()[0] for line in
+                (root / "debian/seamless.install").read_text().splitlines() if line.strip()}
+    hooks = {str(p.relative_to(root)) for d in ("dracut-module", "initramfs", "systemd", "udev")
+             for p in (root / d).rglob("*") if p.is_file()}
+    assert hooks <= packaged, hooks - packaged

@@ -18,8 +18,10 @@ from seamless.errors import SeamlessError
 from seamless.run import run
 
 MODULE = "90seamless"
-DRACUT_CONF = 'add_dracutmodules+=" seamless "\n'
+#: Beside the module: the dracut configuration that adds it to every initramfs.
 DRACUT_CONF_NAME = "90-seamless.conf"
+#: Written by dpkg when the Debian package is installed: it owns the hooks then.
+DPKG_LIST = Path("var/lib/dpkg/info/seamless.list")
 
 
 def source_dir() -> Path:
@@ -81,10 +83,31 @@ def install_unit(root: Path, src: Path) -> Path:
     return units / UNIT
 
 
+def packaged(root: Path = Path("/")) -> Installed | None:
+    """The hooks as the Debian package installed them (it owns them: nothing is copied),
+    or None when seamless was not installed by the package."""
+    if not (root / DPKG_LIST).is_file():
+        return None
+    done = Installed()
+    module = root / "usr/lib/dracut/modules.d" / MODULE
+    if module.is_dir():
+        done.dracut = module
+    done.initramfs_tools = [p for p in (root / "usr/share/initramfs-tools" / rel for rel in (
+        "hooks/seamless", "scripts/init-top/seamless", "scripts/init-bottom/seamless"))
+        if p.is_file()]
+    unit = root / "usr/lib/systemd/system" / UNIT
+    done.unit = unit if unit.is_file() else None
+    return done
+
+
 def install(
     root: Path = Path("/"), src: Path | None = None
 ) -> Installed:
-    """Copy the hooks under ``root`` for each generator present there."""
+    """Copy the hooks under ``root`` for each generator present there (the Debian
+    package's own, when it installed seamless: see :func:`packaged`)."""
+    done_by_package = packaged(root)
+    if done_by_package is not None:
+        return done_by_package
     src = src or source_dir()
     done = Installed()
     modules_d = root / "usr/lib/dracut/modules.d"
@@ -96,7 +119,7 @@ def install(
             (target / f.name).chmod(0o755)
         conf = root / "etc/dracut.conf.d"
         conf.mkdir(parents=True, exist_ok=True)
-        (conf / DRACUT_CONF_NAME).write_text(DRACUT_CONF)
+        shutil.copyfile(_dracut_source(src).parent / DRACUT_CONF_NAME, conf / DRACUT_CONF_NAME)
         done.dracut = target
     if (root / "usr/share/initramfs-tools").is_dir():
         lib_dir = root / "usr/share/seamless"
