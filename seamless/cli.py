@@ -31,6 +31,7 @@ COMMANDS = {
     "install-restorer": "seamless.restore.cli:install_restorer_command",
     "restore": "seamless.restore.cli:restore_command",
     "kexec": "seamless.kexec.cli:kexec_command",
+    "kernel-check": "seamless.kexec.check:kernel_check_command",
     "status": "seamless.restore.cli:status_command",
     "upgrade": "seamless.upgrade:upgrade_command",
 }

@@ -105,3 +105,19 @@ def test_the_package_installs_every_hook_the_hand_install_does() -> None:
     hooks = {str(p.relative_to(root)) for d in ("dracut-module", "initramfs", "systemd", "udev")
              for p in (root / d).rglob("*") if p.is_file()}
     assert hooks <= packaged, hooks - packaged
+
+
+def test_the_package_s_configuration_reads_as_shipped_and_with_its_examples(
+        tmp_path: Path) -> None:
+    """Every key commented out: the defaults. Uncommented, each example is a valid rule."""
+    import re
+
+    from seamless.collect.select import Selection, load_config
+
+    text = (Path(__file__).resolve().parents[1] / "debian/seamless.toml").read_text()
+    config = tmp_path / "seamless.toml"
+    config.write_text(text)
+    assert load_config(config) == Selection()
+    config.write_text(re.sub(r"^#(include|exclude)", r"\1", text, flags=re.M))
+    chosen = load_config(config)
+    assert chosen.include and chosen.exclude

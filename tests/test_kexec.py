@@ -745,3 +745,36 @@ def test_a_new_kernel_that_could_not_open_the_store_is_refused(
     with pytest.raises(SeamlessError, match="nd_e820 is neither built into it nor in") as e:
         initrd.check_store_modules(Path("/boot/initrd.img"), release, carried)
     assert e.value.status == ExitCode.UNCHANGED
+
+
+def test_kernel_check_says_in_one_line_what_would_stop_an_upgrade(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """What the package's /etc/kernel/postinst.d hook prints for each new kernel."""
+    from seamless.kexec import check
+
+    boot = tmp_path / "boot"
+    boot.mkdir()
+    make_bzimage(boot / f"vmlinuz-{RELEASE}")
+    monkeypatch.setattr(check, "Criu", lambda: (_ for _ in ()).throw(
+        SeamlessError("criu is not installed")))
+    assert check.problems(RELEASE, boot) == [
+        f"{boot}/initrd.img-{RELEASE} is not built yet (apt builds it at the end: "
+        "check again then)"]
+    (boot / f"initrd.img-{RELEASE}").write_bytes(b"")
+    listing = [f"usr/lib/modules/{RELEASE}/kernel/drivers/nvdimm/nd_pmem.ko.xz"]
+    monkeypatch.setattr(initrd, "list_files", lambda path: listing)
+    monkeypatch.setattr(initrd, "MODULES", tmp_path)  # no modules.builtin: cannot tell
+    found = check.problems(RELEASE, boot)
+    assert len(found) == 1 and "lacks the restorer" in found[0]
+    listing.append("scripts/init-bottom/seamless")
+    assert check.problems(RELEASE, boot) == []
+    (boot / "vmlinuz-7.0.0").write_bytes(b"not a kernel")
+    assert check.problems("7.0.0", boot)[0].startswith("its kernel image: ")
+
+    monkeypatch.setattr(check, "problems", lambda release: ["it is not built yet"])
+    monkeypatch.setattr(check, "kexec_policy", lambda: KexecPolicy(
+        lockdown=None, signature_enforced=False, load_disabled=False, reasons=()))
+    result = CliRunner().invoke(cli, ["kernel-check", RELEASE])
+    assert result.exit_code == ExitCode.CHECK_FAILED
+    assert result.stdout == (f"seamless: {RELEASE}: NOT ready for seamless upgrade: "
+                             "it is not built yet\n")

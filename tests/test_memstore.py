@@ -215,3 +215,55 @@ def test_format_write_verify_wipe_on_a_loop_device(loop_store: tuple[Path, Path]
     assert s.generations() == [] and s.header().region_size == 32 << 20
     store.unmount(mnt)
     assert b"s" * 4096 not in dev.read_bytes(), "wipe left the generation's bytes"
+
+
+def test_arming_formats_only_a_region_that_holds_no_store(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """After a cold boot (garbage): formatted. A store that opens, with a generation
+    waiting: left alone. Something that carries the store's label but does not open, or
+    another filesystem: left for the operator, exit 4."""
+    import json
+
+    from click.testing import CliRunner
+
+    from seamless.cli import cli
+    from seamless.memstore import cli as store_cli
+
+    region = Region(start=1 << 30, size=256 << 20, memmap="memmap=256M!1G",
+                    reserved_now=True, device=tmp_path / "pmem0")
+    formatted: list[Path] = []
+    opens: list[bool] = [False]
+    label: list[tuple[str | None, str | None]] = [(None, None)]
+
+    def open_store(r: Region) -> store.Store:
+        if not opens[0]:
+            raise SeamlessError(f"{r.device} is not a seamless store")
+        s = store.Store(tmp_path / "store")
+        (s.root / store.GENERATIONS / "gen-4").mkdir(parents=True, exist_ok=True)
+        (s.root / store.GENERATIONS / "gen-4" / "manifest").write_bytes(b"")
+        return s
+
+    monkeypatch.setattr(store_cli, "find_region", lambda: region)
+    monkeypatch.setattr(store_cli, "open_store", open_store)
+    monkeypatch.setattr(store_cli, "signature", lambda device: label[0])
+    monkeypatch.setattr(store_cli, "format_store",
+                        lambda device, r: formatted.append(device))
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+
+    def arm() -> tuple[int, dict[str, object]]:
+        result = CliRunner().invoke(cli, ["store", "arm", "--json"])
+        return result.exit_code, json.loads(result.stdout) if result.exit_code == 0 else {}
+
+    assert arm() == (0, {"armed": True, "formatted": True, "generations": []})
+    assert formatted == [region.device]
+    opens[0] = True
+    assert arm() == (0, {"armed": True, "formatted": False, "generations": [4]})
+    assert formatted == [region.device]  # a pending generation is never touched
+    opens[0] = False
+    for found in (("ext4", "seamless-store"), ("xfs", None)):
+        label[0] = found
+        result = CliRunner().invoke(cli, ["store", "arm"], standalone_mode=False)
+        assert isinstance(result.exception, SeamlessError), result.output
+        assert result.exception.status == 4 and "nothing was changed" in (
+            result.exception.hint or "")
+    assert formatted == [region.device]

@@ -16,12 +16,14 @@ from seamless.log import complete_step, count
 from seamless.memstore import setup
 from seamless.memstore.region import Region, find_region, memformat, memparse, parse_iomem
 from seamless.memstore.store import (
+    LABEL,
     MOUNTPOINT,
     Store,
     format_store,
     is_dax,
     no_region_error,
     open_store,
+    signature,
     wipe,
 )
 from seamless.run import run
@@ -114,6 +116,50 @@ def format_command(force: bool, as_json: bool) -> None:
     else:
         click.echo(f"store on {region.device} ({memformat(region.size)}) mounted at "
                    f"{store.root}, " + ("with DAX" if header.dax else "without DAX"))
+
+
+@store_group.command("arm")
+@click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
+@exclusive("seamless store arm")
+def arm_command(as_json: bool) -> None:
+    """Make the store ready at boot (seamless-arm.service runs this).
+
+    After a cold boot the region's RAM holds garbage: it is formatted. A store that
+    opens is left as it is, with every generation in it; a region that carries the
+    store's label but does not open, or another filesystem, is left for the operator
+    (exit 4). Without a region there is nothing to do.
+    """
+    need_root("arming the store")
+    region = find_region()
+    done: dict[str, Any]
+    if region is None or region.device is None:
+        done = {"armed": False, "why": "no preserved region with a pmem device"}
+    else:
+        try:
+            store = open_store(region)
+            done = {"armed": True, "formatted": False,
+                    "generations": [n for n, _ in store.generations()]}
+        except SeamlessError as e:
+            fstype, label = signature(region.device)
+            if label == LABEL or fstype:
+                raise SeamlessError(
+                    f"{region.device} holds " + ("a store that does not open" if label == LABEL
+                                                  else f"{fstype}") + f": {e.message}",
+                    hint="nothing was changed; see seamless store verify, or format it by "
+                    "hand (seamless store format) if nothing in it is wanted",
+                    exit_code=ExitCode.CHECK_FAILED) from e
+            with complete_step(f"formatting {region.device}: it holds no store (a cold boot)"):
+                format_store(region.device, region)
+            done = {"armed": True, "formatted": True, "generations": []}
+    if as_json:
+        echo_json(done)
+    elif not done["armed"]:
+        click.echo(f"nothing to arm: {done['why']}")
+    else:
+        click.echo("store ready" + (" (formatted: the region held no store)"
+                                    if done["formatted"] else
+                                    f", {count(len(done['generations']), 'generation')}"
+                                    " kept"))
 
 
 @store_group.command("status")
