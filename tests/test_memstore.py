@@ -267,3 +267,32 @@ def test_arming_formats_only_a_region_that_holds_no_store(
         assert result.exception.status == 4 and "nothing was changed" in (
             result.exception.hint or "")
     assert formatted == [region.device]
+
+
+def test_setup_undo_gives_the_region_back(monkeypatch: pytest.MonkeyPatch,
+                                          tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from seamless.cli import cli
+    from seamless.memstore import cli as store_cli
+
+    dropin = tmp_path / "grub.d" / "seamless.cfg"
+    update = tmp_path / "update-grub"
+    update.write_text("#!/bin/sh\n")
+    monkeypatch.setattr(setup, "GRUB_DROPIN", dropin)
+    monkeypatch.setattr(setup, "UPDATE_GRUB", update)
+    ran: list[list[str]] = []
+    monkeypatch.setattr(store_cli, "run", lambda argv, **kw: ran.append(argv))
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+
+    missing = CliRunner().invoke(cli, ["setup", "--undo"], standalone_mode=False)
+    assert isinstance(missing.exception, SeamlessError) and ran == []
+    dropin.parent.mkdir()
+    dropin.write_text('GRUB_CMDLINE_LINUX="$GRUB_CMDLINE_LINUX memmap=1G!4G"\n')
+    dry = CliRunner().invoke(cli, ["setup", "--undo", "--dry-run"])
+    assert dry.exit_code == 0 and dropin.exists() and ran == []
+    done = CliRunner().invoke(cli, ["setup", "--undo"])
+    assert done.exit_code == 0, done.output
+    assert not dropin.exists() and ran == [[str(update)]]
+    usage = CliRunner().invoke(cli, ["setup"])
+    assert usage.exit_code == 2 and "--region SIZE" in usage.output

@@ -46,17 +46,25 @@ def echo_json(value: Any) -> None:
 
 
 @click.command("setup")
-@click.option("--region", "size_text", required=True, metavar="SIZE",
+@click.option("--region", "size_text", metavar="SIZE",
               help="Size of the RAM region to reserve, e.g. 1G or 512M.")
+@click.option("--undo", is_flag=True,
+              help="Give the region back: remove the drop-in and run update-grub.")
 @click.option("--dry-run", is_flag=True, help="Print what would be written; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def setup_command(size_text: str, dry_run: bool, as_json: bool) -> None:
+def setup_command(size_text: str | None, undo: bool, dry_run: bool, as_json: bool) -> None:
     """Reserve a region of RAM for the store, from the next boot on.
 
     Chooses a free range of System RAM (aligned, above low memory, clear of the
     kernel) and adds memmap=SIZE!START to grub's kernel command line through a
-    drop-in in /etc/default/grub.d/, then runs update-grub.
+    drop-in in /etc/default/grub.d/, then runs update-grub. With --undo, gives the
+    region back from the next boot on (what purging the package does too).
     """
+    if undo:
+        _undo_setup(dry_run, as_json)
+        return
+    if size_text is None:
+        raise click.UsageError("give the region's size with --region SIZE (or --undo)")
     size = memparse(size_text)
     if not dry_run:
         need_root("reserving a region")
@@ -89,6 +97,26 @@ def setup_command(size_text: str, dry_run: bool, as_json: bool) -> None:
     else:
         click.echo(f"{arg.text} added to the kernel command line ({config.path}).")
         click.echo("It takes effect at the next boot; then run `seamless store format`.")
+
+
+def _undo_setup(dry_run: bool, as_json: bool) -> None:
+    dropin = setup.GRUB_DROPIN
+    if not dropin.exists():
+        raise SeamlessError(f"no region to give back: {dropin} does not exist",
+                            hint="a memmap= written elsewhere (/etc/default/grub) is the "
+                            "operator's own: edit it there")
+    then = [str(setup.UPDATE_GRUB)] if setup.UPDATE_GRUB.exists() else []
+    if not dry_run:
+        need_root("giving the region back")
+        dropin.unlink()
+        if then:
+            run(then)
+    if as_json:
+        echo_json({"removed": str(dropin), "then": then, "written": not dry_run})
+    else:
+        click.echo(("would remove " if dry_run else "removed ") + f"{dropin}"
+                   + (f" and run {' '.join(then)}" if then else "")
+                   + ": the region is RAM again from the next boot on")
 
 
 @click.group("store")
