@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 import click
 
 from seamless import __version__, stop
 from seamless.errors import ExitCode, SeamlessError
-from seamless.log import log, setup_logging
+from seamless.log import journal_only, log, log_to_journal, setup_logging
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -35,6 +36,11 @@ COMMANDS = {
     "status": "seamless.restore.cli:status_command",
     "upgrade": "seamless.upgrade:upgrade_command",
 }
+
+
+#: The commands that change something: what they do reaches the journal of the boot it
+#: belongs to too (an upgrade's steps in the old kernel's, a restore in the new one's).
+JOURNALED = frozenset({"setup", "store", "checkpoint", "restore", "kexec", "upgrade"})
 
 
 class LazyGroup(click.Group):
@@ -69,6 +75,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
     the same PIDs and memory.
     """
     setup_logging(debug)
+    if ctx.invoked_subcommand in JOURNALED:
+        log_to_journal()
     ctx.obj = {"debug": debug}
 
 
@@ -79,18 +87,22 @@ def main() -> None:
         rv = cli.main(standalone_mode=False)
     except click.exceptions.Abort as e:  # click's for Ctrl-C (and stop.Terminated)
         cause = e.__cause__
-        click.echo(f"Interrupted: {cause}" if isinstance(cause, stop.Terminated)
-                   else "Interrupted", err=True)
+        text = f"Interrupted: {cause}" if isinstance(cause, stop.Terminated) else "Interrupted"
+        journal_only(logging.WARNING, text)
+        click.echo(text, err=True)
         sys.exit(ExitCode.INTERRUPTED)
     except stop.Terminated as e:
+        journal_only(logging.WARNING, f"Interrupted: {e}")
         click.echo(f"Interrupted: {e}", err=True)
         sys.exit(ExitCode.INTERRUPTED)
     except KeyboardInterrupt:
+        journal_only(logging.WARNING, "Interrupted")
         click.echo("Interrupted", err=True)
         sys.exit(ExitCode.INTERRUPTED)
     except SeamlessError as e:
         if debug:
             log.exception("traceback")
+        journal_only(logging.ERROR, f"Error: {e.message}")
         e.show()
         sys.exit(e.status)
     except click.ClickException as e:

@@ -30,3 +30,14 @@ def lock_in_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     path = tmp_path / "run-seamless" / "lock"
     monkeypatch.setattr(lock, "LOCK", path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def journal_in_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """The journal's doors (syslog's socket, the kernel's log) are under tmp_path, absent
+    unless a test makes them: nothing a host test logs reaches the host's journal."""
+    from seamless import log
+
+    monkeypatch.setattr(log, "SYSLOG", str(tmp_path / "dev-log"))
+    monkeypatch.setattr(log, "KMSG", str(tmp_path / "kmsg"))
+    return tmp_path

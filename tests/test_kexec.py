@@ -416,6 +416,7 @@ def kernel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeKern
     for name in ("kexec_file_load", "kexec_unload", "sync", "remount_readonly", "reboot_kexec"):
         monkeypatch.setattr(syscalls, name, getattr(fake, name))
     monkeypatch.setattr(loader, "KEXEC_LOADED", fake.loaded_file)
+    monkeypatch.setattr(loader, "flush_journal", lambda: fake.calls.append(("flush_journal",)))
     mounts = tmp_path / "mounts"
     mounts.write_text(MOUNTS)
     monkeypatch.setattr(loader, "MOUNTS", mounts)
@@ -445,6 +446,7 @@ def test_enter_syncs_remounts_innermost_first_and_reboots_last(
     kernel.busy.add("/")
     loader.enter()
     assert kernel.calls == [
+        ("flush_journal",),
         ("sync",),
         ("remount", "/var/lib/seamless/store"),
         ("remount", "/srv/my data"),
@@ -532,6 +534,7 @@ def test_kexec_loads_and_enters(env: Env) -> None:
     assert result.exit_code == 0, result.output
     assert env.kernel.calls == [
         ("kexec_file_load", env.image, env.initrd, EXPECTED),
+        ("flush_journal",),
         ("sync",),
         ("remount", "/var/lib/seamless/store"),
         ("remount", "/srv/my data"),

@@ -43,7 +43,6 @@ def test_upgrade_with_an_initramfs_tools_initramfs_restores_before_init(
     size = int(g.run("stat", "-c", "%s", initrd))
     log.info("initramfs-tools initramfs of B with the restorer: %.1f MiB", size / 2**20)
 
-    g.run("seamless", "store", "format")
     pids = {"pair": start_service(g, "pair", "/bin/sh", "-c", PIPE_PAIR, "/root/pipe.last"),
             "web": start_web_unit(g)}
     g.sh("for i in $(seq 100); do test -s /root/pipe.last && exit 0; sleep 0.2; done; exit 1")
@@ -59,6 +58,14 @@ def test_upgrade_with_an_initramfs_tools_initramfs_restores_before_init(
     kernel_log = g.run("dmesg")
     assert "seamless: restoring generation" in kernel_log
     assert "seamless: restore finished with exit code 0" in kernel_log
+    # Each boot's journal has its side: the upgrade's steps in A's (through syslog, synced
+    # before the kexec), the restorer's own lines from the initramfs in B's (through the
+    # kernel's log: there is no journald in the initramfs).
+    journal_a = g.run("journalctl", "-b", "-1", "-t", "seamless", "-o", "cat")
+    assert "‣ dumping" in journal_a and f"loading {B.release}" in journal_a, \
+        journal_a
+    journal_b = g.run("journalctl", "-b", "0", "-t", "seamless", "-o", "cat")
+    assert "opening the store" in journal_b, journal_b
     status = json.loads(g.run("seamless", "status", "--json"))
     assert status["ok"] and status["stage"] == "initramfs", status
     assert status["from"] == A.release and status["to"] == B.release

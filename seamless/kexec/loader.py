@@ -9,12 +9,14 @@ call goes through :mod:`seamless.syscalls`.
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 from seamless import syscalls
 from seamless.errors import ExitCode, SeamlessError
 from seamless.log import log
 from seamless.mounts import Mount, is_block_backed, mounts
+from seamless.run import run
 
 KEXEC_LOADED = Path("/sys/kernel/kexec_loaded")
 MOUNTS = Path("/proc/self/mounts")
@@ -98,11 +100,21 @@ def remount_readonly_all(mounts_path: Path | None = None) -> list[str]:
     return done
 
 
+def flush_journal() -> None:
+    """Ask journald to write what it holds (the upgrade's own lines among it) to disk:
+    the kexec gives it no shutdown to do that. Best effort, bounded."""
+    try:
+        run(["journalctl", "--sync"], check=False, timeout=10)
+    except (SeamlessError, subprocess.TimeoutExpired) as e:
+        log.debug("journalctl --sync: %s", e)
+
+
 def enter(loaded_path: Path | None = None, mounts_path: Path | None = None) -> None:
     """Enter the loaded kernel: sync, remount read-only, sync, reboot.  Does not return."""
     if not loaded(loaded_path):
         raise SeamlessError("no kernel is loaded for kexec",
                             hint="load one first (seamless kexec --kernel PATH)")
+    flush_journal()
     syscalls.sync()
     remounted = remount_readonly_all(mounts_path)
     syscalls.sync()
