@@ -24,7 +24,6 @@ def test_blackout_of_seamless_upgrade_against_systemctl_kexec(boot_guest: BootGu
     gaps are recorded."""
     port = free_port()
     g = boot_guest("A", forwards={PORT: port})
-    g.run("seamless", "store", "format")
     start_web_unit(g)
     for _ in range(3):
         http(g, PORT, "POST")

@@ -16,15 +16,18 @@ B = config.KERNELS["B"]
 def test_restorer_is_built_in_and_a_failing_restore_does_not_stop_the_boot(
     guest_a: qemu.Guest,
 ) -> None:
-    """The image was made as an operator would (seamless install-restorer, then the
-    kernels' initramfs built): B's initramfs carries the hook; kexec into B with
+    """The image was made as an operator would (apt installs the package, whose hooks
+    every initramfs built then carries; `seamless install-restorer` finds them the
+    package's and copies nothing): B's initramfs carries the hook; kexec into B with
     seamless.restore= keeps the PIDs below seamless.last_pid= free from the cmdline
     stage on, leaves the restore to seamless-restore.service (systemd runs this
-    initramfs), which fails without a store: the guest still reaches multi-user and
-    seamless status says why."""
+    initramfs), which fails without a generation in the store: the guest still reaches multi-user
+    and seamless status says why."""
     out = json.loads(guest_a.run("seamless", "install-restorer", "--json"))
     assert out["dracut"] == "/usr/lib/dracut/modules.d/90seamless"
-    assert "seamless" in guest_a.run("cat", "/etc/dracut.conf.d/90-seamless.conf")
+    assert "seamless" in guest_a.run("cat", "/usr/lib/dracut/dracut.conf.d/90-seamless.conf")
+    assert guest_a.run("dpkg-query", "-S", "/usr/lib/dracut/modules.d/90seamless").startswith(
+        "seamless:")
     listing = guest_a.run("lsinitrd", B.initrd)
     assert "usr/lib/seamless/seamless-lib.sh" in listing
     assert "pre-pivot/90-seamless-restore.sh" in listing
@@ -42,7 +45,7 @@ def test_restorer_is_built_in_and_a_failing_restore_does_not_stop_the_boot(
     assert "seamless: generation 1 is restored by seamless-restore.service" in kernel_log
     # The agent started after the reservation: its PID is above it.
     assert int(guest_a.run("sh", "-c", "echo $PPID")) > 5000
-    # There is no store in this guest: the restore fails, the boot goes on, and says so.
+    # The store holds no generation: the restore fails, the boot goes on, and says so.
     state = guest_a.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
     assert state.out.strip() in ("running", "degraded"), state.out
     assert guest_a.run("systemctl", "is-failed", "seamless-restore.service",

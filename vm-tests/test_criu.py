@@ -15,7 +15,7 @@ from vmtest.workloads import prepare_for_criu
 
 pytestmark = pytest.mark.vm
 
-#: Run by the guest's python3 with the seamless wheel installed: one CRIU call,
+#: Run by the guest's python3 with the seamless package installed: one CRIU call,
 #: its result as JSON on stdout (a CriuError is the message on stderr, exit 1).
 CLIENT = r"""
 import json, sys

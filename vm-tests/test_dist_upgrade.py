@@ -37,7 +37,6 @@ def test_a_dist_upgraded_server_moves_from_12s_kernel_to_13s_with_its_processes(
     g = boot_guest("O")
     assert g.run("uname", "-r").strip() == old.release
     assert g.run("sh", "-c", ". /etc/os-release; echo $VERSION_ID").strip() == "13"
-    g.run("seamless", "store", "format")
     web = start_web_unit(g)
     counter = start_counter(g, "counter", "/root/count")
     for _ in range(2):

@@ -64,7 +64,6 @@ def test_faults_before_the_kexec_lose_nothing_and_a_dead_coordinator_s_kernel_re
     B refuses to restore its generation (no record of that upgrade), and status says so."""
     g = boot_guest("A")
     prepare_for_criu(g)
-    g.run("seamless", "store", "format")
     pids = {unit: start_counter(g, unit, f"/root/{unit}") for unit in UNITS}
     outcomes = []
     for where, how, extra in BEFORE_THE_KEXEC:
@@ -118,7 +117,6 @@ def test_a_restorer_that_fails_after_one_tree_keeps_the_rest_for_a_retry_by_hand
     brings the others back with their PIDs and wipes the generation."""
     g = boot_guest("A")
     prepare_for_criu(g)
-    g.run("seamless", "store", "format")
     pids = {unit: start_counter(g, unit, f"/root/{unit}") for unit in UNITS}
     g.switch_kernel(["seamless", "upgrade", "--kernel", B.vmlinuz, "--yes",
                      "--append", "seamless.fault=restored-one:fail"])
@@ -152,7 +150,6 @@ def test_criu_killed_while_it_holds_a_tree_and_a_restorer_failing_after_every_tr
     failed and keeps the generation, and a retry by hand restores none a second time."""
     g = boot_guest("A")
     prepare_for_criu(g)
-    g.run("seamless", "store", "format")
     pids = {unit: start_counter(g, unit, f"/root/{unit}") for unit in UNITS}
 
     upgrade = g.channel.start(["seamless", "upgrade", "--kernel", B.vmlinuz, "--yes"],

@@ -46,7 +46,6 @@ def test_a_lazy_restore_brings_the_memory_back_while_the_trees_run(
     the 256 MiB are identical, the report says the memory is all back, the daemons are
     gone and the generation was wiped after that."""
     g = boot_guest("A", region=REGION)
-    g.run("seamless", "store", "format")
     big = start_service(g, "big", "python3", "-c", BIG_MEMORY, "/root/big.sum")
     g.sh("for i in $(seq 300); do test -s /root/big.sum && exit 0; sleep 0.2; done; exit 1")
     memory = memory_report(g, big)

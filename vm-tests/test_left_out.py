@@ -31,7 +31,6 @@ def test_a_service_left_out_is_stopped_cleanly_before_the_kexec_and_runs_again_i
     although it is not enabled; the carried counter is back with its PID."""
     g = boot_guest("A")
     prepare_for_criu(g)
-    g.run("seamless", "store", "format")
     g.sh(f"cat > /usr/local/lib/leftout.py <<'EOF'\n{COUNTER}EOF\n"
          f"cat > /etc/systemd/system/leftout.service <<'EOF'\n{LEFT_OUT_UNIT}EOF\n"
          "systemctl daemon-reload && systemctl start leftout.service && "

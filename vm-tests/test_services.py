@@ -60,7 +60,6 @@ def test_redis_tmux_and_a_counter_survive_the_upgrade(boot_guest: BootGuest) -> 
     its scrollback and history, the counter goes on from where it stopped, the memory is
     identical; uname is B and systemd started nothing twice."""
     g = boot_guest("A", region=REGION)
-    g.run("seamless", "store", "format")
     redis = start_redis(g)
     tmux = start_tmux(g)
     counter = start_counter(g, "counter", "/root/count")
@@ -137,7 +136,6 @@ def test_failed_upgrades_change_nothing(boot_guest: BootGuest) -> None:
     its dump), and leaves every process running and answering, no generation and no
     kernel loaded."""
     g = boot_guest("A")
-    g.run("seamless", "store", "format")
     redis = start_redis(g)
     tmux = start_tmux(g)
     for kernel in ("/boot/vmlinuz-missing", "/etc/hostname"):

@@ -32,7 +32,6 @@ def test_an_established_ssh_session_keeps_working_across_the_upgrade(
     which still has the variable, and sshd runs as the same PID under ssh.service."""
     port = free_port()
     g = boot_guest("A", forwards={22: port})
-    g.run("seamless", "store", "format")
     key = authorize_key(g, tmp_path)
     g.run("systemctl", "start", "ssh.service")
     sshd = main_pid(g, "ssh.service")

@@ -29,7 +29,6 @@ A, B = config.KERNELS["A"], config.KERNELS["B"]
 REGION = "512M!1G"
 
 def prepare(g: qemu.Guest) -> dict[str, int]:
-    g.run("seamless", "store", "format")
     pids = {
         "big": start_service(g, "big", "python3", "-c", BIG_MEMORY, "/root/big.sum"),
         "pair": start_service(g, "pair", "/bin/sh", "-c", PIPE_PAIR, "/root/pipe.last"),

@@ -103,7 +103,6 @@ PACKAGES: tuple[str, ...] = (
     "procps",
     "psmisc",
     "python3",
-    "python3-pip",
     "python3-click",
     "python3-protobuf",
     "python3-psutil",

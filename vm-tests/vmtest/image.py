@@ -5,9 +5,10 @@ Two layers, each cached under a key made of everything that goes into it:
 base   mmdebstrap's Debian root (packages, both kernels, their dracut
        initramfs), from the host's own apt sources.  Slow (about 2 minutes);
        changes only with the package list or the kernels.
-image  the base plus this project's wheel, the guest agent and the guest's
-       configuration, as an ext4 file, with each kernel and initramfs copied
-       beside it for direct boot.  Fast (seconds); changes with the project.
+image  the base plus this project's Debian package (installed with apt, as an
+       operator installs it), the guest agent and the guest's configuration, as
+       an ext4 file, with each kernel and initramfs copied beside it for direct
+       boot.  Fast (seconds); changes with the project.
 """
 
 from __future__ import annotations
@@ -20,10 +21,8 @@ import os
 import re
 import shutil
 import subprocess
-import sys
-import tempfile
+import tarfile
 import time
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,21 +255,54 @@ def check_kernels_available(sources: str) -> None:
         )
 
 
-def build_wheel(out: Path) -> Path:
-    """Build this project's wheel on the host."""
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(PROJECT)])
-    wheels = sorted(out.glob("seamless-*.whl"))
-    if not wheels:
-        raise VMError(f"pip built no seamless wheel in {out}")
-    return wheels[-1]
+#: What goes into the Debian package: a change to any of them makes dist/'s stale.
+PACKAGE_SOURCES = ("seamless", "debian", "dracut-module", "initramfs", "systemd", "udev",
+                   "pyproject.toml", "dev/deb.sh")
 
 
-def wheel_digest(wheel: Path) -> str:
-    """A digest of what the wheel holds (names and bytes, not zip timestamps)."""
-    with zipfile.ZipFile(wheel) as z:
-        parts: list[bytes | str] = []
-        for name in sorted(z.namelist()):
-            parts += [name, z.read(name)]
+def _newest_source() -> float:
+    newest = 0.0
+    for name in PACKAGE_SOURCES:
+        top = PROJECT / name
+        paths = [top] if top.is_file() else [p for p in top.rglob("*") if p.is_file()
+                                            and "__pycache__" not in p.parts]
+        newest = max([newest, *(p.stat().st_mtime for p in paths)])
+    return newest
+
+
+def build_package() -> Path:
+    """The project's Debian package, as ./dev/deb.sh builds it (dist/seamless_*_all.deb):
+    the one in dist/ when it is newer than every file that goes into it, else built."""
+    def built() -> list[Path]:
+        return sorted((PROJECT / "dist").glob("seamless_*_all.deb"),
+                      key=lambda p: p.stat().st_mtime)
+
+    debs = built()
+    if debs and debs[-1].stat().st_mtime > _newest_source():
+        log.info("reusing %s", debs[-1].relative_to(PROJECT))
+        return debs[-1]
+    with step("building the Debian package (./dev/deb.sh)"):
+        _run([str(PROJECT / "dev/deb.sh")])
+    debs = built()
+    if not debs:
+        raise VMError("./dev/deb.sh left no dist/seamless_*_all.deb")
+    return debs[-1]
+
+
+def package_digest(deb: Path) -> str:
+    """A digest of what the package holds (its control fields, and its files' names,
+    modes and bytes: not their timestamps)."""
+    parts: list[bytes | str] = [_run(["dpkg-deb", "--field", str(deb)]).stdout]
+    with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)],
+                          stdout=subprocess.PIPE) as proc:
+        assert proc.stdout is not None
+        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+            for member in tar:
+                f = tar.extractfile(member) if member.isfile() else None
+                parts += [member.name, str(member.mode), member.linkname,
+                          f.read() if f else b""]
+    if proc.returncode:
+        raise VMError(f"dpkg-deb could not read {deb}")
     return _digest(*parts)
 
 
@@ -316,7 +348,7 @@ def build_base(extra: tuple[str, ...]) -> Path:
     return base
 
 
-def _configure(root: Path, wheel: Path, stock: bool) -> None:
+def _configure(root: Path, deb: Path, stock: bool) -> None:
     """Turn the base root into the test-bed guest; ``stock``: a stock server's."""
     agent_dir = root / "usr/local/lib/seamless-vm"
     agent_dir.mkdir(parents=True, exist_ok=True)
@@ -341,12 +373,6 @@ def _configure(root: Path, wheel: Path, stock: bool) -> None:
     link.symlink_to("/lib/systemd/system/systemd-networkd.service")
     # Root logs in on the serial console without a password: a throwaway test guest.
     _run(["chroot", str(root), "passwd", "-d", "root"])
-    # The agent and every command the host runs through it are the test bed, not
-    # workloads: an operator would exclude their own management agent the same way.
-    (root / "etc/seamless").mkdir(parents=True, exist_ok=True)
-    (root / "etc/seamless/seamless.toml").write_text(
-        '[select]\nexclude = ["unit:seamless-vm-agent.service"]\n'
-    )
     if stock:
         # As an operator would on a server with both: apache2 keeps port 80, nginx
         # moves to 8080. Every unit stays as its package enabled it.
@@ -373,15 +399,23 @@ def _configure(root: Path, wheel: Path, stock: bool) -> None:
         "libnvdimm\nnd_btt\nnd_pmem\nnd_e820\n"
     )
 
-    shutil.copy(wheel, root / "tmp" / wheel.name)
-    _run([
-        "chroot", str(root), "python3", "-m", "pip", "install", "--no-deps", "--no-index",
-        "--break-system-packages", "--root-user-action=ignore", "-q", f"/tmp/{wheel.name}",
-    ])
-    (root / "tmp" / wheel.name).unlink()
-    # As an operator would: install the boot-time restorer, so every initramfs has it.
+    # As an operator installs it: apt, from the package (its dependencies are in the
+    # base already, so apt needs no network); the hooks, units and udev rule are the
+    # package's own, and its units are enabled as apt enables them.
+    shutil.copy(deb, root / "tmp" / deb.name)
     with _chroot_mounts(root):
-        _run(["chroot", str(root), "seamless", "install-restorer"])
+        _run(["chroot", str(root), "env", "DEBIAN_FRONTEND=noninteractive", "apt-get",
+              "install", "-y", "-q", "--no-install-recommends", "--no-download",
+              f"/tmp/{deb.name}"])
+        (root / "tmp" / deb.name).unlink()
+        # The agent and every command the host runs through it are the test bed, not
+        # workloads: an operator would exclude their own management agent the same way.
+        conf = root / "etc/seamless/seamless.toml"
+        text = conf.read_text()
+        if "\n[select]\n" not in text:
+            raise VMError(f"the package's {conf.name} has no [select] table to set")
+        conf.write_text(text.replace(
+            "\n[select]\n", '\n[select]\nexclude = ["unit:seamless-vm-agent.service"]\n', 1))
         for kernel in config.KERNELS.values():
             _run(["chroot", str(root), "dracut", "--force", "--quiet", kernel.initrd,
                   kernel.release])
@@ -456,51 +490,49 @@ def _try_lock(lock: IO[str]) -> bool:
 
 
 def _build(extra: tuple[str, ...], stock: bool, force: bool) -> Image:
-    with tempfile.TemporaryDirectory(prefix="seamless-wheel-") as tmp:
-        with step("building the project's wheel"):
-            wheel = build_wheel(Path(tmp))
-        base = build_base(extra)
-        guest_files = [GUEST / "agent.py", GUEST / "seamless-vm-agent.service", Path(__file__)]
-        key = _digest(
-            base.name, wheel_digest(wheel), IMAGE_SIZE, str(stock),
-            *(p.read_bytes() for p in guest_files),
-        )
-        image = Image(config.CACHE_DIR / f"image-{key}")
-        if (image.directory / "info.json").exists() and not force:
-            log.info("reusing image %s", image.directory)
-            os.utime(image.directory)
-            return image
-        if os.geteuid() != 0:
-            raise VMError("building the guest image needs root (chroot, mkfs.ext4 -d)")
-        shutil.rmtree(image.directory, ignore_errors=True)
-        work = config.CACHE_DIR / f"work-{key}"
-        _remove_tree(work)
-        try:
-            with step("configuring the guest root"):
-                _run(["cp", "-a", "--reflink=auto", str(base / "root"), str(work)])
-                _configure(work, wheel, stock)
-            image.directory.mkdir(parents=True)
-            for kernel in config.KERNELS.values():
-                shutil.copy(work / kernel.vmlinuz.lstrip("/"), image.vmlinuz(kernel))
-                shutil.copy(work / kernel.initrd.lstrip("/"), image.initrd(kernel))
-            with step(f"making the ext4 root filesystem ({IMAGE_SIZE})"):
-                tmp_fs = image.directory / "rootfs.ext4.tmp"
-                _run([
-                    "mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(work), str(tmp_fs),
-                    IMAGE_SIZE,
-                ])
-                tmp_fs.rename(image.rootfs)
-        except BaseException:
-            shutil.rmtree(image.directory, ignore_errors=True)
-            raise
-        finally:
-            _remove_tree(work)
-        (image.directory / "info.json").write_text(json.dumps({
-            "base": base.name,
-            "wheel": wheel.name,
-            "kernels": {k.label: k.release for k in config.KERNELS.values()},
-            "stock": stock,
-            "built": time.time(),
-        }, indent=2))
-        _prune("image", image.directory)
+    deb = build_package()
+    base = build_base(extra)
+    guest_files = [GUEST / "agent.py", GUEST / "seamless-vm-agent.service", Path(__file__)]
+    key = _digest(
+        base.name, package_digest(deb), IMAGE_SIZE, str(stock),
+        *(p.read_bytes() for p in guest_files),
+    )
+    image = Image(config.CACHE_DIR / f"image-{key}")
+    if (image.directory / "info.json").exists() and not force:
+        log.info("reusing image %s", image.directory)
+        os.utime(image.directory)
         return image
+    if os.geteuid() != 0:
+        raise VMError("building the guest image needs root (chroot, mkfs.ext4 -d)")
+    shutil.rmtree(image.directory, ignore_errors=True)
+    work = config.CACHE_DIR / f"work-{key}"
+    _remove_tree(work)
+    try:
+        with step("configuring the guest root"):
+            _run(["cp", "-a", "--reflink=auto", str(base / "root"), str(work)])
+            _configure(work, deb, stock)
+        image.directory.mkdir(parents=True)
+        for kernel in config.KERNELS.values():
+            shutil.copy(work / kernel.vmlinuz.lstrip("/"), image.vmlinuz(kernel))
+            shutil.copy(work / kernel.initrd.lstrip("/"), image.initrd(kernel))
+        with step(f"making the ext4 root filesystem ({IMAGE_SIZE})"):
+            tmp_fs = image.directory / "rootfs.ext4.tmp"
+            _run([
+                "mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(work), str(tmp_fs),
+                IMAGE_SIZE,
+            ])
+            tmp_fs.rename(image.rootfs)
+    except BaseException:
+        shutil.rmtree(image.directory, ignore_errors=True)
+        raise
+    finally:
+        _remove_tree(work)
+    (image.directory / "info.json").write_text(json.dumps({
+        "base": base.name,
+        "package": deb.name,
+        "kernels": {k.label: k.release for k in config.KERNELS.values()},
+        "stock": stock,
+        "built": time.time(),
+    }, indent=2))
+    _prune("image", image.directory)
+    return image

@@ -407,6 +407,11 @@ def boot(image: Image, spec: GuestSpec, run_dir: Path, *, detach: bool = False,
         (run_dir / "guest.json").write_text(json.dumps(asdict(spec), indent=2))
         info = guest.wait_ready(timeout)
         record(f"boot {info.release} to agent ready", time.monotonic() - start)
+        # The package's seamless-arm.service makes the store ready at every boot, as on
+        # a server; the agent answers earlier (sysinit.target), so this waits for the
+        # boot's own start of it to finish, as an operator's login would come after it.
+        guest.channel.run(["systemctl", "start", "seamless-arm.service"], timeout=timeout,
+                          check=True)
     except BaseException:
         guest.stop()
         raise
