@@ -10,6 +10,7 @@ APT_PACKAGES=(
     qemu-system-x86 qemu-utils mmdebstrap e2fsprogs
     python3 python3-venv python3-pip git ca-certificates
     protobuf-compiler python3-protobuf shellcheck openssh-client
+    ansible-core
 )
 
 phase() { printf '\n=== %s (%s)\n' "$*" "$(date +%T)" >&2; }
