@@ -33,7 +33,8 @@ from vmtest.log import log, record
 #: on code another vCPU has just patched (a static key's jump, text_poke_bp): an int3 trap
 #: at the patch site that the kernel no longer expects. Seen with Debian 13's 6.12 in
 #: __schedule, during a restore and a checkpoint alike. The test bed's emulator, not the
-#: product: a VM test that dies of it is run again once (pyproject.toml, --only-rerun).
+#: product: a VM test that dies of it is run again, up to twice (pyproject.toml,
+#: --only-rerun).
 TCG_RACE = "Oops: int3:"
 TCG_RACE_REASON = "an int3 trap at a code-patching site (QEMU TCG's cross-vCPU race)"
 BOOT_TIMEOUT = 300.0  # TCG on 2 cores: a boot takes 20-60 s, leave room for a loaded CI machine
