@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from vmtest import image, qemu  # noqa: E402
-from vmtest.log import timings  # noqa: E402
+from vmtest.log import TIMINGS_FILE, recorded  # noqa: E402
 
 BootGuest = qemu.BootGuest
 
@@ -98,9 +99,25 @@ def guest_a(boot_guest: BootGuest) -> qemu.Guest:
     return boot_guest("A")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The controller names the file the workers' timings go to (pytest -n N)."""
+    if not hasattr(config, "workerinput") and TIMINGS_FILE not in os.environ:
+        fd, path = tempfile.mkstemp(prefix="seamless-vm-timings-", suffix=".jsonl")
+        os.close(fd)
+        os.environ[TIMINGS_FILE] = path
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):
+        path = os.environ.pop(TIMINGS_FILE, None)
+        if path and Path(path).name.startswith("seamless-vm-timings-"):
+            Path(path).unlink(missing_ok=True)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if timings:
+    rows = recorded()
+    if rows:
         terminalreporter.section("test-bed phase timings")
-        for phase, seconds in timings:
+        for phase, seconds in rows:
             terminalreporter.write_line(f"{phase:<60} {seconds:7.1f} s")
 

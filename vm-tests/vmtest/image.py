@@ -405,7 +405,7 @@ def _configure(root: Path, deb: Path, stock: bool) -> None:
     shutil.copy(deb, root / "tmp" / deb.name)
     with _chroot_mounts(root):
         _run(["chroot", str(root), "env", "DEBIAN_FRONTEND=noninteractive", "apt-get",
-              "install", "-y", "-q", "--no-install-recommends", "--no-download",
+              "install", "-y", "-q", "--no-install-recommends",
               f"/tmp/{deb.name}"])
         (root / "tmp" / deb.name).unlink()
         # The agent and every command the host runs through it are the test bed, not
