@@ -63,7 +63,9 @@ def test_a_rolling_upgrade_of_two_hosts_and_a_rollout_that_stops_at_the_first_fa
         key_dir = tmp_path / name
         key_dir.mkdir()
         key = authorize_key(g, key_dir)
-        g.run("systemctl", "start", "ssh.service")
+        # enabled, as on a server: the upgrade runs over one of sshd's sessions, so
+        # sshd's tree holds the coordinator and is not carried; B starts sshd afresh
+        g.run("systemctl", "enable", "--now", "ssh.service")
         web = start_web_unit(g)
         for _ in range(2):
             http(g, PORT, "POST")
