@@ -70,13 +70,25 @@ def _is_socket(path: str) -> bool:
         return False
 
 
+def stderr_is_the_journal() -> bool:
+    """Whether stderr is the journal's stream: $JOURNAL_STREAM names its device and inode
+    (systemd sets it for a unit's processes; a child whose stderr is a pipe inherits the
+    variable, so it is checked against the descriptor itself, as systemd.exec(5) says)."""
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(2)
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (OSError, ValueError):
+        return False
+
+
 def log_to_journal() -> logging.Handler | None:
     """Also send INFO and above to the journal: through syslog (``/dev/log``) when
     journald listens there, else to the kernel's log (``/dev/kmsg``, the initramfs).
     Nothing when stderr already goes to the journal (a unit: $JOURNAL_STREAM) or when
     neither is there. Returns the handler added."""
     handler: logging.Handler
-    if os.environ.get("JOURNAL_STREAM") or os.environ.get("SEAMLESS_NO_JOURNAL"):
+    if stderr_is_the_journal():
         return None
     if _is_socket(SYSLOG):
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,8 +66,12 @@ def test_in_an_initramfs_the_kernel_log_gets_one_line_per_record(journal_in_tmp:
 def test_a_unit_s_stderr_is_the_journal_already_and_nowhere_is_no_error(
         journal_in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (journal_in_tmp / "kmsg").write_text("")
-    monkeypatch.setenv("JOURNAL_STREAM", "8:1234")
+    st = os.fstat(2)
+    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
     assert seamless_log.log_to_journal() is None
+    # inherited by a child whose stderr is something else (a pipe to an agent): not it
+    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino + 1}")
+    assert isinstance(seamless_log.log_to_journal(), seamless_log.KmsgHandler)
     monkeypatch.delenv("JOURNAL_STREAM")
     (journal_in_tmp / "kmsg").unlink()
     assert seamless_log.log_to_journal() is None
