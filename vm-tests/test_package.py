@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from vmtest import config
+from vmtest import config, qemu
 from vmtest.log import record
 from vmtest.qemu import BootGuest
 from vmtest.workloads import main_pid, read_counter, start_counter
@@ -27,6 +27,12 @@ OWNED = (
 )
 
 
+def existing(g: qemu.Guest) -> set[str]:
+    """Which of :data:`OWNED` exist in the guest."""
+    out = g.sh("for p in " + " ".join(OWNED) + "; do test -e $p && echo $p; done || true")
+    return set(out.split())
+
+
 def test_apt_purge_keeps_the_processes_and_leaves_a_boot_without_seamless(
     boot_guest: BootGuest,
 ) -> None:
@@ -39,8 +45,8 @@ def test_apt_purge_keeps_the_processes_and_leaves_a_boot_without_seamless(
     assert g.run("dpkg-query", "-W", "-f", "${Status}", "seamless") == "install ok installed"
     for unit in ("seamless-arm.service", "seamless-restore.service", "seamless-expire.timer"):
         assert g.run("systemctl", "is-enabled", unit).strip() == "enabled", unit
-    present = g.sh("for p in " + " ".join(OWNED) + "; do test -e $p && echo $p; done || true")
-    assert set(OWNED) - set(present.split()) <= {"/var/lib/seamless"}, present
+    present = existing(g)
+    assert set(OWNED) - present <= {"/var/lib/seamless"}, present
     pid = start_counter(g, "counter", "/root/count")
 
     start = time.monotonic()
@@ -50,8 +56,8 @@ def test_apt_purge_keeps_the_processes_and_leaves_a_boot_without_seamless(
     record("apt-get purge seamless (dracut rebuilds B's initramfs)", time.monotonic() - start)
 
     assert f"Generating /boot/initrd.img-{B.release}" in out, out
-    left = g.sh("for p in " + " ".join(OWNED) + "; do test -e $p && echo $p; done || true")
-    assert left.strip() == "", f"left after purge: {left}"
+    left = existing(g)
+    assert left == set(), f"left after purge: {left}"
     units = g.run("systemctl", "list-unit-files", "--no-legend", "seamless*", check=False)
     # the test bed's own agent (seamless-vm-agent.service) is not the package's
     assert [u for u in units.split("\n") if u and not u.startswith("seamless-vm-")] == [], units

@@ -512,14 +512,14 @@ def _build(extra: tuple[str, ...], stock: bool, force: bool) -> Image:
             _run(["cp", "-a", "--reflink=auto", str(base / "root"), str(work)])
             _configure(work, deb, stock)
         image.directory.mkdir(parents=True)
+        # A cold boot of Debian 13 starts from initramfs-tools' initramfs (Debian's
+        # default generator), 10-15 s faster under TCG than dracut's systemd in the
+        # initramfs; kexec and seamless upgrade still use /boot's (dracut's, but on the
+        # stock server) unless a test names the other. Debian 12's two tests keep
+        # dracut's, where its initramfs-tools boot is not otherwise tried.
+        fast = not stock and config.RELEASE.version != "12"
         for kernel in config.KERNELS.values():
             shutil.copy(work / kernel.vmlinuz.lstrip("/"), image.vmlinuz(kernel))
-            # A cold boot of Debian 13 starts from initramfs-tools' initramfs (Debian's
-            # default generator), 10-15 s faster under TCG than dracut's systemd in the
-            # initramfs; kexec and seamless upgrade still use /boot's (dracut's, but on
-            # the stock server) unless a test names the other. Debian 12's two tests
-            # keep dracut's, where its initramfs-tools boot is not otherwise tried.
-            fast = not stock and config.RELEASE.version != "12"
             first = kernel.initramfs_tools_initrd if fast else kernel.initrd
             shutil.copy(work / first.lstrip("/"), image.initrd(kernel))
         with step(f"making the ext4 root filesystem ({IMAGE_SIZE})"):
