@@ -90,7 +90,10 @@ def _lazy_pages_check() -> None:
 @click.option("--force", is_flag=True,
               help="Upgrade even while a package manager is at work or logind inhibits "
               "shutdown (which systemctl kexec respects).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the result as JSON on stdout: after a dry run, or just before the "
+              "kexec (state \"entering\"). The new boot's `seamless status --json` reports "
+              "it again, under \"upgrade\".")
 @exclusive("seamless upgrade")
 def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
                     includes: tuple[str, ...], excludes: tuple[str, ...], config_path: Path,
@@ -184,7 +187,8 @@ def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
         raise
     result: dict[str, Any] = {
         "from": os.uname().release, "to": image.release, "kernel": str(image.path),
-        "initrd": str(initrd_used), "initrd_rebuilt": rebuilt, "cmdline": new_cmdline,
+        "initrd": str(initrd_used), "initrd_rebuilt": rebuilt,
+        "cmdline": new_cmdline.replace(token, "(one-time token)"),
         "generation": number, "dry_run": dry_run, "lazy_pages": lazy_pages,
         "trees": [{"root": t.root, "unit": t.unit, "command": t.command, "bytes": t.bytes,
                    "dump_seconds": t.dump_seconds} for t in manifest.trees],
@@ -198,8 +202,9 @@ def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
             source_boot_id=manifest.source_boot_id, machine_id=handoff.machine_id(),
             source_release=result["from"], target_release=image.release,
             lazy_pages=lazy_pages, times=times,
-            stopped_units=left_out_services(plan, table))
-        _enter(held, gen, store.root, record)
+            stopped_units=left_out_services(plan, table), result=result)
+        _enter(held, gen, store.root, record, as_json)
+        return  # only where loader.enter is faked: the real one does not come back
     result["times"] = times
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -269,7 +274,10 @@ def _roll_back(held: HeldTrees, gen: Generation, store_root: Path,
 
 
 def _enter(held: HeldTrees, gen: Generation, store_root: Path,
-           record: handoff.UpgradeRecord) -> None:
+           record: handoff.UpgradeRecord, as_json: bool) -> None:
+    """Enter the loaded kernel; with `as_json`, print the upgrade's result on stdout
+    first (state "entering"): the last thing this kernel says. The record carries the
+    same result to the new boot's ``seamless status --json``."""
     loose = held.let_go()
     if loose:  # a CRIU ended while it held its tree: the tree ran on after its dump
         _roll_back(held, gen, store_root)
@@ -283,8 +291,12 @@ def _enter(held: HeldTrees, gen: Generation, store_root: Path,
     try:
         if record.stopped_units:
             _stop_left_out(record.stopped_units)
+        record.result.update(state="entering", times=record.times,
+                             stopped_units=record.stopped_units)
         handoff.write(store_root, record)
         faults.point("entering")
+        if as_json:
+            click.echo(json.dumps(record.result, indent=2))
         click.echo(f"entering {record.target_release}: the processes come back there "
                    "(seamless status shows how it went)", err=True)
         sys.stdout.flush()

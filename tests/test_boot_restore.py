@@ -420,7 +420,8 @@ def trees_by_root(report: dict[str, Any]) -> dict[int, dict[str, Any]]:
 def test_all_restored_in_order_adopted_reported_and_wiped(
     env: BootEnv, reports: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    upgrade_record(env, times={"frozen": 5.0, "entering": 6.0, "restorer_started": 1.0})
+    upgrade_record(env, times={"frozen": 5.0, "entering": 6.0, "restorer_started": 1.0},
+                   result={"to": "B", "state": "entering", "bytes": 4096})
     criu = FakeRestorer()
     # what `seamless status` finds while the services are handed over (before the wipe)
     early: list[dict[str, object] | None] = []
@@ -437,6 +438,8 @@ def test_all_restored_in_order_adopted_reported_and_wiped(
     assert report["ok"] is True and report["generation"] == 3
     assert report["from"] == SOURCE and report["to"] == os.uname().release
     assert report["corrupt"] == []
+    # what `seamless upgrade --json` said before the kexec, for `status --json`
+    assert report["upgrade"] == {"to": "B", "state": "entering", "bytes": 4096}
     assert report["stage"] == "initramfs"  # no /run/systemd/system under the root
     trees = trees_by_root(report)
     assert trees[101]["restored"] and trees[101]["pid"] == 101
@@ -1185,7 +1188,7 @@ def test_an_upgrade_that_never_came_back_is_told_and_expires(
     from seamless.restore import cli as restore_cli
 
     record = upgrade_record(env, times={"entering": 1000.0}, source_release="6.12.90",
-                            target_release="6.12.118")
+                            target_release="6.12.118", result={"generation": 3, "bytes": 1})
     monkeypatch.setattr(boot, "DEFERRED", tmp_path / "no-deferred")
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     monkeypatch.setattr(handoff, "boot_id", lambda path=None: record.source_boot_id)
@@ -1202,6 +1205,7 @@ def test_an_upgrade_that_never_came_back_is_told_and_expires(
     assert "generation 3 is not replayed and is kept until" in text.stdout
     out = json.loads(CliRunner().invoke(cli, ["status", "--json"]).stdout)
     assert out["unrestored_upgrade"]["generation"] == 3
+    assert out["unrestored_upgrade"]["upgrade"] == {"generation": 3, "bytes": 1}
     assert env.store.expire(now=1000.0 + 24 * 3600 + 1) == [3] and not env.gen.final.exists()
 
     record.used_by_boot = "boot-of-B"  # restored after all: nothing to tell

@@ -316,8 +316,14 @@ def test_the_new_command_line_keeps_the_region_and_the_pids(world: World) -> Non
     assert record["source_boot_id"] and record["used_by_boot"] is None
     assert record["times"]["frozen"] == 1.0 and "entering" in record["times"]
     assert (world.store.root / UPGRADE_RECORD).stat().st_mode & 0o777 == 0o600
+    # printed before the kexec (the real enter never returns), and kept for the new boot
     out = json.loads(result.stdout)
-    assert out["cmdline"] == load[3] and out["generation"] == 1 and out["dry_run"] is False
+    # the token is proof of this kexec: never printed or kept, only its digest
+    assert out["cmdline"] == load[3].replace(token, "(one-time token)")
+    assert out["generation"] == 1 and out["dry_run"] is False
+    assert out["state"] == "entering" and out["times"]["entering"] == record["times"]["entering"]
+    assert [t["root"] for t in out["trees"]] == [101, 300]
+    assert record["result"] == out
 
 
 def test_lazy_pages_are_asked_of_the_restorer_through_the_record(

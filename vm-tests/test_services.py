@@ -69,7 +69,8 @@ def test_redis_tmux_and_a_counter_survive_the_upgrade(boot_guest: BootGuest) -> 
 
     before = read_counter(g, "/root/count")
 
-    _, seconds = g.switch_kernel(["seamless", "upgrade", "--kernel", B.vmlinuz, "--yes"])
+    _, seconds = g.switch_kernel(["seamless", "upgrade", "--kernel", B.vmlinuz, "--yes",
+                                  "--json"])
 
     assert g.run("uname", "-r").strip() == B.release
     state = g.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
@@ -99,6 +100,10 @@ def test_redis_tmux_and_a_counter_survive_the_upgrade(boot_guest: BootGuest) -> 
     assert memory_report(g, big) == memory
     status = json.loads(g.run("seamless", "status", "--json"))
     assert status["ok"], status
+    # what `upgrade --json` printed as A entered B, kept for this boot
+    said = status["upgrade"]
+    assert said["state"] == "entering" and said["to"] == B.release, said
+    assert {t["root"] for t in said["trees"]} >= {redis, tmux, counter, big}
     for name, value in status["phases"].items():
         record(f"services upgrade phase: {name}", value)
     record("services upgrade: reboot call to agent ready in B", seconds)

@@ -77,6 +77,10 @@ class UpgradeRecord:
     #: The services left out of the checkpoint and stopped before the kexec: the new
     #: boot starts them again.
     stopped_units: list[str] = field(default_factory=list)
+    #: What ``seamless upgrade --json`` printed before the kexec (kernels, command line,
+    #: each tree and its dump time): the new boot's ``seamless status --json`` reports it,
+    #: since the command itself never returns.
+    result: dict[str, Any] = field(default_factory=dict)
     #: The boot that restored it: a record is used once.
     used_by_boot: str | None = None
     version: int = 1

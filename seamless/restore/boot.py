@@ -225,6 +225,7 @@ def boot_restore(number: int | None, *, keep: bool = False,
                         "by hand")
             if record is not None and record.generation == n:
                 report["boot_id_before"] = record.source_boot_id
+                report["upgrade"] = record.result
                 report["times"] = {**record.times, **report["times"]}
                 lazy = record.lazy_pages if lazy is None else lazy
         if report["stage"] == "initramfs" and retry is None:
@@ -507,7 +508,7 @@ def unrestored_upgrade() -> dict[str, Any] | None:
     return {"generation": record.generation, "from": record.source_release,
             "to": record.target_release, "entering": record.times.get("entering"),
             "kept_until": store.kept_until(record.generation),
-            "running": os.uname().release}
+            "running": os.uname().release, "upgrade": record.result}
 
 
 def last_report() -> dict[str, Any] | None:
