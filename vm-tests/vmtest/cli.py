@@ -15,7 +15,7 @@ import tty
 from collections.abc import Iterator
 from pathlib import Path
 
-from vmtest import bench, config, demo, image, qemu
+from vmtest import bench, config, demo, fleet, image, qemu
 from vmtest.errors import VMError
 from vmtest.log import log
 
@@ -149,6 +149,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       rounds=args.rounds, json_path=Path(args.json) if args.json else None)
 
 
+def cmd_fleet_bench(args: argparse.Namespace) -> int:
+    return fleet.bench()
+
+
 STOCK_HELP = ("a stock server: Debian's packaged services (postgresql, mariadb, redis, "
               "nginx, ...) installed and enabled as apt does")
 
@@ -215,6 +219,9 @@ def parser() -> argparse.ArgumentParser:
                     "and ranges (default 1)")
     bn.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
     bn.set_defaults(func=cmd_bench)
+    sub.add_parser("fleet-bench", help="two guests: a rollout with the Ansible collection "
+                   "beside one with ansible.builtin.reboot (state lost), wall times"
+                   ).set_defaults(func=cmd_fleet_bench)
     return p
 
 
