@@ -16,7 +16,7 @@ B = config.KERNELS["B"]
 def test_restorer_is_built_in_and_a_failing_restore_does_not_stop_the_boot(
     guest_a: qemu.Guest,
 ) -> None:
-    """The image was made as an operator would (apt installs the package, whose hooks
+    """dracut's path. The image was made as an operator would (apt installs the package, whose hooks
     every initramfs built then carries; `seamless install-restorer` finds them the
     package's and copies nothing): B's initramfs carries the hook; kexec into B with
     seamless.restore= keeps the PIDs below seamless.last_pid= free from the cmdline
@@ -28,7 +28,7 @@ def test_restorer_is_built_in_and_a_failing_restore_does_not_stop_the_boot(
     assert "seamless" in guest_a.run("cat", "/usr/lib/dracut/dracut.conf.d/90-seamless.conf")
     assert guest_a.run("dpkg-query", "-S", "/usr/lib/dracut/modules.d/90seamless").startswith(
         "seamless:")
-    listing = guest_a.run("lsinitrd", B.initrd)
+    listing = guest_a.run("lsinitrd", B.dracut_initrd)
     assert "usr/lib/seamless/seamless-lib.sh" in listing
     assert "pre-pivot/90-seamless-restore.sh" in listing
     assert "nd_pmem.ko" in listing
@@ -36,7 +36,8 @@ def test_restorer_is_built_in_and_a_failing_restore_does_not_stop_the_boot(
     assert "cmdline/01-seamless-pids.sh" in listing
     assert guest_a.run("systemctl", "is-enabled", "seamless-restore.service").strip() == "enabled"
 
-    guest_a.kexec(B, append=guest_a.spec.cmdline() + " seamless.restore=1 seamless.last_pid=5000")
+    guest_a.kexec(B, append=guest_a.spec.cmdline() + " seamless.restore=1 seamless.last_pid=5000",
+                  initrd=B.dracut_initrd)
 
     assert guest_a.run("uname", "-r").strip() == B.release
     kernel_log = guest_a.run("dmesg")

@@ -426,13 +426,13 @@ def _configure(root: Path, deb: Path, stock: bool) -> None:
         for kernel in config.KERNELS.values():
             _run(["chroot", str(root), "mkinitramfs", "-o", kernel.initramfs_tools_initrd,
                   kernel.release])
-            if stock:
-                # A stock server boots the initramfs of the distribution's default
-                # generator, initramfs-tools; dracut's is kept beside it.
+            if config.itools_default(stock):
+                # The distribution's default generator makes /boot's initramfs, as on a
+                # server; dracut's is kept beside it for the tests of the dracut path.
                 boot = root / "boot"
                 name = Path(kernel.initrd).name
                 (boot / name).rename(boot / Path(kernel.dracut_initrd).name)
-                (boot / Path(kernel.initramfs_tools_initrd).name).rename(boot / name)
+                shutil.copy2(boot / Path(kernel.initramfs_tools_initrd).name, boot / name)
 
 
 @contextlib.contextmanager
@@ -512,16 +512,11 @@ def _build(extra: tuple[str, ...], stock: bool, force: bool) -> Image:
             _run(["cp", "-a", "--reflink=auto", str(base / "root"), str(work)])
             _configure(work, deb, stock)
         image.directory.mkdir(parents=True)
-        # A cold boot of Debian 13 starts from initramfs-tools' initramfs (Debian's
-        # default generator), 10-15 s faster under TCG than dracut's systemd in the
-        # initramfs; kexec and seamless upgrade still use /boot's (dracut's, but on the
-        # stock server) unless a test names the other. Debian 12's two tests keep
-        # dracut's, where its initramfs-tools boot is not otherwise tried.
-        fast = not stock and config.RELEASE.version != "12"
+        # A cold boot starts from /boot's initramfs, as kexec and seamless upgrade do
+        # unless a test names the other one (see config.itools_default).
         for kernel in config.KERNELS.values():
             shutil.copy(work / kernel.vmlinuz.lstrip("/"), image.vmlinuz(kernel))
-            first = kernel.initramfs_tools_initrd if fast else kernel.initrd
-            shutil.copy(work / first.lstrip("/"), image.initrd(kernel))
+            shutil.copy(work / kernel.initrd.lstrip("/"), image.initrd(kernel))
         with step(f"making the ext4 root filesystem ({IMAGE_SIZE})"):
             tmp_fs = image.directory / "rootfs.ext4.tmp"
             _run([
