@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -87,6 +88,44 @@ class RestoreReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "seconds": self.seconds, "trees": [asdict(t) for t in self.trees]}
+
+
+class Hold:
+    """All or nothing: each tree waits at CRIU's post-restore, made but not yet run,
+    until every tree of the restore got there; then they all run, or none does (CRIU
+    kills each held tree before it ran an instruction of its own). The dump holds its
+    trees the same way, at post-dump."""
+
+    def __init__(self) -> None:
+        self._made: dict[int, threading.Event] = {}
+        self._verdict = threading.Event()
+        #: Why no tree may run, once one could not be made.
+        self.reason: str | None = None
+
+    def _event(self, root: int) -> threading.Event:
+        return self._made.setdefault(root, threading.Event())
+
+    def made(self, root: int) -> str | None:
+        """In tree ``root``'s post-restore: wait for the verdict; why it must not run."""
+        self._event(root).set()
+        self._verdict.wait()
+        return None if self.reason is None else f"not run: {self.reason} (all or nothing)"
+
+    def wait_made(self, root: int, worker: threading.Thread) -> bool:
+        """Whether tree ``root`` got to post-restore (False: its restore ended first)."""
+        event = self._event(root)
+        while not event.wait(0.05):
+            if not worker.is_alive():
+                return event.is_set()
+        return True
+
+    def refuse(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self._verdict.set()
+
+    def go(self) -> None:
+        self._verdict.set()
 
 
 def journal_stream(identifier: str, unit: str | None = None) -> int:
@@ -168,6 +207,7 @@ def restore_all(
     listed: Sequence[TreeRecord] | None = None,
     deadline: float | None = None,
     report: RestoreReport | None = None,
+    hold: Hold | None = None,
 ) -> RestoreReport:
     """Restore every tree under ``images_root``; failures are reported, not raised.
 
@@ -192,6 +232,9 @@ def restore_all(
     :data:`RESTORE_TIMEOUT`).
     ``report``: the report to fill (and returned), so that a caller knows which trees
     came back when something no tree catches ends the restore.
+    ``hold``: all or nothing (see :class:`Hold`): each tree's CRIU runs in a thread of
+    its own, and waits at post-restore until every tree is made; the first tree that
+    cannot be made (or is not begun) refuses them all, and the rest are not begun.
     """
     report = RestoreReport() if report is None else report
     start = time.monotonic()
@@ -216,6 +259,16 @@ def restore_all(
     # ... and those over loopback, between two trees, until every tree is back.
     loopback = netlock.lock_loopback([c for _, i in todo for c in i.get("loopback", [])], nft)
     streams = connect_streams([i for _, i in todo])
+
+    def restore_one(images_dir: Path, info: dict[str, Any], tree: TreeRestore) -> None:
+        try:
+            _restore_tree(images_dir, info, tree, criu, report, stream, pager, progress,
+                          gate, streams, hold)
+        finally:
+            if tree.root in locked:  # CRIU unlocks after a restore; not after a failure
+                netlock.unlock(tree.root, nft, locked[tree.root])
+
+    workers: list[threading.Thread] = []
     try:
         for images_dir, info in trees:
             tree = TreeRestore(int(info["root"]), info.get("unit"), str(info.get("command", "")),
@@ -226,21 +279,39 @@ def restore_all(
                 progress(f"tree {tree.root} ({tree.command[:50]}) runs already: not restored again")
                 continue
             why_not = (skip or {}).get(images_dir.name) or unready.get(images_dir.name)
+            if why_not is None and hold is not None and hold.reason is not None:
+                why_not = f"not begun: {hold.reason} (all or nothing)"
             if why_not is None and deadline is not None and time.monotonic() > deadline:
                 why_not = "not begun: the restore ran out of time"
             if why_not is not None:
                 tree.error = why_not
                 progress(f"NOT restoring tree {tree.root} ({tree.command[:50]}): {tree.error}")
+                if hold is not None:
+                    hold.refuse(_refusal(tree))
                 continue
-            try:
-                _restore_tree(images_dir, info, tree, criu, report, stream, pager, progress,
-                              gate, streams)
+            if hold is None:
+                restore_one(images_dir, info, tree)
                 if tree.restored and sum(t.restored and not t.earlier for t in report.trees) == 1:
                     faults.point("restored-one")
-            finally:
-                if tree.root in locked:  # CRIU unlocks after a restore; not after a failure
-                    netlock.unlock(tree.root, nft, locked[tree.root])
-    except BaseException:
+                continue
+            worker = threading.Thread(target=restore_one, args=(images_dir, info, tree),
+                                      name=f"seamless-restore-{tree.root}", daemon=True)
+            worker.start()
+            workers.append(worker)
+            if not hold.wait_made(tree.root, worker):
+                worker.join()
+                hold.refuse(_refusal(tree))
+            elif len(workers) == 1:
+                faults.point("restored-one")  # made and held: the first tree is back
+        if hold is not None:
+            hold.go()
+            for worker in workers:
+                worker.join()
+    except BaseException as e:
+        if hold is not None:  # no held tree may run: CRIU kills each
+            hold.refuse(f"the restore was interrupted: {e}")
+            for worker in workers:
+                worker.join()
         # Something no tree catches (an interruption, a bug): no tree may run on with
         # memory that will never arrive, and no connection stays locked.
         for root, lazy in report.pagers.items():
@@ -258,12 +329,18 @@ def restore_all(
     return report
 
 
+def _refusal(tree: TreeRestore) -> str:
+    return (f"tree {tree.root} ({tree.command[:50]}) could not be restored: "
+            + (tree.error or "?").splitlines()[0])
+
+
 def _restore_tree(
     images_dir: Path, info: dict[str, Any], tree: TreeRestore, criu: Restorer,
     report: RestoreReport, stream: Callable[[str, str | None], int] | None,
     pager: Callable[[Path], Pager] | None, progress: Callable[[str], None],
     gate: Callable[[str], str | None] | None = None,
     streams: dict[int, int] | None = None,
+    hold: Hold | None = None,
 ) -> None:
     """Restore one tree (see :func:`restore_all`); a failure is recorded in ``tree``.
     ``streams``: the ends of the stream connections between trees, by the inode each
@@ -273,6 +350,8 @@ def _restore_tree(
 
     def before_it_runs(_: Notification) -> None:
         reason = gate(images_dir.name) if gate is not None else None
+        if reason is None and hold is not None:
+            reason = hold.made(tree.root)
         if reason is not None:
             refused.append(reason)
             raise SeamlessError(reason)
@@ -295,7 +374,8 @@ def _restore_tree(
         try:
             result = criu.restore(images_dir, restore_options(tuple(inherit), lazy is not None,
                                                   bool(info.get("mount_namespace"))),
-                                  {"post-restore": before_it_runs} if gate is not None else None)
+                                  {"post-restore": before_it_runs}
+                                  if gate is not None or hold is not None else None)
         except BaseException:
             if lazy is not None:
                 lazy.stop()
