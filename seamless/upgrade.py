@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from seamless.collect.layout import load_criu_modules
 from seamless.collect.plan import StoreSpace, left_out_services, make_plan, render
 from seamless.collect.processes import read_table
 from seamless.errors import ExitCode, SeamlessError
-from seamless.kexec import cmdline, loader
+from seamless.kexec import cmdline, initrd, loader
 from seamless.kexec.cli import check_policy, prepare_initrd
 from seamless.kexec.image import KernelImage
 from seamless.lock import exclusive
@@ -69,6 +70,52 @@ def _lazy_pages_check() -> None:
                             hint="upgrade without --lazy-pages")
 
 
+def required_commands(config_path: Path, given: tuple[str, ...]) -> list[str]:
+    """The commands the new kernel must pass before the trees run there: the
+    configuration's ``[upgrade] require`` list, then those given with --require."""
+    found: list[str] = []
+    if config_path.exists():
+        try:
+            table = tomllib.loads(config_path.read_text()).get("upgrade", {})
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise SeamlessError(f"cannot read {config_path}: {e}") from e
+        found = table.get("require", [])
+        if not isinstance(found, list) or not all(isinstance(c, str) and c.strip()
+                                                  for c in found):
+            raise SeamlessError(f"{config_path}: [upgrade] require must be a list of "
+                                "commands (strings)")
+    for command in given:
+        if not command.strip():
+            raise click.BadParameter("an empty command", param_hint="--require")
+    return [*found, *given]
+
+
+def way_back(args: list[str], boot: Path = Path("/boot")) -> handoff.WayBack:
+    """The running kernel, for the new one to go back to with every tree when it cannot
+    run them all: its image and initramfs in /boot, the initramfs carrying the restorer
+    and the store's modules. A way back that is not there is an error before anything
+    is frozen."""
+    release = os.uname().release
+    without = ("upgrade with --no-way-back (a tree the new kernel cannot restore is then "
+               "kept there for a retry by hand)")
+    hint = "reinstall this kernel's package, or " + without
+    kernel = boot / f"vmlinuz-{release}"
+    if not os.access(kernel, os.R_OK):
+        raise SeamlessError(f"no way back: the running kernel's {kernel} is not there",
+                            hint=hint)
+    ramdisk = boot / initrd.default_initrd(release).name
+    with complete_step(f"looking for the restorer in {ramdisk} (the way back)"):
+        initrd.check_readable(ramdisk, release)
+        names = initrd.list_files(ramdisk)
+        if not initrd.has_restorer(ramdisk, names):
+            raise SeamlessError(f"no way back: {ramdisk} lacks the boot-time restorer",
+                                hint=f"update-initramfs -u -k {release} (or dracut --force "
+                                f"{ramdisk} {release}) adds it; or " + without)
+        initrd.check_store_modules(ramdisk, release, names)
+    return handoff.WayBack(release=release, kernel=str(kernel), initrd=str(ramdisk),
+                           cmdline=cmdline.join(args))
+
+
 @click.command("upgrade")
 @click.option("--kernel", type=click.Path(path_type=Path), metavar="PATH", required=True,
               help="The kernel to upgrade to (a bzImage, e.g. /boot/vmlinuz-RELEASE).")
@@ -90,6 +137,13 @@ def _lazy_pages_check() -> None:
 @click.option("--force", is_flag=True,
               help="Upgrade even while a package manager is at work or logind inhibits "
               "shutdown (which systemctl kexec respects).")
+@click.option("--require", "requires", multiple=True, metavar="COMMAND",
+              help="A command the new kernel must pass (run with sh in its real root, exit "
+              "0) before any tree runs there; otherwise it goes back to this kernel with "
+              "every tree. Repeatable; added to the configuration's [upgrade] require.")
+@click.option("--no-way-back", is_flag=True,
+              help="Do not go back to this kernel when the new one cannot restore every "
+              "tree: it runs those it can, and keeps the others for a retry by hand.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the result as JSON on stdout: after a dry run, or just before the "
               "kexec (state \"entering\"). The new boot's `seamless status --json` reports "
@@ -98,13 +152,18 @@ def _lazy_pages_check() -> None:
 def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
                     includes: tuple[str, ...], excludes: tuple[str, ...], config_path: Path,
                     dry_run: bool, yes: bool, pre_dump: bool | None, lazy_pages: bool,
-                    force: bool, as_json: bool) -> None:
+                    force: bool, requires: tuple[str, ...], no_way_back: bool,
+                    as_json: bool) -> None:
     """Upgrade to another kernel, keeping the running processes.
 
     Every user process tree is checkpointed into the preserved RAM region, the
     new kernel is entered with kexec, and the trees are restored there, with
     the same PIDs, before the system's services start. `seamless status` shows
     the outcome afterwards.
+
+    The new kernel runs every tree or none: when one cannot be restored there, or a
+    required command fails, it goes back to this kernel, which restores them all
+    (unless --no-way-back).
 
     Exits 1 with nothing changed when a check fails or the checkpoint fails
     (every process runs on).
@@ -113,6 +172,10 @@ def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
         raise SeamlessError("upgrading the kernel needs root", hint="run it with sudo")
     started = time.time()
     selection = selection_from(includes, excludes, config_path)
+    gates = required_commands(config_path, requires)
+    if gates and no_way_back:
+        raise click.UsageError("--require needs the way back: a kernel that fails it goes "
+                               "back to this one (leave out --no-way-back)")
     if lazy_pages and pre_dump is None:
         # CRIU (3.17) restores a pre-dump's pages before the tree runs, lazily or not: only
         # the pages of the final dump can come back lazily.
@@ -134,6 +197,7 @@ def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
         args = cmdline.with_restore(cmdline.build(cmdline.running_cmdline(), append=append),
                                     number)
         cmdline.require_region(args, region.memmap)
+        back = None if no_way_back else way_back(cmdline.build(cmdline.running_cmdline()))
         initrd_used, rebuilt = prepare_initrd(image, initrd_path, False, dry_run)
         load_criu_modules()
         _criu_check(image.release)
@@ -190,6 +254,7 @@ def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
         "initrd": str(initrd_used), "initrd_rebuilt": rebuilt,
         "cmdline": new_cmdline.replace(token, "(one-time token)"),
         "generation": number, "dry_run": dry_run, "lazy_pages": lazy_pages,
+        "way_back": back.release if back is not None else None, "requires": gates,
         "trees": [{"root": t.root, "unit": t.unit, "command": t.command, "bytes": t.bytes,
                    "dump_seconds": t.dump_seconds} for t in manifest.trees],
         "bytes": manifest.total_bytes,
@@ -202,7 +267,8 @@ def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
             source_boot_id=manifest.source_boot_id, machine_id=handoff.machine_id(),
             source_release=result["from"], target_release=image.release,
             lazy_pages=lazy_pages, times=times,
-            stopped_units=left_out_services(plan, table), result=result)
+            stopped_units=left_out_services(plan, table), result=result,
+            last_pid=last_pid, way_back=back, requires=gates)
         _enter(held, gen, store.root, record, as_json)
         return  # only where loader.enter is faked: the real one does not come back
     result["times"] = times

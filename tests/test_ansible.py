@@ -88,6 +88,12 @@ def test_the_outcome_says_what_state_the_host_is_in_and_what_to_do() -> None:
     assert not ok and msg == "the host runs A, not B"
     ok, _, msg = utils.upgrade_outcome(0, _status(boot_id_before="older"), "old", "B", "B")
     assert not ok and "another upgrade" in msg
+    refused = _status(refused={"release": "B", "reason": "tree 7 (redis) could not be restored"},
+                      ok=True)
+    ok, facts, msg = utils.upgrade_outcome(4, refused, "old", "A", "B")
+    assert not ok and facts["refused"]["release"] == "B"
+    assert msg.startswith("B refused the upgrade: tree 7 (redis) could not be restored")
+    assert "went back to A" in msg
     never = json.dumps({"unrestored_upgrade": {"to": "B", "generation": 4}, "this_boot": "x"})
     ok, _, msg = utils.upgrade_outcome(4, never, "old", "A", "B")
     assert not ok and "never came back" in msg and "--generation 4" in msg

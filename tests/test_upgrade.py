@@ -27,6 +27,7 @@ from seamless.collect.inhibitors import Inhibitor
 from seamless.collect.layout import TREE_INFO
 from seamless.errors import ExitCode, SeamlessError
 from seamless.kexec import cmdline
+from seamless.kexec import initrd as initrd_module
 from seamless.memstore import handoff
 from seamless.memstore.generation import Generation
 from seamless.memstore.handoff import RECORD as UPGRADE_RECORD
@@ -39,6 +40,7 @@ from tests.test_kexec import RELEASE, make_bzimage
 REAL_CRIU_CHECK = upgrade._criu_check
 
 real_lazy_pages_check = upgrade._lazy_pages_check  # the fixture below forbids it
+REAL_WAY_BACK = upgrade.way_back
 MEMMAP = "memmap=256M!1G"
 RUNNING = f"BOOT_IMAGE=/boot/vmlinuz-old root=UUID=1234-abcd ro quiet {MEMMAP} console=ttyS0"
 
@@ -69,7 +71,7 @@ def no_real_effects(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for name in ("loader", "take_checkpoint", "_criu_check", "_lazy_pages_check",
                  "load_criu_modules",
                  "find_region", "open_store", "read_table", "make_plan", "check_policy",
-                 "prepare_initrd"):
+                 "prepare_initrd", "way_back"):
         monkeypatch.setattr(upgrade, name, forbidden)
     umask = os.umask(0o022)
     os.umask(umask)
@@ -145,6 +147,8 @@ class World:
     #: The services the plan leaves out, and the systemctl commands run for them.
     left_out: list[str] = field(default_factory=list)
     systemctl: list[list[str]] = field(default_factory=list)
+    #: The running command lines the way back was asked for.
+    way_backs: list[list[str]] = field(default_factory=list)
 
     def take_checkpoint(self, trees: Sequence[FakeTree], images: Generation, number: int, *,
                         leave_running: bool, target_release: str | None = None,
@@ -224,6 +228,12 @@ def world(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> World:
     monkeypatch.setattr(upgrade, "run", systemctl)
     monkeypatch.setattr(upgrade, "prepare_initrd",
                         lambda image, given, rebuild, dry_run: (rd, False))
+    def way_back(args: list[str]) -> handoff.WayBack:
+        w.way_backs.append(args)
+        return handoff.WayBack("6.1.0-old", "/boot/vmlinuz-6.1.0-old",
+                               "/boot/initrd.img-6.1.0-old", " ".join(args))
+
+    monkeypatch.setattr(upgrade, "way_back", way_back)
     return w
 
 
@@ -497,3 +507,73 @@ def test_services_left_out_are_stopped_before_the_kexec_and_started_again_on_a_r
     world.systemctl.clear()
     invoke(world, "--kernel", world.image, "--dry-run")
     assert world.systemctl == []  # a dry run stops nothing
+
+
+def test_the_record_carries_the_way_back_the_pids_and_the_required_commands(
+    world: World,
+) -> None:
+    """B goes back to A with every tree when it cannot run them all: the record names A's
+    kernel, initramfs and command line (without the restore's arguments), the PIDs to
+    keep free, and the commands B must pass (the configuration's, then --require's)."""
+    config = world.tmp / "seamless.toml"
+    config.write_text('[upgrade]\nrequire = ["modprobe -n e1000"]\n')
+    result = CliRunner().invoke(
+        cli, ["upgrade", "--config", str(config), "--kernel", str(world.image), "--yes",
+              "--require", "test -e /dev/sda", "--append", "debug"], standalone_mode=False)
+    assert exit_status(result) == 0, result.output
+    record = json.loads((world.store.root / UPGRADE_RECORD).read_text())
+    assert record["requires"] == ["modprobe -n e1000", "test -e /dev/sda"]
+    assert record["last_pid"] == 7000 + cmdline.PID_MARGIN
+    back = record["way_back"]
+    assert back["release"] == "6.1.0-old" and back["kernel"] == "/boot/vmlinuz-6.1.0-old"
+    # A's own command line: not B's --append, no seamless.* of an earlier restore
+    assert world.way_backs and "debug" not in world.way_backs[0]
+    assert not any(a.startswith("seamless.") for a in world.way_backs[0])
+    assert record["refused"] is None
+    loaded = handoff.read(world.store.root)
+    assert loaded is not None and loaded.way_back == handoff.WayBack(**back)
+
+
+def test_no_way_back_records_none_and_excludes_require(world: World) -> None:
+    result = invoke(world, "--kernel", world.image, "--yes", "--no-way-back")
+    assert exit_status(result) == 0, result.output
+    assert world.way_backs == []
+    assert json.loads((world.store.root / UPGRADE_RECORD).read_text())["way_back"] is None
+    result = invoke(world, "--kernel", world.image, "--yes", "--no-way-back",
+                    "--require", "true")
+    assert isinstance(result.exception, click.UsageError)
+    assert "needs the way back" in str(result.exception)
+    assert len(world.loader.calls) == 2  # the first upgrade's load and enter, nothing more
+
+
+def test_a_bad_require_list_in_the_configuration_changes_nothing(world: World) -> None:
+    config = world.tmp / "seamless.toml"
+    config.write_text('[upgrade]\nrequire = "true"\n')
+    result = CliRunner().invoke(
+        cli, ["upgrade", "--config", str(config), "--kernel", str(world.image), "--yes"],
+        standalone_mode=False)
+    assert exit_status(result) == ExitCode.UNCHANGED
+    assert "[upgrade] require must be a list" in message(result)
+    assert world.loader.calls == [] and world.checkpoints == []
+
+
+def test_a_way_back_without_the_restorer_is_refused_before_anything_is_frozen(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    release = os.uname().release
+    boot = tmp_path / "boot"
+    boot.mkdir()
+    with pytest.raises(SeamlessError, match="no way back: the running kernel's"):
+        REAL_WAY_BACK(["ro"], boot)
+    (boot / f"vmlinuz-{release}").write_bytes(b"kernel")
+    (boot / f"initrd.img-{release}").write_bytes(b"no cpio")
+    monkeypatch.setattr(initrd_module, "check_readable", lambda path, r: None)
+    monkeypatch.setattr(initrd_module, "list_files", lambda path: ["usr/bin/true"])
+    with pytest.raises(SeamlessError, match="lacks the boot-time restorer") as e:
+        REAL_WAY_BACK(["ro"], boot)
+    assert "--no-way-back" in (e.value.hint or "")
+    monkeypatch.setattr(initrd_module, "has_restorer", lambda path, names: True)
+    monkeypatch.setattr(initrd_module, "check_store_modules", lambda path, r, names: None)
+    back = REAL_WAY_BACK(["ro", "memmap=1G!4G"], boot)
+    assert back == handoff.WayBack(release, str(boot / f"vmlinuz-{release}"),
+                                   str(boot / f"initrd.img-{release}"), "ro memmap=1G!4G")

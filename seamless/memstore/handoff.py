@@ -61,6 +61,19 @@ def token_from_cmdline(text: str) -> str | None:
 
 
 @dataclass
+class WayBack:
+    """The boot that wrote the generation, for the new kernel to go back to with every
+    tree when it cannot run them all (see :mod:`seamless.restore.wayback`): its kernel
+    and initramfs (paths in the real root) and command line without the restore's
+    arguments (the way back adds its own)."""
+
+    release: str
+    kernel: str
+    initrd: str
+    cmdline: str
+
+
+@dataclass
 class UpgradeRecord:
     """The upgrade record (``upgrade.json``), version 1."""
 
@@ -81,6 +94,17 @@ class UpgradeRecord:
     #: each tree and its dump time): the new boot's ``seamless status --json`` reports it,
     #: since the command itself never returns.
     result: dict[str, Any] = field(default_factory=dict)
+    #: The new command line's seamless.last_pid= (the way back keeps the same PIDs free).
+    last_pid: int = 0
+    #: Where the new kernel goes back to when it refuses the trees; None: nowhere (the
+    #: trees it can restore run there, the others are kept for a retry by hand).
+    way_back: WayBack | None = None
+    #: Commands the new kernel must pass (run in its real root, exit 0) before any tree
+    #: runs there (``seamless upgrade --require``).
+    requires: list[str] = field(default_factory=list)
+    #: Set by the new kernel that refused the trees and went back: its release, why, and
+    #: when. A record with it is restored whole, never sent back again.
+    refused: dict[str, Any] | None = None
     #: The boot that restored it: a record is used once.
     used_by_boot: str | None = None
     version: int = 1
@@ -91,6 +115,10 @@ class UpgradeRecord:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> UpgradeRecord:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if isinstance(known.get("way_back"), dict):
+            fields = WayBack.__dataclass_fields__
+            known["way_back"] = WayBack(**{k: str(v) for k, v in known["way_back"].items()
+                                           if k in fields})
         return cls(**known)
 
 

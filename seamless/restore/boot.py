@@ -28,10 +28,11 @@ from seamless.log import complete_step, count, log
 from seamless.memstore import handoff
 from seamless.memstore.generation import Generation, is_page_image
 from seamless.memstore.store import KEEP_FAILED_SECONDS, Store, open_store, unmount
-from seamless.restore import adopt, bootfs, lazy, metrics
+from seamless.restore import adopt, bootfs, lazy, metrics, wayback
 from seamless.restore.lazy import Pager
 from seamless.restore.restorer import (
     RESTORE_TIMEOUT,
+    Hold,
     Restorer,
     RestoreReport,
     restore_all,
@@ -226,6 +227,8 @@ def boot_restore(number: int | None, *, keep: bool = False,
             if record is not None and record.generation == n:
                 report["boot_id_before"] = record.source_boot_id
                 report["upgrade"] = record.result
+                if record.refused is not None:  # back from the kernel that refused them
+                    report["refused"] = record.refused
                 report["times"] = {**record.times, **report["times"]}
                 lazy = record.lazy_pages if lazy is None else lazy
         if report["stage"] == "initramfs" and retry is None:
@@ -248,6 +251,20 @@ def boot_restore(number: int | None, *, keep: bool = False,
             # used once: no later boot replays it, whatever its command line says
             record.used_by_boot = handoff.boot_id()
             handoff.write(store.root, record)
+        # All or nothing, when this boot can go back to the kernel the upgrade came from.
+        back = record if at_boot and retry is None and record is not None \
+            and record.generation == n else None
+        if back is not None and (why := wayback.unusable(back, root)) is not None:
+            if back.way_back is not None and back.refused is None:
+                log.warning("no way back from here (%s): the trees that can be restored "
+                            "run here, the others are kept", why)
+                report["no_way_back"] = why
+            back = None
+        if record is not None and record.generation == n and record.requires \
+                and record.refused is None and retry is None:
+            failed = wayback.failed_gate(record.requires, root)
+            if failed is not None:
+                refuse(report, store.root, back, failed, root)
         with complete_step(f"verifying generation {n} (its page images: while the trees "
                            "are restored)"):
             bad = gen.verify(lambda path: not is_page_image(path))
@@ -262,12 +279,31 @@ def boot_restore(number: int | None, *, keep: bool = False,
                                 if int(info["root"]) not in running and d.name not in skip])
         faults.point("restoring")
         try:
+            hold = Hold() if back is not None else None
             with complete_step(f"restoring {count(len(manifest.trees) - len(running), 'tree')}"
-                               + (" (their memory follows while they run)" if lazy else "")):
-                restore_all(gen.final, criu, skip=skip, running=running,
-                            pager=Pager.start if lazy else None, gate=pages,
-                            listed=manifest.trees, deadline=time.monotonic() + RESTORE_BUDGET,
-                            report=restored)
+                               + (" (their memory follows while they run)" if lazy else "")
+                               + (", all or none" if hold is not None else "")):
+                try:
+                    restore_all(gen.final, criu, skip=skip, running=running,
+                                pager=Pager.start if lazy else None, gate=pages,
+                                listed=manifest.trees,
+                                deadline=time.monotonic() + RESTORE_BUDGET, report=restored,
+                                hold=hold)
+                except SeamlessError:
+                    if hold is None or hold.reason is None:
+                        raise
+            if hold is not None and hold.reason is not None:
+                try:
+                    refuse(report, store.root, back, hold.reason, root)
+                except SeamlessError as e:  # the way back did not load: what can, runs here
+                    report["no_way_back"] = e.message
+                    restored = RestoreReport()
+                    with complete_step("restoring here the trees that can be"):
+                        restore_all(gen.final, criu, skip=skip, running=running,
+                                    pager=Pager.start if lazy else None, gate=pages,
+                                    listed=manifest.trees,
+                                    deadline=time.monotonic() + RESTORE_BUDGET,
+                                    report=restored)
             pagers = restored.pagers
             faults.point("restored")
             report["times"]["retry_restored" if retry is not None else "restored"] = time.time()
@@ -313,6 +349,25 @@ def boot_restore(number: int | None, *, keep: bool = False,
             else:
                 close_store(store)
     return report
+
+
+def refuse(report: dict[str, Any], store_root: Path, back: handoff.UpgradeRecord | None,
+           reason: str, root: Path) -> None:
+    """This kernel runs none of the trees: go back to the kernel the upgrade came from
+    (does not return), or, with no way back, end the restore with the generation kept
+    for a retry by hand. Raises :class:`SeamlessError` when the way back does not load
+    (nothing was entered)."""
+    report["refused"] = {"release": os.uname().release, "reason": reason, "at": time.time()}
+    if back is None:
+        n = report["generation"]
+        raise SeamlessError(
+            f"not running the trees in this kernel: {reason}",
+            hint=f"generation {n} is kept: once this kernel is fit, seamless restore "
+            f"--generation {n} restores it; or reboot into the old kernel and restore it there")
+    try:
+        wayback.go_back(store_root, back, reason, root)
+    except OSError as e:
+        raise SeamlessError(f"the way back did not load: {e}") from e
 
 
 def lazy_daemons_run() -> bool:
@@ -529,14 +584,18 @@ def last_report() -> dict[str, Any] | None:
 
 
 def phases(report: dict[str, Any]) -> list[tuple[str, float]]:
-    """The durations of an upgrade's phases, from the times it recorded."""
+    """The durations of an upgrade's phases, from the times it recorded. An upgrade the
+    new kernel refused came back to this one: its kexec is the way back."""
     t = report.get("times", {})
+    entering = "entering_back" if "entering_back" in t else "entering"
     spans = [
         ("pre-dump and hash (running)", "pre_dumping", "frozen"),
         ("freeze and dump", "frozen", "dumped"),
         ("seal (checksums, manifest)", "dumped", "sealed"),
-        ("kexec to the restorer", "entering", "restorer_started"),
-        ("  leaving the old kernel", "entering", "kernel_started"),
+        ("into the new kernel, to its refusal", "entering", "refused"),
+        ("kexec to the restorer" + (" (the way back)" if "entering_back" in t else ""),
+         entering, "restorer_started"),
+        ("  leaving the old kernel", entering, "kernel_started"),
         ("  new kernel's boot to the restorer", "kernel_started", "restorer_exec"),
         ("  the restorer's start (python)", "restorer_exec", "restorer_started"),
         ("    the interpreter's start", "restorer_exec", "python_started"),

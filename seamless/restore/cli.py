@@ -142,8 +142,9 @@ STATUS_SCHEMA = 1
 def status_command(ctx: click.Context, as_json: bool) -> None:
     """What the last upgrade did: kernels, each tree's result, the time of each phase.
 
-    Exits 0 when it restored every tree, 4 when it did not or never came back (a
-    fleet's rollout stops there), 1 when no upgrade was restored here yet.
+    Exits 0 when it restored every tree, 4 when it did not, never came back, or the
+    new kernel refused the trees and went back to the old one (a fleet's rollout stops
+    there), 1 when no upgrade was restored here yet.
     """
     report = last_report()
     lost = unrestored_upgrade()
@@ -159,7 +160,8 @@ def status_command(ctx: click.Context, as_json: bool) -> None:
         click.echo(json.dumps(out, indent=2))
     else:
         _print_status(report, lost)
-    if lost is not None or (report is not None and not report.get("ok")):
+    if lost is not None or (report is not None and (not report.get("ok")
+                                                     or report.get("refused"))):
         ctx.exit(ExitCode.CHECK_FAILED)
 
 
@@ -195,6 +197,14 @@ def _print_status(report: dict[str, Any] | None, lost: dict[str, Any] | None) ->
     if report.get("finishing"):
         click.echo("the restore is still finishing: the trees run; it hands their services "
                    "to systemd and overwrites the generation")
+    refused = report.get("refused")
+    if refused:
+        click.echo(f"the upgrade to {refused.get('release')} was REFUSED there: "
+                   f"{refused.get('reason')}. No tree ran in it; it went back to "
+                   f"{report['to']}, and the trees were restored here. Mend the cause (or "
+                   "leave that tree out), then upgrade again")
+    if report.get("no_way_back"):
+        click.echo(f"no way back to the old kernel: {report['no_way_back']}")
     if report.get("error"):
         click.echo(f"error: {report['error']}")
     if report.get("expired"):

@@ -97,6 +97,14 @@ def upgrade_outcome(status_rc, status_out, boot_id_before, release_now, expected
             "(seamless restore --generation {})".format(
                 lost_up.get("to"), release_now, lost_up.get("generation"),
                 lost_up.get("generation")))
+    refused = status.get("refused")
+    if refused and status.get("boot_id_before") == boot_id_before:
+        facts["refused"] = refused
+        return False, facts, (
+            "{} refused the upgrade: {}. No tree ran there; the host went back to {} and "
+            "{} of {} trees run there again. Mend the cause, then upgrade again".format(
+                refused.get("release"), refused.get("reason"), release_now,
+                facts["trees_restored"], len(trees)))
     if release_now != expected_release:
         return False, facts, f"the host runs {release_now}, not {expected_release}"
     if status.get("boot_id_before") and status["boot_id_before"] != boot_id_before:
