@@ -4,13 +4,15 @@ The coordinator fails (an error), is stopped (SIGTERM, as systemd or an operator
 or dies (SIGKILL, as the OOM killer would) at each phase before the kexec, through
 seamless's fault injection (``SEAMLESS_FAULT=POINT:ACTION``, see seamless/faults.py);
 then a new kernel left loaded by a coordinator that died is entered with a plain
-``systemctl kexec``; then the restorer fails after the first tree in the new kernel.
+``systemctl kexec``; then the new kernel refuses the trees (its restorer fails after
+the first tree is made, a required command fails) and goes back to the old one.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import pytest
 
@@ -108,36 +110,45 @@ def test_faults_before_the_kexec_lose_nothing_and_a_dead_coordinator_s_kernel_re
         assert g.run("systemctl", "is-active", unit, check=False).strip() != "active"
 
 
-def test_a_restorer_that_fails_after_one_tree_keeps_the_rest_for_a_retry_by_hand(
+def refused_and_back_on_a(g: qemu.Guest, pids: dict[str, int], reason: str) -> dict[str, Any]:
+    """The guest runs A again, every tree with its PID and running, nothing frozen; status
+    says B refused them, why, and exits 4; the generation was used up. Its status."""
+    assert g.run("uname", "-r").strip() == A.release
+    state = g.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
+    assert state.out.strip() in ("running", "degraded"), state.out
+    assert_all_run_thawed(g, pids, f"back on A ({reason})")
+    done = g.channel.run(["seamless", "status", "--json"])
+    status: dict[str, Any] = json.loads(done.stdout)
+    assert done.returncode == 4, status
+    assert status["refused"]["release"] == B.release, status
+    assert reason in status["refused"]["reason"], status
+    assert status["ok"] and sorted(t["pid"] for t in status["trees"]) == sorted(pids.values())
+    text = g.channel.run(["seamless", "status"]).out
+    assert f"the upgrade to {B.release} was REFUSED there" in text, text
+    assert json.loads(g.run("seamless", "store", "status", "--json"))["generations"] == []
+    return status
+
+
+def test_b_runs_every_tree_or_none_and_goes_back_to_a_with_all_of_them(
     boot_guest: BootGuest,
 ) -> None:
-    """In B the restorer fails once the first tree is back (seamless.fault= on B's
-    command line): that tree runs, the others are not lost but kept in the generation,
-    status says what happened and until when the generation is kept; a retry by hand
-    brings the others back with their PIDs and wipes the generation."""
+    """In B the restorer fails once the first tree is made (seamless.fault= on B's
+    command line): no tree ran in B, B goes back to A with the same generation, and A
+    restores every tree with its PID. Then an upgrade whose required command fails in B
+    (--require): back on A again, every tree there."""
     g = boot_guest("A")
     prepare_for_criu(g)
     pids = {unit: start_counter(g, unit, f"/root/{unit}") for unit in UNITS}
-    g.switch_kernel(["seamless", "upgrade", "--kernel", B.vmlinuz, "--yes",
-                     "--append", "seamless.fault=restored-one:fail"])
-    assert g.run("uname", "-r").strip() == B.release
-    state = g.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
-    assert state.out.strip() in ("running", "degraded"), state.out  # the restore is done
-    status = json.loads(g.run("seamless", "status", "--json", check=False))
-    assert status["ok"] is False and "injected fault at restored-one" in status["error"]
-    assert status["kept_until"] > time.time()
-    running = [u for u, pid in pids.items()
-               if g.channel.run(["kill", "-0", str(pid)]).returncode == 0]
-    assert len(running) == 1, running
-    retry = g.channel.run(["seamless", "restore", "--generation", str(status["generation"])],
-                          env={"SEAMLESS_FAULT": ""}, timeout=600)
-    assert retry.returncode == 0, retry.stderr.decode(errors="replace")
-    for unit, pid in pids.items():
-        assert g.channel.run(["kill", "-0", str(pid)]).returncode == 0, unit
-        before = read_counter(g, f"/root/{unit}")
-        time.sleep(0.6)
-        assert read_counter(g, f"/root/{unit}") > before, f"{unit} does not run"
-    assert json.loads(g.run("seamless", "store", "status", "--json"))["generations"] == []
+    _, seconds = g.switch_kernel(["seamless", "upgrade", "--kernel", B.vmlinuz, "--yes",
+                                  "--append", "seamless.fault=restored-one:fail"])
+    status = refused_and_back_on_a(g, pids, "injected fault at restored-one")
+    record("upgrade refused in B, back on A: reboot call to agent ready in A", seconds)
+    for name, value in status["phases"].items():
+        record(f"refused upgrade (A -> B -> A) phase: {name}", value)
+
+    _, seconds = g.switch_kernel(["seamless", "upgrade", "--kernel", B.vmlinuz, "--yes",
+                                  "--require", "test -e /etc/seamless-gate"])
+    refused_and_back_on_a(g, pids, "the required command `test -e /etc/seamless-gate` exited 1")
 
 
 def test_criu_killed_while_it_holds_a_tree_and_a_restorer_failing_after_every_tree(
