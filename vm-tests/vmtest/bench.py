@@ -161,7 +161,8 @@ def upgrade(guest: qemu.Guest, port: int, target: config.Kernel, digest: str,
 
 
 def one_size(guest: qemu.Guest, size: int, port: int,
-             initramfs_tools: bool = False, lazy_pages: bool = False) -> dict[str, Any]:
+             initramfs_tools: bool = False, lazy_pages: bool = False,
+             way_back: bool = False, round_no: int = 0) -> dict[str, Any]:
     a, b = config.KERNELS["A"], config.KERNELS["B"]
 
     def initrd(k: config.Kernel) -> tuple[str, ...]:
@@ -175,7 +176,20 @@ def one_size(guest: qemu.Guest, size: int, port: int,
     digest = ask(guest, "/sum")
 
     upgrades: dict[str, dict[str, Any]] = {}
-    if lazy_pages:
+    if way_back:
+        # All or nothing (the default, with its way back) against --no-way-back, both
+        # whole dumps; each goes A -> B in every other round, so that neither has the
+        # faster kernel's boot.
+        pair = [("seamless_upgrade_no_way_back", ("--no-way-back",)),
+                ("seamless_upgrade_whole_dump", ())]
+        if round_no % 2:
+            pair.reverse()
+        for (key, extra), target in zip(pair, (b, a), strict=True):
+            log.info("%d MiB: seamless upgrade --no-pre-dump %s-> %s", size,
+                     " ".join(extra) + " " if extra else "", target.release)
+            upgrades[key] = upgrade(guest, port, target, digest, "--no-pre-dump", *extra,
+                                    *initrd(target))
+    elif lazy_pages:
         # The lazy restore (a whole dump: see --lazy-pages) goes A -> B like the kexec
         # baseline, so the two it is compared with boot the same kernel and initramfs;
         # the pre-dump upgrade comes back B -> A.
@@ -261,7 +275,8 @@ def initramfs(guest: qemu.Guest, rounds: int = 2) -> dict[str, Any]:
     return result
 
 
-VARIANTS = (("seamless_upgrade_whole_dump", "whole dump", "whole"),
+VARIANTS = (("seamless_upgrade_no_way_back", "whole dump, --no-way-back", "no-back"),
+            ("seamless_upgrade_whole_dump", "whole dump", "whole"),
             ("seamless_upgrade_pre_dump", "pre-dump", "pre-dump"),
             ("seamless_upgrade_lazy", "lazy restore (whole dump)", "lazy"))
 
@@ -296,6 +311,14 @@ def table(result: dict[str, Any]) -> str:
                 for v, _, short in variants) + "".join(
                 f"  {name} {r[k]['blackout_range'][0]:.1f}-{r[k]['blackout_range'][1]:.1f}"
                 for k, name in (("systemctl_kexec", "kexec"), ("reboot", "reboot"))))
+    if "seamless_upgrade_no_way_back" in rows[0]:
+        lines.append("")
+        for r in rows:
+            with_back = r["seamless_upgrade_whole_dump"]["blackout_seconds"]
+            without = r["seamless_upgrade_no_way_back"]["blackout_seconds"]
+            lines.append(f"{r['size_mib']:>4} MiB: all or nothing (the way back) adds "
+                         f"{with_back - without:+.1f} s to the blackout "
+                         f"({(with_back / without - 1) * 100:+.0f}%; goal: under +10%)")
     lines += ["", "blackout: the longest gap between answered probes (every "
               f"{INTERVAL * 1000:.0f} ms) as the host sees it. kexec and reboot lose the "
               "state: their service starts again empty. +s: seconds more than at the "
@@ -312,7 +335,7 @@ def table(result: dict[str, Any]) -> str:
 
 def main(*, sizes: tuple[int, ...] = SIZES, with_initramfs: bool = True,
          initramfs_tools: bool = False, lazy_pages: bool = False, rounds: int = 1,
-         json_path: Path | None = None) -> int:
+         json_path: Path | None = None, way_back: bool = False) -> int:
     img = image.build()
     port = free_port()
     spec = qemu.GuestSpec(image=str(img.directory), kernel="A", memory=MEMORY, region=REGION,
@@ -334,7 +357,8 @@ def main(*, sizes: tuple[int, ...] = SIZES, with_initramfs: bool = True,
             for n in range(rounds):
                 for size in sizes:
                     log.info("round %d of %d, %d MiB", n + 1, rounds, size)
-                    runs[size].append(one_size(guest, size, port, initramfs_tools, lazy_pages))
+                    runs[size].append(one_size(guest, size, port, initramfs_tools, lazy_pages,
+                                               way_back, n))
                     log.info("%s", json.dumps(runs[size][-1]))
                 result["sizes"] = [summary(r) for r in runs.values() if r]
             if with_initramfs:

@@ -146,7 +146,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(sizes=tuple(args.sizes), with_initramfs=args.initramfs,
                       initramfs_tools=args.initramfs_tools, lazy_pages=args.lazy_pages,
-                      rounds=args.rounds, json_path=Path(args.json) if args.json else None)
+                      rounds=args.rounds, json_path=Path(args.json) if args.json else None,
+                      way_back=args.way_back)
 
 
 def cmd_fleet_bench(args: argparse.Namespace) -> int:
@@ -214,6 +215,9 @@ def parser() -> argparse.ArgumentParser:
     bn.add_argument("--lazy-pages", action="store_true",
                     help="upgrade with a pre-dump, then with a lazy restore (instead of a "
                     "whole dump, then a pre-dump)")
+    bn.add_argument("--way-back", action="store_true",
+                    help="upgrade with all or nothing and its way back (the default), then "
+                    "with --no-way-back, both whole dumps: what the way back costs")
     bn.add_argument("--rounds", type=int, default=1, metavar="N",
                     help="measure every size N times (interleaved) and show the medians "
                     "and ranges (default 1)")
