@@ -482,8 +482,8 @@ def test_before_init_a_sandboxed_tree_defers_every_tree_to_the_restore_unit(
     report = boot.boot_restore(4, criu=criu, root=env.root)
 
     assert criu.calls == [] and env.modules_loaded == 0
-    assert report["deferred"].startswith("1 tree with a mount namespace of its own "
-                                         "(redis-server.service)")
+    assert report["deferred"].startswith("1 tree not restorable before init "
+                                         "(redis-server.service: a mount namespace of its own)")
     assert not reports[0].exists() and not reports[1].exists()
     assert gen.final.exists() and env.unmounted == [env.store.root]
     # after switch-root: all three, the reason in the report
@@ -492,6 +492,26 @@ def test_before_init_a_sandboxed_tree_defers_every_tree_to_the_restore_unit(
     assert sorted(criu.calls) == ["101", "202", "303"] and report["ok"]
     assert report["stage"] == "systemd" and report["deferred"].startswith("1 tree")
     assert json.loads(reports[0].read_text())["deferred"] == report["deferred"]
+
+
+def test_before_init_a_tree_connected_to_a_socket_the_boot_makes_later_is_deferred(
+    env: BootEnv, reports: tuple[Path, Path]
+) -> None:
+    """An sshd session holds a datagram socket connected to journald's syslog socket,
+    which CRIU connects again by its path: before init it is not there, so the trees
+    wait for seamless-restore.service. A path that is there defers nothing."""
+    session = tree(404, 2, "ssh.service", "sshd: /usr/sbin/sshd -D")
+    session["peer_paths"] = ["/run/systemd/journal/dev-log"]
+    others = [json.loads((env.gen.final / d / TREE_INFO).read_text()) for d in ("101", "202")]
+    gen = seal_generation(env.store.generations_dir / "gen-4", [*others, session])
+    assert boot.trees_after_init(gen, env.root) == [
+        "ssh.service: connected to /run/systemd/journal/dev-log, made after init"]
+    report = boot.boot_restore(4, criu=(criu := FakeRestorer()), root=env.root)
+    assert criu.calls == [] and "ssh.service: connected to" in report["deferred"]
+    sock = env.root / "run/systemd/journal/dev-log"
+    sock.parent.mkdir(parents=True)
+    sock.touch()
+    assert boot.trees_after_init(gen, env.root) == []
 
 
 def test_a_page_image_too_short_for_criu_is_reported_as_corrupt(

@@ -695,3 +695,25 @@ def test_a_restore_that_runs_out_of_time_is_reported_and_the_rest_not_begun(
     errors = {t.root: t.error for t in report.trees}
     assert errors[100] is None and "within 300 s" in (errors[200] or "")
     assert errors[300] == "not begun: the restore ran out of time"
+
+
+def test_peer_paths_are_the_running_system_s_sockets_a_tree_is_connected_to() -> None:
+    """A datagram socket connected to journald's syslog socket: CRIU connects it again by
+    that path. Not a peer inside the tree, nor one dumped as external."""
+    import socket
+
+    from seamless.collect.resources import UnixPeer, peer_paths
+
+    client, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        c, o = os.fstat(client.fileno()).st_ino, os.fstat(other.fileno()).st_ino
+        me = os.getpid()
+        log = UnixPeer(o, 0, "/run/systemd/journal/dev-log", False, (1,))
+        table = {c: UnixPeer(c, o, "*", False, (me,)), o: log}
+        assert peer_paths([me], table) == ["/run/systemd/journal/dev-log"]
+        assert peer_paths([me], table, [f"unix[{c}]"]) == []  # the restore connects it
+        table[o] = UnixPeer(o, 0, "/tmp/app.sock", False, (me,))
+        assert peer_paths([me], table) == []  # bound inside the tree
+    finally:
+        client.close()
+        other.close()

@@ -54,6 +54,7 @@ from seamless.collect.resources import (
     UnixPeer,
     foreign_files,
     journald_streams,
+    peer_paths,
     socket_dirs,
     streams_between,
     unix_sockets,
@@ -99,6 +100,8 @@ def tree_info(tree: ProcessTree, options: CriuOptions, order: int,
         # restored with its mount namespace, from the new boot's mounts (see restorer.py)
         "mount_namespace": options.auto_ext_mnt,
         "socket_dirs": socket_dirs(tree.pids),
+        # sockets of the running system it is connected to, which CRIU connects by path
+        "peer_paths": peer_paths(tree.pids, sockets or {}, options.external),
         "fifos": volatile_fifos(tree.pids),
         "runtime_files": runtime.collect(
             [*unit_paths, *tmpfs_bind_sources(tree.root.pid), *runtime.pid_files(tree.pids)],

@@ -108,6 +108,26 @@ def journald_streams(pids: Iterable[int], sockets: dict[int, UnixPeer]) -> list[
     return sorted(found)
 
 
+def peer_paths(pids: Iterable[int], sockets: dict[int, UnixPeer],
+               external: Iterable[str] = ()) -> list[str]:
+    """The paths bound by the sockets that these processes' unix sockets are connected
+    to, outside them (syslog's /run/systemd/journal/dev-log, say), but those dumped as
+    external (``unix[INODE]``: the restore connects them itself): CRIU connects each
+    again by its path, which must be there when the tree is restored."""
+    wanted, skip = set(pids), set(external)
+    found: set[str] = set()
+    for pid in wanted:
+        for _, target in _fds(pid):
+            m = re.fullmatch(r"socket:\[(\d+)\]", target)
+            sock = sockets.get(int(m.group(1))) if m else None
+            peer = sockets.get(sock.peer) if sock is not None and sock.peer else None
+            if sock is None or peer is None or f"unix[{sock.inode}]" in skip \
+                    or not peer.path.startswith("/") or any(o in wanted for o in peer.owners):
+                continue
+            found.add(peer.path)
+    return sorted(found)
+
+
 #: The most of a stream's queue carried (a socket's receive buffer holds less).
 QUEUE_LIMIT = 16 << 20
 

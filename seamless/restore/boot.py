@@ -156,12 +156,20 @@ def still_running(previous: dict[str, Any] | None, number: int,
             if t.get("restored") and t.get("pid") and alive(int(t["pid"]))}
 
 
-def sandboxed_trees(gen: Generation) -> list[str]:
-    """The units (or commands) of the generation's trees that have a mount namespace of
-    their own: sandboxed services."""
-    return [str(info.get("unit") or info.get("command", "?"))
-            for _, info in trees_in(gen.final, gen.manifest().trees)
-            if info.get("mount_namespace")]
+def trees_after_init(gen: Generation, root: Path = Path("/")) -> list[str]:
+    """The generation's trees that cannot be restored before init, each with why: a
+    mount namespace of its own (a sandboxed service), or a socket connected to one the
+    running system binds and the boot makes only after init (syslog's
+    /run/systemd/journal/dev-log, which an sshd session holds)."""
+    found = []
+    for _, info in trees_in(gen.final, gen.manifest().trees):
+        name = str(info.get("unit") or info.get("command", "?"))
+        missing = [p for p in info.get("peer_paths", []) if not (root / p.lstrip("/")).exists()]
+        if info.get("mount_namespace"):
+            found.append(f"{name}: a mount namespace of its own")
+        elif missing:
+            found.append(f"{name}: connected to {missing[0]}, made after init")
+    return found
 
 
 def restore_stage(root: Path = Path("/")) -> str:
@@ -232,14 +240,15 @@ def boot_restore(number: int | None, *, keep: bool = False,
                 report["times"] = {**record.times, **report["times"]}
                 lazy = record.lazy_pages if lazy is None else lazy
         if report["stage"] == "initramfs" and retry is None:
-            deferred = sandboxed_trees(gen)
+            deferred = trees_after_init(gen, root)
             if deferred:
                 # CRIU makes a tree's mount namespace again from the real root as its
-                # root, which a chroot from the initramfs is not: every tree is restored
-                # after switch-root, as with dracut (the PIDs stay reserved until then).
-                # All of them, so no connection between two trees waits for its peer.
-                why = (f"{count(len(deferred), 'tree')} with a mount namespace of its own "
-                       f"({', '.join(deferred[:3])}): restored after switch-root")
+                # root, which a chroot from the initramfs is not, and connects a socket
+                # again by its peer's path: every tree is restored after switch-root, as
+                # with dracut (the PIDs stay reserved until then). All of them, so no
+                # connection between two trees waits for its peer.
+                why = (f"{count(len(deferred), 'tree')} not restorable before init "
+                       f"({'; '.join(deferred[:3])}): restored after switch-root")
                 log.info("generation %d: %s, by seamless-restore.service", n, why)
                 DEFERRED.parent.mkdir(parents=True, exist_ok=True)
                 DEFERRED.write_text(why + "\n")

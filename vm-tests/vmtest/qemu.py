@@ -213,6 +213,19 @@ class Guest:
     def sh(self, script: str, *, check: bool = True, timeout: float | None = 600) -> str:
         return self.run("/bin/sh", "-ec", script, check=check, timeout=timeout)
 
+    def settled(self, timeout: float = 300) -> str:
+        """``systemctl is-system-running --wait``: the boot's state once no job is left
+        (running, degraded). A boot that does not settle in time is an error naming the
+        jobs still queued and the units still activating."""
+        try:
+            return self.channel.run(["systemctl", "is-system-running", "--wait"],
+                                    timeout=timeout).out.strip()
+        except TimeoutError as e:
+            jobs = self.run("systemctl", "list-jobs", "--no-pager", check=False)
+            activating = self.run("systemctl", "list-units", "--state=activating",
+                                  "--no-pager", check=False)
+            raise VMError(f"{e}\njobs:\n{jobs}\nactivating:\n{activating}") from None
+
     def copy_in(self, local: Path, guest_path: str) -> None:
         self.channel.run(
             ["/bin/sh", "-ec", 'mkdir -p "$(dirname "$1")" && cat > "$1"', "copy", guest_path],
