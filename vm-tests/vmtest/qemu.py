@@ -220,7 +220,7 @@ class Guest:
         state's change. A boot that does not settle in time is an error naming its
         state, the jobs still queued and the units still activating."""
         state = self.sh(
-            f"for i in $(seq {int(timeout * 2)}); do s=$(systemctl is-system-running); "
+            f"for i in $(seq {int(timeout * 2)}); do s=$(systemctl is-system-running || true); "
             'case "$s" in initializing|starting) sleep 0.5 ;; *) echo "$s"; exit 0 ;; '
             'esac; done; echo "$s"', check=False, timeout=timeout + 60).strip()
         if state in ("initializing", "starting"):
