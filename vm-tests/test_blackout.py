@@ -34,7 +34,7 @@ def test_blackout_of_seamless_upgrade_against_systemctl_kexec(boot_guest: BootGu
     assert seamless.last_answer == 3, "the upgrade lost the server's state"
     # The store had room: the server's memory was pre-dumped while it ran. The restore
     # unit (dracut: after switch-root) finishes its report once the boot is up.
-    g.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
+    g.settled()
     status = json.loads(g.run("seamless", "status", "--json"))
     assert "pre-dump and hash (running)" in status["phases"], status["phases"]
 

@@ -99,8 +99,8 @@ def test_faults_before_the_kexec_lose_nothing_and_a_dead_coordinator_s_kernel_re
     g.channel.start(["systemctl", "kexec"])
     g.wait_ready(qemu.BOOT_TIMEOUT, not_boot=before.boot_id)
     assert g.run("uname", "-r").strip() == B.release
-    state = g.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
-    assert state.out.strip() in ("running", "degraded"), state.out  # the restore is done
+    state = g.settled()
+    assert state in ("running", "degraded"), state  # the restore is done
     done = g.channel.run(["seamless", "status", "--json"])
     assert done.returncode == 4, done.stderr  # a fleet's rollout stops at this host
     status = json.loads(done.stdout)
@@ -114,8 +114,8 @@ def refused_and_back_on_a(g: qemu.Guest, pids: dict[str, int], reason: str) -> d
     """The guest runs A again, every tree with its PID and running, nothing frozen; status
     says B refused them, why, and exits 4; the generation was used up. Its status."""
     assert g.run("uname", "-r").strip() == A.release
-    state = g.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
-    assert state.out.strip() in ("running", "degraded"), state.out
+    state = g.settled()
+    assert state in ("running", "degraded"), state
     assert_all_run_thawed(g, pids, f"back on A ({reason})")
     done = g.channel.run(["seamless", "status", "--json"])
     status: dict[str, Any] = json.loads(done.stdout)
@@ -182,8 +182,8 @@ def test_criu_killed_while_it_holds_a_tree_and_a_restorer_failing_after_every_tr
     g.switch_kernel(["seamless", "upgrade", "--kernel", B.vmlinuz, "--yes",
                      "--append", "seamless.fault=restored:fail"])
     assert g.run("uname", "-r").strip() == B.release
-    state = g.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
-    assert state.out.strip() in ("running", "degraded"), state.out
+    state = g.settled()
+    assert state in ("running", "degraded"), state
     status = json.loads(g.run("seamless", "status", "--json", check=False))
     assert status["ok"] is False and "injected fault at restored" in status["error"]
     assert sorted(t["root"] for t in status["trees"] if t["restored"]) == sorted(pids.values())

@@ -57,8 +57,8 @@ def test_a_lazy_restore_brings_the_memory_back_while_the_trees_run(
                      B.initramfs_tools_initrd, "--lazy-pages", "--yes"])
 
     assert g.run("uname", "-r").strip() == B.release
-    state = g.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
-    assert state.out.strip() in ("running", "degraded"), state.out
+    state = g.settled()
+    assert state in ("running", "degraded"), state
     assert http(g, PORT) == 2 and main_pid(g, "web") == web
     status = settled_status(g)
     assert status["ok"] and status["memory"] == "back" and status["wiped"], status

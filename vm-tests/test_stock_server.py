@@ -127,7 +127,7 @@ def test_a_stock_debian_server_keeps_its_packaged_services(boot_stock: BootGuest
     is its own again: `systemctl restart` starts it afresh and it serves; and the units
     so restarted go back to A with their PIDs."""
     g = boot_stock("A", region=REGION)
-    g.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
+    g.settled()
     refused = g.channel.run(["seamless", "plan", "--json"])
     assert refused.returncode != 0
     findings = json.loads(refused.out)["findings"]

@@ -66,8 +66,8 @@ def test_upgrade_brings_the_workloads_back_in_b_with_their_state(
                                   B.dracut_initrd, "--yes"])
 
     assert g.run("uname", "-r").strip() == B.release
-    state = g.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
-    assert state.out.strip() in ("running", "degraded"), state.out
+    state = g.settled()
+    assert state in ("running", "degraded"), state
     for unit, pid in pids.items():
         assert main_pid(g, unit) == pid, f"{unit} is not its restored process"
         assert g.run("systemctl", "is-active", unit).strip() == "active"
@@ -119,8 +119,8 @@ def test_a_corrupt_image_fails_its_tree_only_and_a_retry_by_hand_restores_it(
     g.seamless_kexec(B, "--restore-generation", str(number))
 
     assert g.run("uname", "-r").strip() == B.release
-    state = g.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
-    assert state.out.strip() in ("running", "degraded"), state.out
+    state = g.settled()
+    assert state in ("running", "degraded"), state
     status = json.loads(g.run("seamless", "status", "--json", check=False))
     assert not status["ok"]
     trees = {t["root"]: t for t in status["trees"]}

@@ -144,7 +144,7 @@ def upgrade(guest: qemu.Guest, port: int, target: config.Kernel, digest: str,
         port, lambda: guest.switch_kernel(["seamless", "upgrade", "--kernel", target.vmlinuz,
                                            "--yes", *args]),
         interval=INTERVAL)
-    guest.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
+    guest.settled()
     status = json.loads(guest.run("seamless", "status", "--json"))
     deadline = time.monotonic() + 600
     while status.get("memory") == "arriving" and time.monotonic() < deadline:
@@ -265,7 +265,7 @@ def initramfs(guest: qemu.Guest, rounds: int = 2) -> dict[str, Any]:
     for _ in range(rounds):
         for name, path in paths.items():
             guest.kexec(a, initrd=path)
-            guest.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
+            guest.settled()
             out = guest.run("systemd-analyze")
             m = re.search(r"([\d.]+)(m?s) \(initrd\)", out)
             if m is None:
@@ -346,7 +346,7 @@ def main(*, sizes: tuple[int, ...] = SIZES, with_initramfs: bool = True,
                               else "dracut", "rounds": rounds}
     start = time.monotonic()
     with qemu.booted(img, spec, config.CACHE_DIR / "run" / "bench") as guest:
-        guest.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
+        guest.settled()
         result["copy_bandwidth_mib_s"] = round(copy_bandwidth(guest), 1)
         guest.channel.run(["sh", "-c", "cat > /usr/local/lib/state-server.py"],
                           input=STATE_SERVER.encode(), check=True)

@@ -62,7 +62,7 @@ def main(*, json_output: bool = False) -> int:
         _, reboot_to_agent = guest.switch_kernel(
             ["seamless", "upgrade", "--kernel", b.vmlinuz, "--yes"])
         # The agent answers early in the boot; the restore may still be going on.
-        guest.channel.run(["systemctl", "is-system-running", "--wait"], timeout=300)
+        guest.settled()
         after = snapshot(guest, pids)
         status = json.loads(guest.run("seamless", "status", "--json"))
         status_text = guest.run("seamless", "status")
