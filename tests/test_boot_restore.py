@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -42,6 +43,10 @@ from seamless.memstore.store import GENERATIONS, Store
 from seamless.restore import adopt, boot, lazy
 
 SOURCE = "6.1.0-55-cloud-amd64"
+
+#: The real one, for the one test that runs a harmless shell script (the fixture
+#: below forbids every command).
+REAL_POPEN = subprocess.Popen
 
 
 class ForbiddenLibc:
@@ -132,12 +137,31 @@ def test_the_drop_ins_serve_one_start_then_the_units_are_their_own(tmp_path: Pat
     assert adopt.finish_unit([], root=tmp_path) is None
     unit = adopt.finish_unit(dropins, root=tmp_path)
     assert unit == tmp_path / "run/systemd/system" / adopt.FINISH_UNIT
-    lines = unit.read_text().splitlines()
-    assert "After=db@main.service web.service" in lines
-    assert ("ExecStart=/bin/rm -f /run/systemd/system/web.service.d/50-seamless-adopt.conf "
-            "/run/systemd/system/db@main.service.d/50-seamless-adopt.conf") in lines
-    assert lines.index("ExecStart=/bin/systemctl daemon-reload") > lines.index(
-        next(line for line in lines if line.startswith("ExecStart=/bin/rm")))
+    text = unit.read_text()
+    assert "After=db@main.service web.service" in text.splitlines()
+    # not part of the boot (Type=exec), it waits until the boot has finished, then
+    # removes the drop-ins and reloads; $ doubled for systemd, continued lines joined
+    assert "Type=exec" in text.splitlines()
+    command = text.split("ExecStart=", 1)[1].replace("\\\n", " ").replace("$$", "$")
+    script = shlex.split(command)[2]
+    assert shlex.split(command)[:2] == ["/bin/sh", "-c"]
+    assert 'case "$(systemctl is-system-running)" in initializing|starting) sleep 1' in script
+    assert script.index("rm -f /run/systemd/system/web.service.d/50-seamless-adopt.conf "
+                        "/run/systemd/system/db@main.service.d/50-seamless-adopt.conf") \
+        < script.index("exec /bin/systemctl daemon-reload")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "systemctl").write_text("#!/bin/sh\necho \"$@\" >> \"$LOG\"\n"
+                                    "[ \"$1\" != is-system-running ] || echo running\n")
+    (fake / "systemctl").chmod(0o755)
+    log = tmp_path / "calls"
+    script = script.replace("/bin/systemctl", str(fake / "systemctl")).replace(
+        "/run/systemd/system", str(tmp_path / "run/systemd/system"))
+    with REAL_POPEN(["sh", "-c", script], env={**os.environ, "LOG": str(log),
+                                              "PATH": f"{fake}:{os.environ['PATH']}"}) as sh:
+        assert sh.wait(timeout=30) == 0
+    assert log.read_text().splitlines() == ["is-system-running", "daemon-reload"]
+    assert not any((tmp_path / "run/systemd/system").glob("*.d/50-seamless-adopt.conf"))
     link = tmp_path / "run/systemd/system/multi-user.target.wants" / adopt.FINISH_UNIT
     assert os.readlink(link) == f"../{adopt.FINISH_UNIT}"
 

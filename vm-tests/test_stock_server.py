@@ -194,9 +194,11 @@ def test_a_stock_debian_server_keeps_its_packaged_services(boot_stock: BootGuest
     g.sh(f"for i in $(seq 100); do set -- $(cat /root/http); test $2 -gt {answered + 2}"
          " && exit 0; sleep 0.2; done; exit 1")
     assert http_client(g)[0] == port
-    # The adoption drop-ins served their one start and are gone.
-    assert g.sh("ls /run/systemd/system/*.d/50-seamless-adopt.conf 2>/dev/null | wc -l"
-                ).strip() == "0"
+    # The adoption drop-ins served their one start and are gone (seamless-adopted.service
+    # removes them and reloads once the boot has finished).
+    assert g.sh("for i in $(seq 120); do n=$(ls /run/systemd/system/*.d/50-seamless-adopt"
+                ".conf 2>/dev/null | wc -l); [ $n = 0 ] && break; sleep 0.5; done; echo $n"
+                ).strip() == "0", g.run("systemctl", "status", "seamless-adopted", check=False)
     # reload uses the unit's own ExecReload= and the PID file carried across
     g.run("systemctl", "reload", "nginx.service")
     assert int(g.run("systemctl", "show", "-P", "MainPID", "nginx.service")) == before[

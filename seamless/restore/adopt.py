@@ -62,16 +62,22 @@ ExecStart=/bin/true
 
 FINISH_UNIT = "seamless-adopted.service"
 
+#: It waits until the boot has finished before it reloads systemd: a daemon-reload
+#: from a job of the boot was seen (systemd 257, a stock server) to leave the manager
+#: "starting" for good with no job left, so that `systemctl is-system-running --wait`
+#: never returned. Type=exec: the boot does not wait for it. Bounded: after
+#: FINISH_WAIT seconds it goes on whatever the state.
+FINISH_WAIT = 300
 FINISH_SERVICE = """\
 [Unit]
 Description=Give the services restored by seamless their own definitions back
 After={units}
 
 [Service]
-Type=oneshot
-RemainAfterExit=yes
-ExecStart=/bin/rm -f {dropins}
-ExecStart=/bin/systemctl daemon-reload
+Type=exec
+ExecStart=/bin/sh -c 'for i in $$(seq {wait}); do \\
+case "$$(systemctl is-system-running)" in initializing|starting) sleep 1 ;; *) break ;; esac; \\
+done; /bin/rm -f {dropins} && exec /bin/systemctl daemon-reload'
 """
 
 
@@ -127,7 +133,7 @@ def finish_unit(dropins: list[Path], root: Path = Path("/")) -> Path | None:
     runtime = root / RUNTIME_UNITS
     path = runtime / FINISH_UNIT
     path.write_text(FINISH_SERVICE.format(
-        units=" ".join(units),
+        units=" ".join(units), wait=FINISH_WAIT,
         dropins=" ".join("/" + str(d.relative_to(root)) for d in dropins)))
     wants = runtime / "multi-user.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
