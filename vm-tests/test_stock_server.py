@@ -120,8 +120,11 @@ def jobs_done(g: qemu.Guest, where: str) -> None:
     with no job left and nothing activating (so `is-system-running --wait` never
     returns), since the restore became all-or-nothing or TCG single-threaded. The state
     is recorded, and must be one of those two."""
-    state = g.sh("for i in $(seq 600); do systemctl list-jobs --no-legend | grep -q . || "
-                 "break; sleep 0.5; done; systemctl is-system-running || true").strip()
+    jobs = g.sh("end=$(($(date +%s) + 300)); while [ $(date +%s) -lt $end ]; do "
+                "j=$(systemctl list-jobs --no-legend --no-pager | grep -v '^No jobs' || true); "
+                '[ -z "$j" ] && break; sleep 1; done; echo "$j"', timeout=420).strip()
+    assert jobs == "", f"jobs left after 300 s:\n{jobs}"
+    state = g.run("systemctl", "is-system-running", check=False).strip()
     record(f"stock server ({where}): systemd's state once no job is left: {state}", 0.0)
     assert state in ("running", "starting"), g.run("systemctl", "--failed")
     assert g.run("systemctl", "--failed", "--no-legend").strip() == ""
