@@ -105,13 +105,10 @@ def way_back(args: list[str], boot: Path = Path("/boot")) -> handoff.WayBack:
                             hint=hint)
     ramdisk = boot / initrd.default_initrd(release).name
     with complete_step(f"looking for the restorer in {ramdisk} (the way back)"):
-        initrd.check_readable(ramdisk, release)
-        names = initrd.list_files(ramdisk)
-        if not initrd.has_restorer(ramdisk, names):
+        if not initrd.check_restorer(ramdisk, release):
             raise SeamlessError(f"no way back: {ramdisk} lacks the boot-time restorer",
                                 hint=f"update-initramfs -u -k {release} (or dracut --force "
                                 f"{ramdisk} {release}) adds it; or " + without)
-        initrd.check_store_modules(ramdisk, release, names)
     return handoff.WayBack(release=release, kernel=str(kernel), initrd=str(ramdisk),
                            cmdline=cmdline.join(args))
 

@@ -27,12 +27,10 @@ def problems(release: str, boot: Path = Path("/boot")) -> list[str]:
     if not path.is_file():
         found.append(f"{path} is not built yet (apt builds it at the end: check again then)")
     else:
-        names = initrd.list_files(path)
-        if not initrd.has_restorer(path, names):
-            found.append(f"{path} lacks the restorer (the upgrade rebuilds it, or: "
-                         f"seamless install-restorer --rebuild {release})")
         try:
-            initrd.check_store_modules(path, release, names)
+            if not initrd.check_restorer(path, release):
+                found.append(f"{path} lacks the restorer (the upgrade rebuilds it, or: "
+                             f"seamless install-restorer --rebuild {release})")
         except SeamlessError as e:
             found.append(e.message)
     try:

@@ -205,12 +205,8 @@ def prepare_initrd(
     if rebuild and path != default:
         raise click.UsageError(f"--rebuild-initrd rebuilds {default}; it excludes --initrd")
     if not rebuild:
-        initrd.check_readable(path, image.release)
         with complete_step(f"looking for the restorer in {path}"):
-            names = initrd.list_files(path)
-            rebuild = not initrd.has_restorer(path, names)
-        if not rebuild:
-            initrd.check_store_modules(path, image.release, names)
+            rebuild = not initrd.check_restorer(path, image.release)
         if rebuild and path != default:
             raise SeamlessError(
                 f"{path} lacks the boot-time restorer",

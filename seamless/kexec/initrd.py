@@ -168,6 +168,17 @@ def check_store_modules(initrd: Path, release: str, names: list[str] | None = No
             "seamless kexec --rebuild-initrd), or use a kernel with CONFIG_X86_PMEM_LEGACY")
 
 
+def check_restorer(initrd: Path, release: str) -> bool:
+    """Whether ``initrd`` carries the restorer; one that does must also carry what opens
+    the store in ``release`` (a :class:`SeamlessError` if not, or if it cannot be read)."""
+    check_readable(initrd, release)
+    names = list_files(initrd)
+    if not has_restorer(initrd, names):
+        return False
+    check_store_modules(initrd, release, names)
+    return True
+
+
 def rebuild(release: str) -> Path:
     """Rebuild /boot/initrd.img-RELEASE with the restorer, and check that it has it."""
     initrd = boothooks.rebuild(release)
