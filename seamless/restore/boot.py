@@ -366,7 +366,7 @@ def refuse(report: dict[str, Any], store_root: Path, back: handoff.UpgradeRecord
     (does not return), or, with no way back, end the restore with the generation kept
     for a retry by hand. Raises :class:`SeamlessError` when the way back does not load
     (nothing was entered)."""
-    report["refused"] = {"release": os.uname().release, "reason": reason, "at": time.time()}
+    report["refused"] = refused = wayback.refusal(reason)
     if back is None:
         n = report["generation"]
         raise SeamlessError(
@@ -374,7 +374,7 @@ def refuse(report: dict[str, Any], store_root: Path, back: handoff.UpgradeRecord
             hint=f"generation {n} is kept: once this kernel is fit, seamless restore "
             f"--generation {n} restores it; or reboot into the old kernel and restore it there")
     try:
-        wayback.go_back(store_root, back, reason, root)
+        wayback.go_back(store_root, back, refused, root)
     except OSError as e:
         raise SeamlessError(f"the way back did not load: {e}") from e
 

@@ -18,6 +18,7 @@ import shlex
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from seamless.kexec import cmdline, loader
 from seamless.log import complete_step, log
@@ -65,10 +66,17 @@ def failed_gate(commands: list[str], root: Path = Path("/")) -> str | None:
     return None
 
 
-def go_back(store_root: Path, record: handoff.UpgradeRecord, reason: str,
+def refusal(reason: str) -> dict[str, Any]:
+    """Why this kernel runs none of the trees, as the record and the report keep it."""
+    return {"release": os.uname().release, "reason": reason, "at": time.time(),
+            "boot_id": handoff.boot_id()}
+
+
+def go_back(store_root: Path, record: handoff.UpgradeRecord, refused: dict[str, Any],
             root: Path = Path("/")) -> None:
     """Load the old kernel with the way back's command line and enter it; does not return.
-    Raises :class:`SeamlessError` (with nothing entered) when the old kernel does not load."""
+    ``refused``: why (see :func:`refusal`). Raises :class:`SeamlessError` (with nothing
+    entered) when the old kernel does not load."""
     back = record.way_back
     assert back is not None and record.refused is None
     token = handoff.new_token()
@@ -77,14 +85,12 @@ def go_back(store_root: Path, record: handoff.UpgradeRecord, reason: str,
     with complete_step(f"loading {back.release} to go back to"):
         loader.load(root / back.kernel.lstrip("/"), root / back.initrd.lstrip("/"),
                     cmdline.join(args))
-    now = time.time()
-    record.refused = {"release": os.uname().release, "reason": reason, "at": now,
-                      "boot_id": handoff.boot_id()}
-    record.times.update(refused=now, entering_back=now)
+    record.refused = refused
+    record.times.update(refused=refused["at"], entering_back=time.time())
     record.token_sha256 = handoff.digest(token)
     record.used_by_boot = None  # for the old kernel's restorer to use, once
     handoff.write(store_root, record)
     log.error("not running the trees in %s: %s; going back to %s with every tree",
-              os.uname().release, reason, back.release)
+              os.uname().release, refused["reason"], back.release)
     log.debug("way back: %s", shlex.join(args))
     loader.enter()
