@@ -87,25 +87,27 @@ def unix_sockets() -> dict[int, UnixPeer] | None:
     return sockets
 
 
+def _connected(pids: Iterable[int], sockets: dict[int, UnixPeer]
+               ) -> Iterator[tuple[int, str, UnixPeer, UnixPeer]]:
+    """Each unix socket of these processes that is connected, with its peer: the
+    process, its descriptor, the socket and the peer's socket."""
+    for pid in sorted(set(pids)):
+        for fd, target in _fds(pid):
+            m = re.fullmatch(r"socket:\[(\d+)\]", target)
+            sock = sockets.get(int(m.group(1))) if m else None
+            peer = sockets.get(sock.peer) if sock is not None and sock.peer else None
+            if sock is not None and peer is not None:
+                yield pid, fd, sock, peer
+
+
 def journald_streams(pids: Iterable[int], sockets: dict[int, UnixPeer]) -> list[int]:
     """Inodes of these processes' stream sockets whose peer is journald's stdout.
 
     They are dumped as external (``unix[INODE]``) and replaced at restore by a
     new stream to the journal (``inherit_fd`` with key ``socket:[INODE]``).
     """
-    found: set[int] = set()
-    for pid in pids:
-        for _, target in _fds(pid):
-            m = re.fullmatch(r"socket:\[(\d+)\]", target)
-            if not m:
-                continue
-            sock = sockets.get(int(m.group(1)))
-            peer = sockets.get(sock.peer) if sock is not None else None
-            if sock is not None and sock.stream and peer is not None and (
-                peer.path == JOURNALD_STDOUT
-            ):
-                found.add(sock.inode)
-    return sorted(found)
+    return sorted({sock.inode for _, _, sock, peer in _connected(pids, sockets)
+                   if sock.stream and peer.path == JOURNALD_STDOUT})
 
 
 def peer_paths(pids: Iterable[int], sockets: dict[int, UnixPeer],
@@ -115,17 +117,9 @@ def peer_paths(pids: Iterable[int], sockets: dict[int, UnixPeer],
     external (``unix[INODE]``: the restore connects them itself): CRIU connects each
     again by its path, which must be there when the tree is restored."""
     wanted, skip = set(pids), set(external)
-    found: set[str] = set()
-    for pid in wanted:
-        for _, target in _fds(pid):
-            m = re.fullmatch(r"socket:\[(\d+)\]", target)
-            sock = sockets.get(int(m.group(1))) if m else None
-            peer = sockets.get(sock.peer) if sock is not None and sock.peer else None
-            if sock is None or peer is None or f"unix[{sock.inode}]" in skip \
-                    or not peer.path.startswith("/") or any(o in wanted for o in peer.owners):
-                continue
-            found.add(peer.path)
-    return sorted(found)
+    return sorted({peer.path for _, _, sock, peer in _connected(wanted, sockets)
+                   if f"unix[{sock.inode}]" not in skip and peer.path.startswith("/")
+                   and not any(o in wanted for o in peer.owners)})
 
 
 #: The most of a stream's queue carried (a socket's receive buffer holds less).
@@ -140,23 +134,15 @@ def streams_between(pids: Iterable[int], sockets: dict[int, UnixPeer], *,
     dumps each end as external; the restore connects the two trees again with a new
     socket pair, the queued bytes in it (see restore/restorer.py)."""
     wanted = set(pids)
-    found: list[dict[str, Any]] = []
-    for pid in sorted(wanted):
-        for fd, target in _fds(pid):
-            m = re.fullmatch(r"socket:\[(\d+)\]", target)
-            sock = sockets.get(int(m.group(1))) if m else None
-            if sock is None or not sock.stream or not sock.peer:
-                continue
-            peer = sockets.get(sock.peer)
-            if peer is None or not peer.owners or peer.path == JOURNALD_STDOUT \
-                    or any(o in wanted for o in peer.owners):
-                continue
-            if any(f["inode"] == sock.inode for f in found):
-                continue
-            queued = _peek(pid, int(fd)) if peek else b""
-            found.append({"inode": sock.inode, "peer": sock.peer,
-                          "queue": base64.b64encode(queued).decode()})
-    return found
+    found: dict[int, dict[str, Any]] = {}
+    for pid, fd, sock, peer in _connected(wanted, sockets):
+        if not sock.stream or not peer.owners or peer.path == JOURNALD_STDOUT \
+                or any(o in wanted for o in peer.owners) or sock.inode in found:
+            continue
+        queued = _peek(pid, int(fd)) if peek else b""
+        found[sock.inode] = {"inode": sock.inode, "peer": sock.peer,
+                             "queue": base64.b64encode(queued).decode()}
+    return list(found.values())
 
 
 def _peek(pid: int, fd: int) -> bytes:
