@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from vmtest import config, image, qemu
-from vmtest.channel import Channel
+from vmtest.channel import Channel, GuestRebooted
 from vmtest.errors import LostVMError, VMError
 from vmtest.guest import agent
 
@@ -70,6 +70,26 @@ def test_wait_ready_skips_the_old_boot(channel: Channel) -> None:
     assert info is not None
     with pytest.raises(TimeoutError):
         channel.wait_ready(1.5, not_boot=info.boot_id)
+
+
+def test_a_command_is_lost_when_the_guest_enters_another_boot() -> None:
+    """An agent of a new boot says hello while a command of the old one runs (a kexec,
+    the way back): the command is reported lost at once, not waited for until its
+    timeout; a command of the same boot is not."""
+    ours, theirs = socket.socketpair()
+    channel = Channel(ours)
+    try:
+        theirs.sendall(b'{"type": "pong", "boot_id": "one"}\n')
+        first = channel.start(["sleep", "infinity"])
+        theirs.sendall(b'{"type": "hello", "boot_id": "one"}\n')
+        with pytest.raises(TimeoutError):
+            first.wait(timeout=0.5)
+        theirs.sendall(b'{"type": "hello", "boot_id": "three"}\n')
+        with pytest.raises(GuestRebooted, match=r"lost: .* another boot \(three\)"):
+            first.wait(timeout=5)
+    finally:
+        channel.close()
+        theirs.close()
 
 
 def test_host_apt_sources_moves_the_hosts_debian_mirrors_to_the_guests_release(

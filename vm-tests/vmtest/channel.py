@@ -55,6 +55,10 @@ class ChannelClosed(VMError):
     pass
 
 
+class GuestRebooted(VMError):
+    """The guest entered a new boot (a kexec) while a command ran there: it is lost."""
+
+
 class Channel:
     """Requests to the agent and its answers, over QEMU's unix socket."""
 
@@ -64,6 +68,8 @@ class Channel:
         self.sock = sock
         self._ids = itertools.count(int(time.time() * 1000) % 10**9)
         self._queues: dict[int, queue.Queue[Message]] = {}
+        self._commands: set[int] = set()  # the queues of commands, not of pings
+        self._boot: str | None = None  # the boot id the agent last gave
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self.closed = False
@@ -94,6 +100,8 @@ class Channel:
                     message = json.loads(line)
                 except ValueError:
                     continue  # noise from before a kexec
+                if isinstance(message, dict) and message.get("type") in ("hello", "pong"):
+                    self._seen_boot(str(message.get("boot_id")))
                 ident = message.get("id") if isinstance(message, dict) else None
                 q = self._queues.get(ident) if isinstance(ident, int) else None
                 if q is not None:
@@ -102,6 +110,15 @@ class Channel:
         with self._lock:
             for q in self._queues.values():
                 q.put(_CLOSED)
+
+    def _seen_boot(self, boot_id: str) -> None:
+        """An agent of ``boot_id`` spoke: when it is a new boot, every command that ran in
+        the one before is lost (the agent there died with its kernel)."""
+        if self._boot is not None and boot_id != self._boot:
+            with self._lock:
+                for ident in self._commands:
+                    self._queues[ident].put({"type": "rebooted", "boot_id": boot_id})
+        self._boot = boot_id
 
     def send(self, message: Message) -> None:
         data = (json.dumps(message, separators=(",", ":")) + "\n").encode()
@@ -122,6 +139,7 @@ class Channel:
     def _forget(self, ident: int) -> None:
         with self._lock:
             self._queues.pop(ident, None)
+            self._commands.discard(ident)
 
     def _get(self, q: queue.Queue[Message], deadline: float | None) -> Message | None:
         """The next message, or None at the deadline; checks the guest is alive meanwhile."""
@@ -174,6 +192,8 @@ class Channel:
         size: tuple[int, int] = (24, 80),
     ) -> Process:
         ident, q = self._open()
+        with self._lock:
+            self._commands.add(ident)
         self.send({
             "id": ident, "op": "exec", "argv": list(argv), "stdin": stdin, "pty": pty,
             "env": dict(env or {}), "cwd": cwd, "rows": size[0], "cols": size[1],
@@ -241,6 +261,11 @@ class Process:
                 yield int(message["fd"]), base64.b64decode(message["data"])
             elif kind == "exit":
                 self.returncode = int(message["code"])
+            elif kind == "rebooted":
+                self.channel._forget(self.id)
+                raise GuestRebooted(f"guest command {' '.join(self.argv)} was lost: the "
+                                    f"guest entered another boot ({message['boot_id']}) "
+                                    "while it ran")
             elif kind == "error":
                 self.returncode = 127
                 yield 2, f"agent: {message.get('message')}\n".encode()

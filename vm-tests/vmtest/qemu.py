@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vmtest import config
-from vmtest.channel import Channel, GuestInfo
+from vmtest.channel import Channel, GuestInfo, GuestRebooted
 from vmtest.errors import LostVMError, VMError
 from vmtest.image import Image
 from vmtest.log import log, record
@@ -49,6 +49,21 @@ TCG_CPU = "qemu64"
 TCG_THREAD = os.environ.get("SEAMLESS_VM_TCG_THREAD", "single")
 BOOT_TIMEOUT = 300.0  # TCG on 2 cores: a boot takes 20-60 s, leave room for a loaded CI machine
 PR_SET_PDEATHSIG = 1
+#: Until the boot's restore in seamless-restore.service (after switch-root, when the
+#: initramfs left the trees to it) has ended. The agent answers before it does; and a
+#: restore that refuses the trees takes the machine back to the old kernel (the way
+#: back), which ends every command the new boot ran.
+RESTORE_ENDED = """
+grep -q seamless.restore /proc/cmdline || exit 0
+for i in $(seq 1800); do
+  s=$(systemctl show -P ActiveState seamless-restore.service)
+  j=$(systemctl list-jobs --no-legend seamless-restore.service | grep -v '^No jobs' || true)
+  [ "$s" != activating ] && [ -z "$j" ] && exit 0
+  sleep 0.5
+done
+echo "seamless-restore.service still $s after 900 s" >&2; exit 1
+"""
+RESTORE_WAIT = 960.0
 
 
 @functools.cache
@@ -268,7 +283,8 @@ class Guest:
     def switch_kernel(self, argv: list[str], *,
                       timeout: float = BOOT_TIMEOUT) -> tuple[GuestInfo, float]:
         """Run a seamless command that enters another kernel (kexec, upgrade) and wait for
-        the new kernel's agent.
+        the new kernel's agent, and for its restore to end: when the new kernel refused
+        the trees and went back to the old one (issue 22), the old one's.
 
         Returns its info and the seconds from the moment seamless says it enters the
         new kernel (the reboot call) to the agent answering there."""
@@ -287,6 +303,13 @@ class Guest:
                           f"the kernel:\n{output.decode(errors='replace')}")
         info = self.wait_ready(timeout, not_boot=before.boot_id)
         seconds = time.monotonic() - entered
+        for _ in range(2):  # the new kernel's restore may go back to the old one: once
+            try:
+                self.sh(RESTORE_ENDED, timeout=RESTORE_WAIT)
+                break
+            except GuestRebooted:
+                info = self.wait_ready(timeout, not_boot=info.boot_id)
+                seconds = time.monotonic() - entered
         record(f"{' '.join(argv[:2])} {before.release} -> {info.release}, reboot call to "
                "agent ready", seconds)
         return info, seconds
