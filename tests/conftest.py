@@ -41,3 +41,12 @@ def journal_in_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     monkeypatch.setattr(log, "SYSLOG", str(tmp_path / "dev-log"))
     monkeypatch.setattr(log, "KMSG", str(tmp_path / "kmsg"))
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def no_ghosts_of_the_host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The all-or-nothing restore's ghost mover never looks at the host's processes (a
+    fake tree's root PID is some process of the host's): its /proc is empty."""
+    from seamless.restore import restorer
+
+    monkeypatch.setattr(restorer, "PROC", tmp_path / "no-proc")

@@ -8,8 +8,10 @@ others; the report says which failed and why.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -90,30 +92,63 @@ class RestoreReport:
         return {"ok": self.ok, "seconds": self.seconds, "trees": [asdict(t) for t in self.trees]}
 
 
+#: The name CRIU gives the copy of a deleted file it restores (a ghost: a library
+#: replaced on disk since the process mapped it, say) while the tree's tasks open it.
+GHOST = re.compile(r"\.cr\.[0-9a-f]+\.ghost$")
+PROC = Path("/proc")
+#: How long a held tree waits for the one released before it to end (see :class:`Hold`).
+RELEASE_WAIT = 60.0
+
+
 class Hold:
     """All or nothing: each tree waits at CRIU's post-restore, made but not yet run,
     until every tree of the restore got there; then they all run, or none does (CRIU
     kills each held tree before it ran an instruction of its own). The dump holds its
-    trees the same way, at post-dump."""
+    trees the same way, at post-dump.
 
-    def __init__(self) -> None:
+    CRIU removes a tree's ghost files only after its post-restore, and two trees that map
+    the same replaced library get ghosts of the same name (``libc.so.6.cr.5.ghost``): the
+    next tree's CRIU would find the name taken. So a held tree's ghosts are moved aside
+    while it waits, and put back when it is let go, one tree with ghosts after the other,
+    each once the one before has ended (and CRIU removed its ghosts)."""
+
+    def __init__(self, move: Callable[[int], list[tuple[Path, Path]]] | None = None) -> None:
+        """``move(root)``: moves tree ``root``'s ghosts aside (default
+        :func:`move_ghosts`), returns each (ghost, aside)."""
+        self._move = move or move_ghosts
         self._made: dict[int, threading.Event] = {}
+        self._ended: dict[int, threading.Event] = {}
         self._verdict = threading.Event()
+        self._lock = threading.Lock()
+        self._last_with_ghosts: int | None = None
         #: Why no tree may run, once one could not be made.
         self.reason: str | None = None
 
-    def _event(self, root: int) -> threading.Event:
-        return self._made.setdefault(root, threading.Event())
+    def _event(self, events: dict[int, threading.Event], root: int) -> threading.Event:
+        with self._lock:
+            return events.setdefault(root, threading.Event())
 
     def made(self, root: int) -> str | None:
         """In tree ``root``'s post-restore: wait for the verdict; why it must not run."""
-        self._event(root).set()
+        moved = self._move(root)
+        with self._lock:
+            before = self._last_with_ghosts if moved else None
+            if moved:
+                self._last_with_ghosts = root
+        self._event(self._made, root).set()
         self._verdict.wait()
+        if before is not None and not self._event(self._ended, before).wait(RELEASE_WAIT):
+            log.warning("tree %d is let go before tree %d ended", root, before)
+        put_back(moved)
         return None if self.reason is None else f"not run: {self.reason} (all or nothing)"
+
+    def ended(self, root: int) -> None:
+        """Tree ``root``'s CRIU call ended (its ghosts are gone)."""
+        self._event(self._ended, root).set()
 
     def wait_made(self, root: int, worker: threading.Thread) -> bool:
         """Whether tree ``root`` got to post-restore (False: its restore ended first)."""
-        event = self._event(root)
+        event = self._event(self._made, root)
         while not event.wait(0.05):
             if not worker.is_alive():
                 return event.is_set()
@@ -126,6 +161,72 @@ class Hold:
 
     def go(self) -> None:
         self._verdict.set()
+
+
+def move_ghosts(root: int, proc: Path | None = None) -> list[tuple[Path, Path]]:
+    """Move aside the ghost files that tree ``root``'s tasks map or hold open, each
+    renamed where it is (``NAME.seamless-ROOT``), through the task's own root or, where
+    that is read-only (a sandbox's /usr), through this mount namespace's same file.
+    Returns each (ghost, aside) moved."""
+    proc = proc or PROC
+    moved: list[tuple[Path, Path]] = []
+    seen: set[str] = set()
+    for pid in _tree_pids(root, proc):
+        for path in _paths_of(pid, proc):
+            if not GHOST.search(path) or path in seen:
+                continue
+            seen.add(path)
+            theirs = proc / str(pid) / "root" / path.lstrip("/")
+            for ghost in (theirs, Path(path)):
+                aside = ghost.with_name(f"{ghost.name}.seamless-{root}")
+                try:
+                    if ghost != theirs and not os.path.samestat(os.stat(ghost),
+                                                                os.stat(theirs)):
+                        continue
+                    os.rename(ghost, aside)
+                except OSError:
+                    continue
+                moved.append((ghost, aside))
+                break
+            else:
+                log.warning("could not move aside %s of tree %d: a tree restored after it "
+                            "may find its name taken", path, root)
+    return moved
+
+
+def put_back(moved: list[tuple[Path, Path]]) -> None:
+    for ghost, aside in moved:
+        try:
+            os.rename(aside, ghost)
+        except OSError as e:
+            log.warning("could not put back %s: %s", ghost, e)
+
+
+def _tree_pids(root: int, proc: Path) -> list[int]:
+    """``root`` and every process under it (from each task's ``children``)."""
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        for children in (proc / str(pid) / "task").glob("*/children"):
+            with contextlib.suppress(OSError, ValueError):
+                todo += [int(c) for c in children.read_text().split()]
+    return pids
+
+
+def _paths_of(pid: int, proc: Path) -> list[str]:
+    """The files process ``pid`` maps and holds open (as its mount namespace names them)."""
+    paths: list[str] = []
+    try:
+        with open(proc / str(pid) / "maps") as f:
+            paths += [parts[5].strip() for line in f
+                      if len(parts := line.split(maxsplit=5)) == 6]
+        for fd in os.listdir(proc / str(pid) / "fd"):
+            with contextlib.suppress(OSError):
+                paths.append(os.readlink(proc / str(pid) / "fd" / fd))
+    except OSError:
+        pass
+    return [p for p in paths if p.startswith("/")]
 
 
 def journal_stream(identifier: str, unit: str | None = None) -> int:
@@ -265,6 +366,8 @@ def restore_all(
             _restore_tree(images_dir, info, tree, criu, report, stream, pager, progress,
                           gate, streams, hold)
         finally:
+            if hold is not None:
+                hold.ended(tree.root)
             if tree.root in locked:  # CRIU unlocks after a restore; not after a failure
                 netlock.unlock(tree.root, nft, locked[tree.root])
 
