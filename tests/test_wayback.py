@@ -349,6 +349,7 @@ def test_status_in_the_old_kernel_says_the_new_one_refused_and_exits_4(
     assert "seamless_last_upgrade_success 0\n" in text  # its trees are back, on the old one
     out = CliRunner().invoke(cli, ["status"])
     assert out.exit_code == 4, out.output
+    assert f"last upgrade: {OLD} -> 6.12-new, which refused it, -> back to {OLD} at" in out.output
     assert ("the upgrade to 6.12-new was REFUSED there: the required command `false` exited "
             "1. No tree ran in it; it went back to 6.1.0-old") in out.output
     phases = dict(boot.phases(report))

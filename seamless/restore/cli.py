@@ -184,7 +184,10 @@ def _print_status(report: dict[str, Any] | None, lost: dict[str, Any] | None) ->
     assert report is not None  # one of the two is there
     when = time.strftime("%Y-%m-%d %H:%M:%S",
                          time.localtime(report["times"].get("restorer_started", 0)))
-    click.echo(f"last upgrade: {report.get('from', '?')} -> {report['to']} at {when}, "
+    to = report["to"]
+    if report.get("refused"):  # A -> B -> A
+        to = f"{report['refused'].get('release', '?')}, which refused it, -> back to {to}"
+    click.echo(f"last upgrade: {report.get('from', '?')} -> {to} at {when}, "
                f"generation {report.get('generation')}: "
                + ("all trees restored" if report["ok"] else "NOT all trees restored"))
     where = {"initramfs": "in the initramfs, before init",
