@@ -225,48 +225,55 @@ def test_the_hold_keeps_every_tree_made_until_all_are(env: BootEnv) -> None:  # 
 
 def fake_proc(tmp_path: Path, maps: dict[int, list[str]], children: dict[int, list[int]]
               ) -> Path:
-    """A /proc of these processes: each maps ``maps[pid]``, its root is tmp_path/fs."""
+    """A /proc of these processes, whose root is tmp_path/fs: each maps ``maps[pid]``
+    (paths in fs; a "NAME.cr.N.ghost=PATH" maps that ghost as the deleted PATH)."""
     proc, fs = tmp_path / "proc", tmp_path / "fs"
     fs.mkdir(exist_ok=True)
     for pid, paths in maps.items():
         (proc / str(pid) / "task" / str(pid)).mkdir(parents=True)
         (proc / str(pid) / "fd").mkdir()
         (proc / str(pid) / "root").symlink_to(fs)
-        (proc / str(pid) / "maps").write_text("".join(
-            f"7f00-7f01 r--p 00000000 fe:01 {i} /{p}\n" for i, p in enumerate(paths))
-            + "7ffd-7ffe rw-p 00000000 00:00 0 [stack]\n")
+        lines = []
+        for path in paths:
+            ghost, _, shown = path.partition("=")
+            (fs / ghost).parent.mkdir(parents=True, exist_ok=True)
+            (fs / ghost).touch()
+            name = f"/{shown} (deleted)" if shown else f"/{ghost}"
+            lines.append(f"7f00-7f01 r--p 00000000 fe:01 {(fs / ghost).stat().st_ino} {name}\n")
+        (proc / str(pid) / "maps").write_text(
+            "".join(lines) + "7ffd-7ffe rw-p 00000000 00:00 0 [stack]\n")
         (proc / str(pid) / "task" / str(pid) / "children").write_text(
             " ".join(map(str, children.get(pid, []))))
     return proc
 
 
 def test_a_held_trees_ghosts_are_moved_aside_and_put_back(tmp_path: Path) -> None:
-    """The ghosts of a tree's processes (children too), and no other file, are renamed
-    where they are while it is held, and put back."""
+    """The ghosts of a tree's processes (children too), found by the inode of the deleted
+    file each maps, are renamed where they are while it is held, and put back; another
+    ghost, a file that is not deleted, are left."""
     from seamless.restore import restorer
 
-    proc = fake_proc(tmp_path, {101: ["lib/libc.so.6.cr.5.ghost", "lib/libm.so.6"],
-                                102: ["tmp/data.cr.1a.ghost"]}, {101: [102]})
+    proc = fake_proc(tmp_path, {
+        101: ["lib/libc.so.6.cr.5.ghost=lib/libc.so.6.cr_link", "lib/libm.so.6"],
+        102: ["tmp/data.cr.1a.ghost=tmp/data"]}, {101: [102]})
     fs = tmp_path / "fs"
-    for name in ("lib/libc.so.6.cr.5.ghost", "lib/libm.so.6", "tmp/data.cr.1a.ghost"):
-        (fs / name).parent.mkdir(exist_ok=True)
-        (fs / name).write_text(name)
+    (fs / "lib/libz.so.1.cr.5.ghost").touch()  # another tree's
     moved = restorer.move_ghosts(101, proc)
-    assert sorted(p.relative_to(tmp_path / "fs") for p in fs.rglob("*") if p.is_file()) == [
-        Path("lib/libc.so.6.cr.5.ghost.seamless-101"), Path("lib/libm.so.6"),
-        Path("tmp/data.cr.1a.ghost.seamless-101")]
+    assert sorted(str(p.relative_to(fs)) for p in fs.rglob("*") if p.is_file()) == [
+        "lib/libc.so.6.cr.5.ghost.seamless-101", "lib/libm.so.6", "lib/libz.so.1.cr.5.ghost",
+        "tmp/data.cr.1a.ghost.seamless-101"]
     restorer.put_back(moved)
-    assert (fs / "lib/libc.so.6.cr.5.ghost").read_text() == "lib/libc.so.6.cr.5.ghost"
-    assert (fs / "tmp/data.cr.1a.ghost").exists() and len(moved) == 2
+    assert (fs / "lib/libc.so.6.cr.5.ghost").exists() and (fs / "tmp/data.cr.1a.ghost").exists()
+    assert len(moved) == 2
 
 
 class GhostlyRestorer(ConcurrentRestorer):
     """As CRIU does with a replaced library: each tree's ghost of it has the same name,
     made before post-restore (the name must be free) and removed after it."""
 
-    def __init__(self, ghost: Path) -> None:
+    def __init__(self, ghost: Path, proc: Path) -> None:
         super().__init__()
-        self.ghost = ghost
+        self.ghost, self.proc = ghost, proc
 
     def restore(self, images_dir: Path, options: CriuOptions | None = None,
                 on_notify: Mapping[str, NotifyHandler] | None = None) -> CriuResult:
@@ -275,6 +282,10 @@ class GhostlyRestorer(ConcurrentRestorer):
                 f.write(images_dir.name)
         except FileExistsError as e:
             raise SeamlessError(f"Can't create ghost regfile: {e}") from e
+        # the tree maps it through a link removed since
+        (self.proc / images_dir.name / "maps").write_text(
+            f"7f00-7f01 r-xp 00000000 fe:01 {self.ghost.stat().st_ino} "
+            f"/lib/{self.ghost.name.split('.cr.')[0]}.cr_link (deleted)\n")
         result = super().restore(images_dir, options, on_notify)
         assert self.ghost.read_text() == images_dir.name  # its own, put back
         self.ghost.unlink()
@@ -286,10 +297,9 @@ def test_trees_with_ghosts_of_one_name_are_all_held_and_let_go_one_by_one(
 ) -> None:
     from seamless.restore import restorer
 
-    proc = fake_proc(tmp_path, {101: ["lib/libc.so.6.cr.5.ghost"],
-                                202: ["lib/libc.so.6.cr.5.ghost"]}, {})
+    proc = fake_proc(tmp_path, {101: [], 202: []}, {})
     (tmp_path / "fs" / "lib").mkdir()
-    criu = GhostlyRestorer(tmp_path / "fs" / "lib" / "libc.so.6.cr.5.ghost")
+    criu = GhostlyRestorer(tmp_path / "fs" / "lib" / "libc.so.6.cr.5.ghost", proc)
     hold = Hold(move=lambda root: restorer.move_ghosts(root, proc))
     report = restore_all(env.gen.final, criu, hold=hold, nft=lambda *a: None,
                          stream=lambda identifier, unit: open("/dev/null", "w").fileno())
@@ -298,7 +308,8 @@ def test_trees_with_ghosts_of_one_name_are_all_held_and_let_go_one_by_one(
     # without moving them aside, the second tree finds the name taken
     (tmp_path / "fs" / "lib").rmdir()
     (tmp_path / "fs" / "lib").mkdir()
-    report = restore_all(env.gen.final, GhostlyRestorer(criu.ghost), hold=Hold(lambda r: []),
+    report = restore_all(env.gen.final, GhostlyRestorer(criu.ghost, proc),
+                         hold=Hold(lambda r: []),
                          nft=lambda *a: None,
                          stream=lambda identifier, unit: open("/dev/null", "w").fileno())
     assert not report.ok and "Can't create ghost" in (report.trees[-1].error or "")

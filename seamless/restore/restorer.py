@@ -96,6 +96,7 @@ class RestoreReport:
 #: replaced on disk since the process mapped it, say) while the tree's tasks open it.
 GHOST = re.compile(r"\.cr\.[0-9a-f]+\.ghost$")
 PROC = Path("/proc")
+DELETED = " (deleted)"
 #: How long a held tree waits for the one released before it to end (see :class:`Hold`).
 RELEASE_WAIT = 60.0
 
@@ -164,34 +165,50 @@ class Hold:
 
 
 def move_ghosts(root: int, proc: Path | None = None) -> list[tuple[Path, Path]]:
-    """Move aside the ghost files that tree ``root``'s tasks map or hold open, each
-    renamed where it is (``NAME.seamless-ROOT``), through the task's own root or, where
-    that is read-only (a sandbox's /usr), through this mount namespace's same file.
+    """Move aside the ghost files of tree ``root``: each file in the directory of a
+    deleted file the tree's tasks map or hold open, named as CRIU names a ghost, with
+    that file's inode (the task opened the ghost through a link CRIU has removed since).
+    Each is renamed where it is (``NAME.seamless-ROOT``), through the task's own root or,
+    where that is read-only (a sandbox's /usr), through this mount namespace's same file.
     Returns each (ghost, aside) moved."""
     proc = proc or PROC
     moved: list[tuple[Path, Path]] = []
-    seen: set[str] = set()
+    seen: set[tuple[int, int]] = set()
     for pid in _tree_pids(root, proc):
-        for path in _paths_of(pid, proc):
-            if not GHOST.search(path) or path in seen:
+        for path, inode in _deleted_files(pid, proc):
+            theirs = proc / str(pid) / "root" / path.parent.relative_to("/")
+            try:
+                names = [n for n in os.listdir(theirs) if GHOST.search(n)]
+            except (OSError, ValueError):
                 continue
-            seen.add(path)
-            theirs = proc / str(pid) / "root" / path.lstrip("/")
-            for ghost in (theirs, Path(path)):
-                aside = ghost.with_name(f"{ghost.name}.seamless-{root}")
+            for name in names:
                 try:
-                    if ghost != theirs and not os.path.samestat(os.stat(ghost),
-                                                                os.stat(theirs)):
-                        continue
-                    os.rename(ghost, aside)
+                    st = os.stat(theirs / name)
                 except OSError:
                     continue
-                moved.append((ghost, aside))
-                break
-            else:
-                log.warning("could not move aside %s of tree %d: a tree restored after it "
-                            "may find its name taken", path, root)
+                if st.st_ino != inode or (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+                aside = _move_aside((theirs / name, path.parent / name), root)
+                if aside is not None:
+                    moved.append(aside)
     return moved
+
+
+def _move_aside(ghost: tuple[Path, Path], root: int) -> tuple[Path, Path] | None:
+    theirs, ours = ghost
+    for path in (theirs, ours):
+        aside = path.with_name(f"{path.name}.seamless-{root}")
+        try:
+            if path == ours and not os.path.samestat(os.stat(ours), os.stat(theirs)):
+                continue
+            os.rename(path, aside)
+        except OSError:
+            continue
+        return path, aside
+    log.warning("could not move aside %s of tree %d: a tree restored after it may find "
+                "its name taken", ours, root)
+    return None
 
 
 def put_back(moved: list[tuple[Path, Path]]) -> None:
@@ -214,19 +231,24 @@ def _tree_pids(root: int, proc: Path) -> list[int]:
     return pids
 
 
-def _paths_of(pid: int, proc: Path) -> list[str]:
-    """The files process ``pid`` maps and holds open (as its mount namespace names them)."""
-    paths: list[str] = []
-    try:
+def _deleted_files(pid: int, proc: Path) -> list[tuple[Path, int]]:
+    """The deleted files process ``pid`` maps or holds open: each path (as its mount
+    namespace named it) and inode."""
+    found: list[tuple[Path, int]] = []
+    with contextlib.suppress(OSError):
         with open(proc / str(pid) / "maps") as f:
-            paths += [parts[5].strip() for line in f
-                      if len(parts := line.split(maxsplit=5)) == 6]
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].rstrip("\n").endswith(DELETED):
+                    found.append((Path(parts[5].rstrip("\n").removesuffix(DELETED)),
+                                  int(parts[4])))
         for fd in os.listdir(proc / str(pid) / "fd"):
             with contextlib.suppress(OSError):
-                paths.append(os.readlink(proc / str(pid) / "fd" / fd))
-    except OSError:
-        pass
-    return [p for p in paths if p.startswith("/")]
+                target = os.readlink(proc / str(pid) / "fd" / fd)
+                if target.startswith("/") and target.endswith(DELETED):
+                    found.append((Path(target.removesuffix(DELETED)),
+                                  os.stat(proc / str(pid) / "fd" / fd).st_ino))
+    return found
 
 
 def journal_stream(identifier: str, unit: str | None = None) -> int:
