@@ -117,8 +117,13 @@ def assert_state(g: qemu.Guest) -> None:
 def all_up(g: qemu.Guest) -> None:
     """The new boot settles with every unit up: no job left and none failed."""
     state = g.settled()
-    assert state == "running", (state, g.sh("systemctl --failed --no-pager; systemctl "
-                                            "list-jobs --no-pager", check=False))
+    if state != "running":
+        print(g.sh(
+        "systemctl --failed --no-pager; systemctl list-jobs --no-pager; for u in $(systemctl "
+        "--failed --no-legend --plain | cut -d' ' -f1); do journalctl -b -o short-monotonic "
+        "--no-pager -n 60 -u $u; done; journalctl -b -o short-monotonic --no-pager -n 60 "
+        "-u seamless-restore", check=False))
+    assert state == "running", g.run("systemctl", "--failed", "--no-pager")
 
 
 def test_a_stock_debian_server_keeps_its_packaged_services(boot_stock: BootGuest) -> None:

@@ -107,11 +107,14 @@ class Hold:
     kills each held tree before it ran an instruction of its own). The dump holds its
     trees the same way, at post-dump.
 
-    CRIU removes a tree's ghost files only after its post-restore, and two trees that map
-    the same replaced library get ghosts of the same name (``libc.so.6.cr.5.ghost``): the
-    next tree's CRIU would find the name taken. So a held tree's ghosts are moved aside
-    while it waits, and put back when it is let go, one tree with ghosts after the other,
-    each once the one before has ended (and CRIU removed its ghosts)."""
+    The trees are let go one after the other, in the order they were made, each once the
+    CRIU of the one before has ended: they start running in the order a restore without
+    the hold runs them (a client's tree, restored after its service's, resumed before
+    it saw its keep-alive connection reset), and CRIU removes a tree's ghost files only
+    after its post-restore. Two trees that map the same replaced library get ghosts of
+    the same name (``libc.so.6.cr.5.ghost``), so a held tree's ghosts are moved aside
+    while it waits (the next tree's CRIU would find the name taken), and put back when
+    it is let go."""
 
     def __init__(self, move: Callable[[int], list[tuple[Path, Path]]] | None = None) -> None:
         """``move(root)``: moves tree ``root``'s ghosts aside (default
@@ -121,7 +124,7 @@ class Hold:
         self._ended: dict[int, threading.Event] = {}
         self._verdict = threading.Event()
         self._lock = threading.Lock()
-        self._last_with_ghosts: int | None = None
+        self._last: int | None = None  # the tree made last
         #: Why no tree may run, once one could not be made.
         self.reason: str | None = None
 
@@ -133,9 +136,7 @@ class Hold:
         """In tree ``root``'s post-restore: wait for the verdict; why it must not run."""
         moved = self._move(root)
         with self._lock:
-            before = self._last_with_ghosts if moved else None
-            if moved:
-                self._last_with_ghosts = root
+            before, self._last = self._last, root
         self._event(self._made, root).set()
         self._verdict.wait()
         if before is not None and not self._event(self._ended, before).wait(RELEASE_WAIT):
