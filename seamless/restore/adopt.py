@@ -62,11 +62,11 @@ ExecStart=/bin/true
 
 FINISH_UNIT = "seamless-adopted.service"
 
-#: It waits until the boot has finished before it reloads systemd: a daemon-reload
-#: from a job of the boot was seen (systemd 257, a stock server) to leave the manager
-#: "starting" for good with no job left, so that `systemctl is-system-running --wait`
-#: never returned. Type=exec: the boot does not wait for it. Bounded: after
-#: FINISH_WAIT seconds it goes on whatever the state.
+#: It waits until the boot has finished before it reloads systemd, so that no reload
+#: runs among the boot's own jobs (a stock server's boot that seemed never to settle
+#: was first blamed on one: it was the restore going back to the old kernel).
+#: Type=exec: the boot does not wait for it. Bounded: after FINISH_WAIT seconds it
+#: goes on whatever the state.
 FINISH_WAIT = 300
 FINISH_SERVICE = """\
 [Unit]

@@ -229,11 +229,11 @@ class Guest:
         return self.run("/bin/sh", "-ec", script, check=check, timeout=timeout)
 
     def settled(self, timeout: float = 300) -> str:
-        """The boot's state once no job is left (running, degraded), asked every 0.5 s:
-        not ``is-system-running --wait``, which was seen to wait on past a boot with no
-        job left (systemd 257, a stock server after the restore), as if it missed the
-        state's change. A boot that does not settle in time is an error naming its
-        state, the jobs still queued and the units still activating."""
+        """The boot's state once no job is left (running, degraded), asked every 0.5 s
+        and bounded. A boot that does not settle in time is an error naming its state,
+        the jobs still queued and the units still activating. (It was written for a
+        stock server whose boot seemed never to settle; that was its restore going
+        back to the old kernel under the running command: see :meth:`switch_kernel`.)"""
         state = self.sh(
             f"for i in $(seq {int(timeout * 2)}); do s=$(systemctl is-system-running || true); "
             'case "$s" in initializing|starting) sleep 0.5 ;; *) echo "$s"; exit 0 ;; '
