@@ -254,6 +254,16 @@ def test_the_hold_keeps_every_tree_made_until_all_are(env: BootEnv) -> None:  # 
     assert report.ok and criu.most == 2 and hold.reason is None
 
 
+def map_line(proc: Path, pid: int, i: int, file: Path, name: str) -> str:
+    """A line of ``pid``'s maps showing ``file`` as ``name``, and its map_files link."""
+    area = f"7f{i:02x}000-7f{i:02x}fff"
+    link = proc / str(pid) / "map_files" / area
+    link.parent.mkdir(exist_ok=True)
+    link.unlink(missing_ok=True)  # the tree restored again
+    link.symlink_to(file)
+    return f"{area} r--p 00000000 fe:01 {file.stat().st_ino} {name}\n"
+
+
 def fake_proc(tmp_path: Path, maps: dict[int, list[str]], children: dict[int, list[int]]
               ) -> Path:
     """A /proc of these processes, whose root is tmp_path/fs: each maps ``maps[pid]``
@@ -265,12 +275,12 @@ def fake_proc(tmp_path: Path, maps: dict[int, list[str]], children: dict[int, li
         (proc / str(pid) / "fd").mkdir()
         (proc / str(pid) / "root").symlink_to(fs)
         lines = []
-        for path in paths:
+        for i, path in enumerate(paths):
             ghost, _, shown = path.partition("=")
             (fs / ghost).parent.mkdir(parents=True, exist_ok=True)
             (fs / ghost).touch()
-            name = f"/{shown} (deleted)" if shown else f"/{ghost}"
-            lines.append(f"7f00-7f01 r--p 00000000 fe:01 {(fs / ghost).stat().st_ino} {name}\n")
+            lines.append(map_line(proc, pid, i, fs / ghost, f"/{shown} (deleted)" if shown
+                                  else f"/{ghost}"))
         (proc / str(pid) / "maps").write_text(
             "".join(lines) + "7ffd-7ffe rw-p 00000000 00:00 0 [stack]\n")
         (proc / str(pid) / "task" / str(pid) / "children").write_text(
@@ -314,9 +324,9 @@ class GhostlyRestorer(ConcurrentRestorer):
         except FileExistsError as e:
             raise SeamlessError(f"Can't create ghost regfile: {e}") from e
         # the tree maps it through a link removed since
-        (self.proc / images_dir.name / "maps").write_text(
-            f"7f00-7f01 r-xp 00000000 fe:01 {self.ghost.stat().st_ino} "
-            f"/lib/{self.ghost.name.split('.cr.')[0]}.cr_link (deleted)\n")
+        (self.proc / images_dir.name / "maps").write_text(map_line(
+            self.proc, int(images_dir.name), 0, self.ghost,
+            f"/lib/{self.ghost.name.split('.cr.')[0]}.cr_link (deleted)"))
         result = super().restore(images_dir, options, on_notify)
         assert self.ghost.read_text() == images_dir.name  # its own, put back
         self.ghost.unlink()

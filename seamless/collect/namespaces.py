@@ -166,6 +166,26 @@ def fd_targets(pid: int, proc: Path = Path("/proc")) -> Iterator[tuple[str, str]
             yield name, os.readlink(base / name)
 
 
+DELETED = " (deleted)"
+
+
+def deleted_files(pid: int, proc: Path = Path("/proc")) -> Iterator[tuple[str, os.stat_result]]:
+    """Each file ``pid`` maps or holds open that was deleted since (a library replaced on
+    disk): its path as the process's mount namespace named it, and its stat (through
+    /proc, which still reaches it); nothing when the process is gone."""
+    base = proc / str(pid)
+    links = [(base / "fd" / fd, target) for fd, target in fd_targets(pid, proc)]
+    with contextlib.suppress(OSError), open(base / "maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6:
+                links.append((base / "map_files" / parts[0], parts[5].rstrip("\n")))
+    for link, target in links:
+        if target.startswith("/") and target.endswith(DELETED):
+            with contextlib.suppress(OSError):
+                yield target.removesuffix(DELETED), os.stat(link)
+
+
 def uses_io_uring(pid: int, proc: Path = Path("/proc")) -> bool:
     """Whether ``pid`` holds an io_uring instance (a descriptor or its rings mapped)."""
     if any(t == "anon_inode:[io_uring]" for _, t in fd_targets(pid, proc)):

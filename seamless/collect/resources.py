@@ -663,26 +663,9 @@ def replaced_files(pids: Iterable[int]) -> dict[str, int]:
     since (an `apt full-upgrade` replaces libc, libssl ...): path -> size in bytes."""
     found: dict[tuple[int, int], tuple[str, int]] = {}
     for pid in pids:
-        links = [(f"/proc/{pid}/fd/{fd}", t) for fd, t in _fds(pid)]
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                for line in f:
-                    parts = line.split(maxsplit=5)
-                    if len(parts) == 6 and parts[5].rstrip("\n").endswith(" (deleted)"):
-                        links.append((f"/proc/{pid}/map_files/{parts[0]}",
-                                      parts[5].rstrip("\n")))
-        except OSError:
-            pass
-        for link, target in links:
-            if not target.startswith("/") or not target.endswith(" (deleted)") \
-                    or target.startswith(("/dev/", "/memfd:", "/SYSV")):
-                continue
-            try:
-                st = os.stat(link)
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                found[(st.st_dev, st.st_ino)] = (target.removesuffix(" (deleted)"), st.st_size)
+        for path, st in namespaces.deleted_files(pid):
+            if stat.S_ISREG(st.st_mode) and not path.startswith(("/dev/", "/memfd:", "/SYSV")):
+                found[(st.st_dev, st.st_ino)] = (path, st.st_size)
     return dict(sorted(found.values()))
 
 

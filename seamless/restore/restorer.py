@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import psutil
 
 from seamless import faults, safepath
-from seamless.collect import runtime
+from seamless.collect import namespaces, runtime
 from seamless.collect.criu import (
     CgroupMode,
     CriuOptions,
@@ -96,7 +96,6 @@ class RestoreReport:
 #: replaced on disk since the process mapped it, say) while the tree's tasks open it.
 GHOST = re.compile(r"\.cr\.[0-9a-f]+\.ghost$")
 PROC = Path("/proc")
-DELETED = " (deleted)"
 #: How long a held tree waits for the one released before it to end (see :class:`Hold`).
 RELEASE_WAIT = 60.0
 
@@ -176,21 +175,22 @@ def move_ghosts(root: int, proc: Path | None = None) -> list[tuple[Path, Path]]:
     moved: list[tuple[Path, Path]] = []
     seen: set[tuple[int, int]] = set()
     for pid in _tree_pids(root, proc):
-        for path, inode in _deleted_files(pid, proc):
-            theirs = proc / str(pid) / "root" / path.parent.relative_to("/")
+        for path, mapped in namespaces.deleted_files(pid, proc):
+            parent = Path(path).parent
+            theirs = proc / str(pid) / "root" / parent.relative_to("/")
             try:
                 names = [n for n in os.listdir(theirs) if GHOST.search(n)]
-            except (OSError, ValueError):
+            except OSError:
                 continue
             for name in names:
                 try:
                     st = os.stat(theirs / name)
                 except OSError:
                     continue
-                if st.st_ino != inode or (st.st_dev, st.st_ino) in seen:
+                if not os.path.samestat(st, mapped) or (st.st_dev, st.st_ino) in seen:
                     continue
                 seen.add((st.st_dev, st.st_ino))
-                aside = _move_aside((theirs / name, path.parent / name), root)
+                aside = _move_aside((theirs / name, parent / name), root)
                 if aside is not None:
                     moved.append(aside)
     return moved
@@ -230,26 +230,6 @@ def _tree_pids(root: int, proc: Path) -> list[int]:
             with contextlib.suppress(OSError, ValueError):
                 todo += [int(c) for c in children.read_text().split()]
     return pids
-
-
-def _deleted_files(pid: int, proc: Path) -> list[tuple[Path, int]]:
-    """The deleted files process ``pid`` maps or holds open: each path (as its mount
-    namespace named it) and inode."""
-    found: list[tuple[Path, int]] = []
-    with contextlib.suppress(OSError):
-        with open(proc / str(pid) / "maps") as f:
-            for line in f:
-                parts = line.split(maxsplit=5)
-                if len(parts) == 6 and parts[5].rstrip("\n").endswith(DELETED):
-                    found.append((Path(parts[5].rstrip("\n").removesuffix(DELETED)),
-                                  int(parts[4])))
-        for fd in os.listdir(proc / str(pid) / "fd"):
-            with contextlib.suppress(OSError):
-                target = os.readlink(proc / str(pid) / "fd" / fd)
-                if target.startswith("/") and target.endswith(DELETED):
-                    found.append((Path(target.removesuffix(DELETED)),
-                                  os.stat(proc / str(pid) / "fd" / fd).st_ino))
-    return found
 
 
 def journal_stream(identifier: str, unit: str | None = None) -> int:
