@@ -284,12 +284,12 @@ def boot_restore(number: int | None, *, keep: bool = False,
         criu = criu or Criu(timeout=RESTORE_TIMEOUT)
         lazy = bool(lazy) and lazy_pages_work(criu)
         skip = corrupt_trees(bad)
-        pages = PageCheck(gen, [d.name for d, info in trees_in(gen.final, manifest.trees)
+        trees = trees_in(gen.final, manifest.trees)
+        pages = PageCheck(gen, [d.name for d, info in trees
                                 if int(info["root"]) not in running and d.name not in skip])
         faults.point("restoring")
         try:
-            shared = sorted(int(info["root"]) for _, info in trees_in(gen.final, manifest.trees)
-                            if info.get("loopback"))
+            shared = sorted(int(info["root"]) for _, info in trees if info.get("loopback"))
             hold = Hold() if back is not None and not shared else None
             if back is not None and shared:
                 # KNOWN BUG (2026-12-06, cause not found): held and let go together, a
