@@ -252,6 +252,9 @@ def test_the_hold_keeps_every_tree_made_until_all_are(env: BootEnv) -> None:  # 
     report = restore_all(env.gen.final, criu, hold=hold, nft=lambda *a: None,
                          stream=lambda identifier, unit: open("/dev/null", "w").fileno())
     assert report.ok and criu.most == 2 and hold.reason is None
+    # The tree made first waited for the other; each says how long it was held.
+    first, last = report.trees
+    assert first.held > 0 and first.held >= last.held
 
 
 def map_line(proc: Path, pid: int, i: int, file: Path, name: str) -> str:

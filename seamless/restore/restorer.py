@@ -71,6 +71,9 @@ class TreeRestore:
     addresses: list[str] = field(default_factory=list)
     #: Its cgroup in the old boot ("/system.slice/nginx.service").
     cgroup: str = ""
+    #: Seconds it waited, made, for the other trees (all or nothing). Its own clocks ran
+    #: meanwhile: CRIU sets a tree's monotonic clock when it begins to make the tree.
+    held: float = 0.0
 
 
 @dataclass
@@ -457,7 +460,11 @@ def _restore_tree(
     def before_it_runs(_: Notification) -> None:
         reason = gate(images_dir.name) if gate is not None else None
         if reason is None and hold is not None:
+            made = time.monotonic()
+            progress(f"made tree {tree.root} ({tree.command[:50]}), held "
+                     f"({memory_available()})")
             reason = hold.made(tree.root)
+            tree.held = time.monotonic() - made
         if reason is not None:
             refused.append(reason)
             raise SeamlessError(reason)
@@ -493,6 +500,7 @@ def _restore_tree(
         tree.pid = result.pid
         tree.seconds = result.seconds
         progress(f"restored tree {tree.root} ({tree.command[:50]}) in {result.seconds:.2f} s"
+                 + (f", held {tree.held:.2f} s of it" if tree.held else "")
                  + (" (its memory arrives while it runs)" if tree.lazy else ""))
     except (SeamlessError, OSError, ValueError) as e:  # CriuError is one
         if isinstance(e, CriuTimeoutError):
@@ -507,6 +515,14 @@ def _restore_tree(
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def memory_available() -> str:
+    """The memory the kernel says is available, for the log ("812 MiB available")."""
+    try:
+        return f"{psutil.virtual_memory().available >> 20} MiB available"
+    except (OSError, ValueError):
+        return "memory available unknown"
 
 
 def connect_streams(infos: list[dict[str, Any]]) -> dict[int, int]:
