@@ -74,14 +74,23 @@ class PageCheck:
 
     def __init__(self, gen: Generation, trees: list[str]) -> None:
         files: dict[str, set[str]] = {t: set() for t in trees}
+        size = dict.fromkeys(trees, 0)
         for entry in gen.manifest().files:
             tree = entry.path.split("/", 1)[0]
             if tree in files and is_page_image(entry.path):
                 files[tree].add(entry.path)
+                size[tree] += entry.size
         self._files = files
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seamless-verify")
-        self._checks = {t: self._pool.submit(gen.verify, files[t].__contains__)
+        self._checks = {t: self._pool.submit(self._verify, gen, t, size[t])
                         for t in trees if files[t]}
+
+    def _verify(self, gen: Generation, tree: str, size: int) -> list[str]:
+        start = time.monotonic()
+        bad = gen.verify(self._files[tree].__contains__)
+        log.info("verified the page images of tree %s (%d MiB) in %.2f s", tree, size >> 20,
+                 time.monotonic() - start)
+        return bad
 
     def _bad(self, tree: str) -> list[str]:
         check = self._checks.get(tree)
