@@ -246,3 +246,22 @@ def test_a_discarded_or_crashed_partial_generation_is_overwritten(tmp_path: Path
     gen.create()  # a partial one left by a crash is never complete
     assert (tmp_path / "crashed").read_bytes() == bytes(6)
     assert list(gen.partial.iterdir()) == []
+
+
+def test_a_tree_s_files_are_verified_alone(tmp_path: Path) -> None:
+    """A tree's check (the restore's, while the trees are made) reads that tree's files
+    and the manifest it is given, and finds a page image put there after the seal."""
+    gen = Generation(tmp_path / "g")
+    root = gen.create()
+    for tree in ("100", "200"):
+        (root / tree).mkdir()
+        (root / tree / "pages-1.img").write_bytes(tree.encode() * 100)
+    gen.seal(Manifest(trees=[TreeRecord(root=100), TreeRecord(root=200)]))
+    manifest = gen.manifest()
+    (gen.final / "200" / "pages-1.img").write_bytes(b"changed")
+    (gen.final / "100" / "pages-2.img").write_bytes(b"added")
+    (gen.final / MANIFEST).write_bytes(b"not read again")
+    assert gen.verify(generation.is_page_image, manifest=manifest, within="100") == [
+        "100/pages-2.img"]
+    assert gen.verify(generation.is_page_image, manifest=manifest, within="200") == [
+        "200/pages-1.img"]

@@ -409,18 +409,22 @@ class Generation:
                            "algorithm this seamless does not know") from e
         return manifest
 
-    def verify(self, select: Callable[[str], bool] | None = None) -> list[str]:
+    def verify(self, select: Callable[[str], bool] | None = None, *,
+               manifest: Manifest | None = None, within: str = "") -> list[str]:
         """The files whose size or checksum differ from the manifest's, that are missing,
         or that are there and not in the manifest (CRIU's logs aside); ``select(path)``:
-        only the files it is true for (paths relative to the generation)."""
-        manifest = self.manifest()
+        only the files it is true for (paths relative to the generation). ``manifest``:
+        the one :meth:`manifest` returned already; ``within``: only the files under this
+        directory of the generation are looked for (a tree's)."""
+        manifest = manifest or self.manifest()
         listed = {e.path for e in manifest.files}
-        bad = [rel for p in covered(self.final)
+        bad = [rel for p in covered(self.final / within)
                if (rel := str(p.relative_to(self.final))) not in listed
                and (select is None or select(rel))]
         present = []
         for entry in manifest.files:
-            if select is not None and not select(entry.path):
+            if select is not None and not select(entry.path) \
+                    or within and not entry.path.startswith(f"{within}/"):
                 continue
             path = self.final / entry.path
             if not path.is_file() or path.stat().st_size != entry.size:

@@ -75,7 +75,8 @@ class PageCheck:
     def __init__(self, gen: Generation, trees: list[str]) -> None:
         files: dict[str, set[str]] = {t: set() for t in trees}
         size = dict.fromkeys(trees, 0)
-        for entry in gen.manifest().files:
+        self._manifest = gen.manifest()  # read once: a tree's check reads its own files
+        for entry in self._manifest.files:
             tree = entry.path.split("/", 1)[0]
             if tree in files and is_page_image(entry.path):
                 files[tree].add(entry.path)
@@ -87,7 +88,7 @@ class PageCheck:
 
     def _verify(self, gen: Generation, tree: str, size: int) -> list[str]:
         start = time.monotonic()
-        bad = gen.verify(self._files[tree].__contains__)
+        bad = gen.verify(is_page_image, manifest=self._manifest, within=tree)
         log.info("verified the page images of tree %s (%d MiB) in %.2f s", tree, size >> 20,
                  time.monotonic() - start)
         return bad
