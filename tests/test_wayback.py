@@ -192,13 +192,13 @@ def test_a_restorer_failing_after_the_first_tree_is_made_sends_them_all_back(
     assert "injected fault at restored-one" in record.refused["reason"]
 
 
-def test_trees_sharing_a_connection_over_loopback_are_not_held(
+def test_trees_sharing_a_connection_over_loopback_are_held_like_any(
     env: BootEnv, way_back: FakeLoader, reports: tuple[Path, Path],  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """KNOWN BUG (see boot.py): trees that share a TCP connection over loopback are
-    restored one after the other, not held; one that fails is then lost here, as with
-    --no-way-back, and the report says why it was not all or nothing."""
+    """An application and its local service, connected over loopback, are held as any
+    trees are: the one that cannot be made sends both back, the other killed unrun;
+    their connection stays locked until then."""
     import shutil
 
     from seamless.restore import netlock
@@ -214,12 +214,9 @@ def test_trees_sharing_a_connection_over_loopback_are_not_held(
     env.gen = seal_generation(env.gen.final, [app, client])
     upgrade_record(env, way_back=BACK)
     criu = FakeRestorer(fail={"101"})
-    report = boot.boot_restore(3, criu=criu, root=env.root, at_boot=True)
-    assert way_back.loaded == [] and criu.killed == []
-    assert {t["root"]: t["restored"] for t in report["trees"]} == {101: False, 202: True}
-    assert report["not_all_or_nothing"] == ("trees 101, 202 share TCP connections over "
-                                            "loopback, which holding them resets: restored "
-                                            "one after the other")
+    with pytest.raises(Entered):
+        boot.boot_restore(3, criu=criu, root=env.root, at_boot=True)
+    assert criu.killed == ["202"] and len(way_back.loaded) == 1
     assert any("conns4" in script for script in locks)  # the loopback lock was made
 
 

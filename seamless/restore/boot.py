@@ -299,16 +299,7 @@ def boot_restore(number: int | None, *, keep: bool = False,
                                 if int(info["root"]) not in running and d.name not in skip])
         faults.point("restoring")
         try:
-            shared = sorted(int(info["root"]) for _, info in trees if info.get("loopback"))
-            hold = Hold() if back is not None and not shared else None
-            if back is not None and shared:
-                # KNOWN BUG (2026-12-06, cause not found): held and let go together, a
-                # client's keep-alive connection to a service over loopback was reset
-                # (the stock server VM test); restored one after the other, it is kept.
-                report["not_all_or_nothing"] = (
-                    f"trees {', '.join(map(str, shared))} share TCP connections over "
-                    "loopback, which holding them resets: restored one after the other")
-                log.warning("not all or nothing: %s", report["not_all_or_nothing"])
+            hold = Hold() if back is not None else None
             with complete_step(f"restoring {count(len(manifest.trees) - len(running), 'tree')}"
                                + (" (their memory follows while they run)" if lazy else "")
                                + (", all or none" if hold is not None else "")):

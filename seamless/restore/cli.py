@@ -208,8 +208,6 @@ def _print_status(report: dict[str, Any] | None, lost: dict[str, Any] | None) ->
                    "leave that tree out), then upgrade again")
     if report.get("no_way_back"):
         click.echo(f"no way back to the old kernel: {report['no_way_back']}")
-    if report.get("not_all_or_nothing"):
-        click.echo(f"not all or nothing: {report['not_all_or_nothing']}")
     if report.get("error"):
         click.echo(f"error: {report['error']}")
     if report.get("expired"):

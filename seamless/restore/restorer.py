@@ -111,12 +111,15 @@ class Hold:
 
     The trees are let go one after the other, in the order they were made, each once the
     CRIU of the one before has ended: they start running in the order a restore without
-    the hold runs them (a client's tree, restored after its service's, resumed before
-    it saw its keep-alive connection reset), and CRIU removes a tree's ghost files only
-    after its post-restore. Two trees that map the same replaced library get ghosts of
-    the same name (``libc.so.6.cr.5.ghost``), so a held tree's ghosts are moved aside
-    while it waits (the next tree's CRIU would find the name taken), and put back when
-    it is let go."""
+    the hold runs them, and CRIU removes a tree's ghost files only after its
+    post-restore. A held tree's clocks run while it waits (CRIU set its monotonic clock
+    when it began to make it), so the hold must stay short: a tree's idle connections
+    and timers see it pass (nginx closed a keep-alive connection idle for its 65 s,
+    when the stock server's trees were held 90 s by a slow page check).
+
+    Two trees that map the same replaced library get ghosts of the same name
+    (``libc.so.6.cr.5.ghost``), so a held tree's ghosts are moved aside while it waits
+    (the next tree's CRIU would find the name taken), and put back when it is let go."""
 
     def __init__(self, move: Callable[[int], list[tuple[Path, Path]]] | None = None) -> None:
         """``move(root)``: moves tree ``root``'s ghosts aside (default
