@@ -252,15 +252,16 @@ def test_a_guest_dead_of_tcgs_code_patching_race_says_so(tmp_path: Path) -> None
 def test_the_benchmark_table_says_what_the_way_back_costs() -> None:
     from vmtest import bench
 
-    def variant(seconds: float) -> dict[str, object]:
-        return {"blackout_seconds": seconds, "state_kept": True, "phases": {"restore": 2.0}}
+    def variant(seconds: float, restore: float) -> dict[str, object]:
+        return {"blackout_seconds": seconds, "state_kept": True, "phases": {"restore": restore}}
 
-    row = {"size_mib": 64, "seamless_upgrade_no_way_back": variant(20.0),
-           "seamless_upgrade_whole_dump": variant(21.0),
+    row = {"size_mib": 64, "seamless_upgrade_no_way_back": variant(20.0, 2.0),
+           "seamless_upgrade_whole_dump": variant(21.0, 2.4),
            "systemctl_kexec": {"blackout_seconds": 60.0, "state_kept": False},
            "reboot": {"blackout_seconds": 80.0, "state_kept": False}}
     text = bench.table({"sizes": [bench.summary([row])], "copy_bandwidth_mib_s": 900.0})
     assert "64 MiB: all or nothing (the way back) adds +1.0 s to the blackout (+5%" in text
+    assert "the one phase it changes: 2.4 s, 2.0 s without (+0.4 s, +2% of the blackout)" in text
     assert "no-back" in text and "whole dump, --no-way-back: phases" in text
     # the ratios are the default's (with its way back): 21 / 60
     assert "   0.35" in text.splitlines()[5]
