@@ -8,6 +8,7 @@ that tells a script whether anything on the system was changed.
 from __future__ import annotations
 
 import enum
+import os
 from typing import IO, Any
 
 import click
@@ -48,8 +49,8 @@ class SeamlessError(click.ClickException):
         click.echo(f"seamless: error: {self.format_message()}", err=True, file=file)
 
 
-def die(
-    message: str, *, hint: str | None = None, exit_code: ExitCode = ExitCode.UNCHANGED
-) -> SeamlessError:
-    """Build the error to raise: ``raise die("no region", hint="run seamless setup")``."""
-    return SeamlessError(message, hint=hint, exit_code=exit_code)
+def need_root(what: str) -> None:
+    """Refuse, before anything is touched, a command that needs root ("checkpointing
+    processes needs root")."""
+    if os.geteuid() != 0:
+        raise SeamlessError(f"{what} needs root", hint="run it with sudo")

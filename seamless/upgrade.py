@@ -30,7 +30,7 @@ from seamless.collect.inhibitors import inhibitors
 from seamless.collect.layout import load_criu_modules
 from seamless.collect.plan import StoreSpace, left_out_services, make_plan, render
 from seamless.collect.processes import read_table
-from seamless.errors import ExitCode, SeamlessError
+from seamless.errors import ExitCode, SeamlessError, need_root
 from seamless.kexec import cmdline, initrd, loader
 from seamless.kexec.cli import check_policy, prepare_initrd
 from seamless.kexec.image import KernelImage
@@ -165,8 +165,7 @@ def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
     Exits 1 with nothing changed when a check fails or the checkpoint fails
     (every process runs on).
     """
-    if os.geteuid() != 0:
-        raise SeamlessError("upgrading the kernel needs root", hint="run it with sudo")
+    need_root("upgrading the kernel")
     started = time.time()
     selection = selection_from(includes, excludes, config_path)
     gates = required_commands(config_path, requires)

@@ -15,7 +15,7 @@ from seamless.collect.layout import load_criu_modules
 from seamless.collect.plan import StoreSpace, make_plan, render
 from seamless.collect.processes import read_table
 from seamless.collect.select import CONFIG_PATH, RULE_KINDS, Selection, load_config
-from seamless.errors import ExitCode, SeamlessError
+from seamless.errors import ExitCode, SeamlessError, need_root
 from seamless.lock import exclusive
 from seamless.log import complete_step, count, log
 from seamless.memstore.generation import Generation
@@ -112,8 +112,7 @@ def checkpoint_command(includes: tuple[str, ...], excludes: tuple[str, ...], con
     ended. Any failure before that thaws every tree and leaves no images
     behind (exit 1: nothing changed).
     """
-    if os.geteuid() != 0:
-        raise SeamlessError("checkpointing processes needs root", hint="run it with sudo")
+    need_root("checkpointing processes")
     selection = selection_from(includes, excludes, config_path)
     os.umask(0o077)  # images hold process memory: CRIU's files are root-only too
     number = 0

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from seamless.errors import ExitCode, SeamlessError
+from seamless.errors import ExitCode, SeamlessError, need_root
 from seamless.kexec import cmdline, initrd, loader
 from seamless.kexec.image import KernelImage, KexecPolicy, kexec_policy
 from seamless.lock import exclusive
@@ -94,8 +94,7 @@ def kexec_command(
     remounts the disks read-only and reboots into it. Services are not stopped:
     processes not checkpointed by `seamless upgrade` are lost.
     """
-    if os.geteuid() != 0:
-        raise SeamlessError("kexec needs root", hint="run it with sudo")
+    need_root("kexec")
     if unload_only:
         with complete_step("unloading the kexec kernel"):
             loader.unload()

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import click
 
-from seamless.errors import ExitCode, SeamlessError
+from seamless.errors import ExitCode, SeamlessError, need_root
 from seamless.lock import exclusive, held
 from seamless.log import complete_step, count
 from seamless.memstore import setup
@@ -18,7 +17,6 @@ from seamless.memstore.region import Region, find_region, memformat, memparse, p
 from seamless.memstore.store import (
     LABEL,
     MOUNTPOINT,
-    Store,
     format_store,
     is_dax,
     no_region_error,
@@ -27,11 +25,6 @@ from seamless.memstore.store import (
     wipe,
 )
 from seamless.run import run
-
-
-def need_root(what: str) -> None:
-    if os.geteuid() != 0:
-        raise SeamlessError(f"{what} needs root", hint="run it with sudo")
 
 
 def the_region() -> Region:
@@ -307,14 +300,6 @@ def wipe_command(yes: bool) -> None:
     with complete_step(f"overwriting {region.device} ({memformat(region.size)}) with zeros"):
         wipe(store, region.device, region)
     click.echo(f"store on {region.device} wiped and empty")
-
-
-def store_for_planning() -> Store | None:
-    """The store if it is usable, else None (the planner then reports why)."""
-    try:
-        return open_store()
-    except SeamlessError:
-        return None
 
 
 __all__ = ["MOUNTPOINT", "setup_command", "store_group"]

@@ -26,7 +26,7 @@ from seamless.errors import ExitCode, SeamlessError
 from seamless.log import log
 from seamless.memstore import handoff
 from seamless.memstore.generation import PARTIAL, Generation, shred
-from seamless.memstore.records import Header, Manifest, RecordError
+from seamless.memstore.records import Header, RecordError
 from seamless.memstore.region import Region, find_region
 from seamless.mounts import mounts
 from seamless.run import CommandError, run
@@ -394,7 +394,3 @@ def wipe(store: Store, device: Path, region: Region) -> Store:
     _mkfs(device)
     return _mount_new(device, region, mountpoint, size)
 
-
-def read_manifest(store: Store, number: int | None) -> tuple[int, Generation, Manifest]:
-    n, g = store.generation(number)
-    return n, g, g.manifest()

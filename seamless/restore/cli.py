@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ import click
 from seamless import __version__
 from seamless.collect.criu import Criu
 from seamless.collect.layout import TREE_INFO
-from seamless.errors import ExitCode, SeamlessError
+from seamless.errors import ExitCode, SeamlessError, need_root
 from seamless.lock import held
 from seamless.log import complete_step, count
 from seamless.memstore import handoff
@@ -39,8 +38,7 @@ def install_restorer_command(releases: tuple[str, ...], as_json: bool) -> None:
     Every initramfs built afterwards carries it, including the one a kernel
     package builds on upgrade.
     """
-    if os.geteuid() != 0:
-        raise SeamlessError("installing the restorer needs root", hint="run it with sudo")
+    need_root("installing the restorer")
     with complete_step("installing the boot-time restorer"):
         done = boothooks.install()
     rebuilt = []
@@ -81,8 +79,7 @@ def restore_command(images_dir: Path | None, number: int | None, boot: bool, kee
     Trees come back in the order they were dumped; one that fails does not stop
     the others. Exits 3 when any tree failed (the others run again).
     """
-    if os.geteuid() != 0:
-        raise SeamlessError("restoring processes needs root", hint="run it with sudo")
+    need_root("restoring processes")
     if boot:
         boot_report = boot_restore(number if number is not None else generation_from_cmdline(),
                                    keep=keep, at_boot=True)
