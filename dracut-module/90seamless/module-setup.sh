@@ -1,8 +1,9 @@
 #!/bin/bash
 # dracut module of seamless: restores checkpointed processes at boot, after the
 # real root is mounted and before switch_root, when the kernel command line
-# carries seamless.restore=GENERATION.  Included only when asked for
-# (dracut --add seamless), as `seamless kexec` does.
+# carries seamless.restore=GENERATION.  check() leaves it out unless asked for:
+# the package's dracut.conf.d/90-seamless.conf asks for it in every initramfs dracut
+# builds, and `seamless kexec` adds it (dracut --add seamless) to one it builds.
 
 # called by dracut
 check() {
