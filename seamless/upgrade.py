@@ -25,11 +25,11 @@ import click
 from seamless import faults, stop
 from seamless.collect.checkpoint import HeldTrees, take_checkpoint
 from seamless.collect.cli import pre_dump_option, selection_from, selection_options
-from seamless.collect.criu import Criu, CriuError, kernels
 from seamless.collect.inhibitors import inhibitors
-from seamless.collect.layout import load_criu_modules
 from seamless.collect.plan import StoreSpace, left_out_services, make_plan, render
 from seamless.collect.processes import read_table
+from seamless.criu import Criu, CriuError, kernels
+from seamless.criu.modules import load_criu_modules
 from seamless.errors import ExitCode, SeamlessError, need_root
 from seamless.kexec import cmdline, initrd, loader
 from seamless.kexec.cli import check_policy, prepare_initrd

@@ -26,7 +26,7 @@ from click.testing import CliRunner, Result
 import seamless.run
 from seamless import syscalls
 from seamless.cli import cli
-from seamless.collect.criu import (
+from seamless.criu import (
     CriuError,
     CriuNotifyError,
     CriuOptions,
@@ -34,10 +34,10 @@ from seamless.collect.criu import (
     Notification,
     NotifyHandler,
 )
-from seamless.collect.layout import TREE_INFO
 from seamless.errors import ExitCode, SeamlessError
 from seamless.memstore import handoff
 from seamless.memstore.generation import MANIFEST, Generation
+from seamless.memstore.handoff import TREE_INFO
 from seamless.memstore.records import FileEntry, Manifest, TreeRecord
 from seamless.memstore.store import GENERATIONS, Store
 from seamless.restore import adopt, boot, lazy

@@ -19,7 +19,8 @@ from seamless.collect.checkpoint import (
     room_to_pre_dump,
     take_checkpoint,
 )
-from seamless.collect.criu import (
+from seamless.collect.processes import ProcessInfo, ProcessTree
+from seamless.criu import (
     CriuError,
     CriuOptions,
     CriuResult,
@@ -27,11 +28,10 @@ from seamless.collect.criu import (
     Notification,
     NotifyHandler,
 )
-from seamless.collect.layout import TREE_INFO
-from seamless.collect.processes import ProcessInfo, ProcessTree
 from seamless.errors import ExitCode, SeamlessError
 from seamless.memstore import generation
 from seamless.memstore.generation import Generation
+from seamless.memstore.handoff import TREE_INFO
 
 
 def tree(pid: int) -> ProcessTree:

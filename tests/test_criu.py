@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from seamless.collect.criu import (
+from seamless.criu import (
     Criu,
     CriuDiedError,
     CriuError,
@@ -37,7 +37,7 @@ from seamless.collect.criu import (
     SpawnPeer,
     wire,
 )
-from seamless.collect.criu.wire import ReqType
+from seamless.criu.wire import ReqType
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -463,11 +463,11 @@ def test_schema_has_criu_317_field_numbers() -> None:
 def test_generated_module_is_what_protoc_makes(tmp_path: Path) -> None:
     if shutil.which("protoc") is None:
         pytest.skip("no protoc (apt-get install protobuf-compiler)")
-    proto = "seamless/collect/criu/rpc.proto"
+    proto = "seamless/criu/rpc.proto"
     subprocess.run(["protoc", "-I", str(ROOT), f"--python_out={tmp_path}", str(ROOT / proto)],
                    check=True)
-    generated = tmp_path / "seamless/collect/criu/rpc_pb2.py"
-    committed = ROOT / "seamless/collect/criu/rpc_pb2.py"
+    generated = tmp_path / "seamless/criu/rpc_pb2.py"
+    committed = ROOT / "seamless/criu/rpc_pb2.py"
     assert generated.read_bytes() == committed.read_bytes(), (
         "rpc_pb2.py is stale: protoc -I . --python_out=. " + proto)
 
@@ -501,7 +501,7 @@ def test_debian_python3_protobuf_round_trips_a_request() -> None:
     )
     notify = wire.response(ReqType.NOTIFY, True, notify={"script": "post-dump", "pid": 7})
     r = subprocess.run(
-        [python, "-c", script, str(ROOT / "seamless/collect/criu/rpc_pb2.py"), notify.hex()],
+        [python, "-c", script, str(ROOT / "seamless/criu/rpc_pb2.py"), notify.hex()],
         capture_output=True, text=True,
     )
     assert r.returncode == 0, r.stderr
@@ -513,7 +513,7 @@ def test_debian_python3_protobuf_round_trips_a_request() -> None:
 
 def test_a_criu_too_old_for_the_target_kernel_is_named() -> None:
     """Debian 12's CRIU 3.17 cannot restore on 6.13 and later (vvar_vclock); 4.1 can."""
-    from seamless.collect.criu import Version, kernels
+    from seamless.criu import Version, kernels
 
     assert kernels.unsupported(Version(3, 17, 1), "6.1.0-56-cloud-amd64") is None
     assert kernels.unsupported(Version(3, 17, 1), "6.12.118+deb13-cloud-amd64") is None

@@ -16,10 +16,10 @@ import pytest
 
 from seamless.collect import freeze
 from seamless.collect.checkpoint import dump_all
-from seamless.collect.criu import CriuError
 from seamless.collect.freeze import Freezer, own_cgroup
 from seamless.collect.processes import ProcessInfo, ProcessTree
 from seamless.collect.resources import Network
+from seamless.criu import CriuError
 from seamless.errors import ExitCode, SeamlessError
 
 from .test_checkpoint import FakeCriu

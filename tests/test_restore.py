@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from seamless.collect.criu import (
+from seamless.criu import (
     CgroupMode,
     CriuError,
     CriuOptions,
@@ -20,7 +20,7 @@ from seamless.collect.criu import (
     CriuTimeoutError,
     NotifyHandler,
 )
-from seamless.collect.layout import TREE_INFO
+from seamless.memstore.handoff import TREE_INFO
 from seamless.restore.restorer import restore_all, restore_options
 
 

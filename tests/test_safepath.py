@@ -15,8 +15,8 @@ import pytest
 
 from seamless import safepath
 from seamless.collect import runtime
-from seamless.collect.criu import CriuOptions, CriuResult, NotifyHandler
-from seamless.collect.layout import TREE_INFO
+from seamless.criu import CriuOptions, CriuResult, NotifyHandler
+from seamless.memstore.handoff import TREE_INFO
 from seamless.restore.restorer import recreate_dirs, recreate_fifos, reopen_foreign, restore_all
 
 USER = 4242

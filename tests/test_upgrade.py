@@ -24,13 +24,13 @@ import seamless.run
 from seamless import syscalls, upgrade
 from seamless.cli import cli
 from seamless.collect.inhibitors import Inhibitor
-from seamless.collect.layout import TREE_INFO
 from seamless.errors import ExitCode, SeamlessError
 from seamless.kexec import cmdline
 from seamless.kexec import initrd as initrd_module
 from seamless.memstore import handoff
 from seamless.memstore.generation import Generation
 from seamless.memstore.handoff import RECORD as UPGRADE_RECORD
+from seamless.memstore.handoff import TREE_INFO
 from seamless.memstore.records import Manifest, TreeRecord
 from seamless.memstore.region import Region
 from seamless.memstore.store import GENERATIONS, Store
@@ -455,7 +455,7 @@ def test_needs_root(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_the_preflight_refuses_a_target_kernel_the_criu_cannot_restore_on(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from seamless.collect.criu import Version
+    from seamless.criu import Version
 
     class OldCriu:
         def check(self, work: Path) -> None:

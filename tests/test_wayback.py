@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from seamless import faults
-from seamless.collect.criu import CriuOptions, CriuResult, Notification, NotifyHandler
+from seamless.criu import CriuOptions, CriuResult, Notification, NotifyHandler
 from seamless.errors import SeamlessError
 from seamless.kexec import cmdline
 from seamless.memstore import handoff

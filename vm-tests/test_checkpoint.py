@@ -27,7 +27,7 @@ import json, sys
 from pathlib import Path
 import psutil
 from seamless.collect.checkpoint import dump_all
-from seamless.collect.criu import Criu
+from seamless.criu import Criu
 from seamless.collect.processes import ProcessInfo, ProcessTree
 
 trees = []

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.vm
 CLIENT = r"""
 import json, sys
 from pathlib import Path
-from seamless.collect.criu import Criu, CriuError, CriuOptions
+from seamless.criu import Criu, CriuError, CriuOptions
 
 criu = Criu(timeout=600)
 command, args = sys.argv[1], sys.argv[2:]

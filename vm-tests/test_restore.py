@@ -18,7 +18,7 @@ DUMP = r"""
 import dataclasses, json, sys
 from pathlib import Path
 from seamless.collect import checkpoint
-from seamless.collect.criu import Criu
+from seamless.criu import Criu
 from seamless.collect.processes import read_table, ProcessTree, children_map, descendants
 from seamless.collect.resources import journald_streams, unix_sockets
 

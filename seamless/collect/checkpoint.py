@@ -35,17 +35,7 @@ from typing import Protocol
 
 from seamless import faults, stop
 from seamless.collect import runtime
-from seamless.collect.criu import (
-    Criu,
-    CriuError,
-    CriuOptions,
-    CriuResult,
-    NetworkLock,
-    Notification,
-    NotifyHandler,
-)
 from seamless.collect.freeze import Freezer, describe
-from seamless.collect.layout import TREE_INFO
 from seamless.collect.namespaces import own_namespace, skipped_mounts, tmpfs_bind_sources
 from seamless.collect.processes import ProcessTree
 from seamless.collect.resources import (
@@ -61,9 +51,19 @@ from seamless.collect.resources import (
     volatile_fifos,
     volatile_files,
 )
+from seamless.criu import (
+    Criu,
+    CriuError,
+    CriuOptions,
+    CriuResult,
+    NetworkLock,
+    Notification,
+    NotifyHandler,
+)
 from seamless.errors import ExitCode, SeamlessError
 from seamless.log import complete_step, count, log
 from seamless.memstore.generation import Follower, Generation, Hashed, shred
+from seamless.memstore.handoff import TREE_INFO
 from seamless.memstore.records import Manifest, TreeRecord
 from seamless.memstore.store import MOUNTPOINT as STORE_MOUNTPOINT
 
@@ -113,7 +113,7 @@ def tree_info(tree: ProcessTree, options: CriuOptions, order: int,
 
 
 class Dumper(Protocol):
-    """What dumps a tree (:class:`seamless.collect.criu.Criu` does)."""
+    """What dumps a tree (:class:`seamless.criu.Criu` does)."""
 
     def dump(
         self, images_dir: Path, options: CriuOptions,
@@ -122,7 +122,7 @@ class Dumper(Protocol):
 
 
 class PreDumper(Protocol):
-    """What copies a running tree's memory (:class:`seamless.collect.criu.Criu` does)."""
+    """What copies a running tree's memory (:class:`seamless.criu.Criu` does)."""
 
     def pre_dump(
         self, images_dir: Path, options: CriuOptions,

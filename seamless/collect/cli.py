@@ -11,10 +11,10 @@ from pathlib import Path
 import click
 
 from seamless.collect.checkpoint import take_checkpoint
-from seamless.collect.layout import load_criu_modules
 from seamless.collect.plan import StoreSpace, make_plan, render
 from seamless.collect.processes import read_table
 from seamless.collect.select import CONFIG_PATH, RULE_KINDS, Selection, load_config
+from seamless.criu.modules import load_criu_modules
 from seamless.errors import ExitCode, SeamlessError, need_root
 from seamless.lock import exclusive
 from seamless.log import complete_step, count, log

@@ -1,25 +1,7 @@
-"""What a checkpoint leaves for its restore, and what both ends load: kept apart from
-the checkpoint's own modules so that the boot-time restorer does not import them."""
+"""What the checkpoint reads and the restore reopens, kept apart from the checkpoint's
+own modules so that the boot-time restorer does not import them."""
 
 from __future__ import annotations
 
-from seamless.log import log
-from seamless.run import run
-
-#: Beside each tree's images: what the restore needs to know about the tree.
-TREE_INFO = "seamless-tree.json"
-
 #: Unix sockets of journald that a service's stdout/stderr stream into.
 JOURNALD_STDOUT = "/run/systemd/journal/stdout"
-
-#: What CRIU needs loaded: socket diagnostics to dump sockets, nftables for the
-#: network lock, tun and veth for its checks.
-CRIU_MODULES = ("inet_diag", "tcp_diag", "udp_diag", "raw_diag", "unix_diag", "netlink_diag",
-                "af_packet_diag", "nf_tables", "tun", "veth")
-
-
-def load_criu_modules() -> None:
-    """Load what CRIU needs (a module that is missing shows in criu check)."""
-    result = run(["modprobe", "-a", *CRIU_MODULES], check=False)
-    if result.returncode != 0:
-        log.debug("modprobe: %s", result.stderr.decode(errors="replace").strip())

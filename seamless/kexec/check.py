@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from seamless.collect.criu import Criu, kernels
+from seamless.criu import Criu, kernels
 from seamless.errors import ExitCode, SeamlessError
 from seamless.kexec import initrd
 from seamless.kexec.image import KernelImage, kexec_policy

@@ -27,6 +27,8 @@ from typing import Any
 
 #: The upgrade record, in the store's root.
 RECORD = "upgrade.json"
+#: Beside each tree's images: what the restore needs to know about the tree.
+TREE_INFO = "seamless-tree.json"
 #: The new kernel's argument that carries the token.
 TOKEN_ARG = "seamless.token="
 MACHINE_ID = Path("/etc/machine-id")

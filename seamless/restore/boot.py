@@ -21,8 +21,8 @@ import psutil
 
 import seamless
 from seamless import faults, lock
-from seamless.collect.criu import Criu
-from seamless.collect.layout import load_criu_modules
+from seamless.criu import Criu
+from seamless.criu.modules import load_criu_modules
 from seamless.errors import SeamlessError
 from seamless.log import complete_step, count, log
 from seamless.memstore import handoff

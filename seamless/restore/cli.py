@@ -11,12 +11,12 @@ from typing import Any
 import click
 
 from seamless import __version__
-from seamless.collect.criu import Criu
-from seamless.collect.layout import TREE_INFO
+from seamless.criu import Criu
 from seamless.errors import ExitCode, SeamlessError, need_root
 from seamless.lock import held
 from seamless.log import complete_step, count
 from seamless.memstore import handoff
+from seamless.memstore.handoff import TREE_INFO
 from seamless.restore import boothooks
 from seamless.restore.boot import (
     boot_restore,

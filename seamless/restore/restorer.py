@@ -24,7 +24,8 @@ import psutil
 
 from seamless import faults, safepath
 from seamless.collect import namespaces, runtime
-from seamless.collect.criu import (
+from seamless.collect.layout import JOURNALD_STDOUT
+from seamless.criu import (
     CgroupMode,
     CriuOptions,
     CriuResult,
@@ -34,9 +35,9 @@ from seamless.collect.criu import (
     Notification,
     NotifyHandler,
 )
-from seamless.collect.layout import JOURNALD_STDOUT, TREE_INFO
 from seamless.errors import SeamlessError
 from seamless.log import log
+from seamless.memstore.handoff import TREE_INFO
 from seamless.memstore.records import TreeRecord
 from seamless.restore import netlock
 from seamless.restore.lazy import Pager, kill_tree
@@ -44,7 +45,7 @@ from seamless.run import run
 
 
 class Restorer(Protocol):
-    """What restores a tree (:class:`seamless.collect.criu.Criu` does)."""
+    """What restores a tree (:class:`seamless.criu.Criu` does)."""
 
     def restore(
         self, images_dir: Path, options: CriuOptions | None = None,

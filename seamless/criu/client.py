@@ -11,7 +11,7 @@ calls the handler registered for that script, then answers with
 CRIU finds the images directory as ``/proc/<client>/fd/<N>`` (the client is
 the socket's peer), so /proc must be mounted; its log goes into that
 directory, named after the call (``dump.log``, ``restore.log`` ...), at level
-4.  Every failure is a :class:`~seamless.collect.criu.errors.CriuError` that
+4.  Every failure is a :class:`~seamless.criu.errors.CriuError` that
 carries CRIU's errno, its first error message and the last error lines of
 that log; the swrk process is always reaped.
 
@@ -37,16 +37,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Protocol
 
-from seamless.collect.criu import wire
-from seamless.collect.criu.errors import (
+from seamless.criu import wire
+from seamless.criu.errors import (
     CriuDiedError,
     CriuError,
     CriuNotifyError,
     CriuProtocolError,
     CriuTimeoutError,
 )
-from seamless.collect.criu.options import CriuOptions
-from seamless.collect.criu.wire import ReqType, Response, Version
+from seamless.criu.options import CriuOptions
+from seamless.criu.wire import ReqType, Response, Version
 from seamless.log import log
 
 #: The action scripts CRIU announces with a NOTIFY (criu/action-scripts.c): 3.17's, and

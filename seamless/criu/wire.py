@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from seamless.collect.criu.options import CriuOptions
+from seamless.criu.options import CriuOptions
 
-rpc: ModuleType = importlib.import_module("seamless.collect.criu.rpc_pb2")
+rpc: ModuleType = importlib.import_module("seamless.criu.rpc_pb2")
 
 
 class ReqType(enum.IntEnum):

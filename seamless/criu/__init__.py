@@ -1,6 +1,6 @@
 """CRIU as the engine: its RPC protocol, spoken by one client (see client.py)."""
 
-from seamless.collect.criu.client import (
+from seamless.criu.client import (
     Criu,
     CriuResult,
     Notification,
@@ -9,14 +9,14 @@ from seamless.collect.criu.client import (
     SpawnPeer,
     swrk,
 )
-from seamless.collect.criu.errors import (
+from seamless.criu.errors import (
     CriuDiedError,
     CriuError,
     CriuNotifyError,
     CriuProtocolError,
     CriuTimeoutError,
 )
-from seamless.collect.criu.options import (
+from seamless.criu.options import (
     CgroupMode,
     CgroupRoot,
     CriuOptions,
@@ -24,7 +24,7 @@ from seamless.collect.criu.options import (
     NetworkLock,
     PreDumpMode,
 )
-from seamless.collect.criu.wire import ReqType, Version
+from seamless.criu.wire import ReqType, Version
 
 __all__ = [
     "CgroupMode", "CgroupRoot", "Criu", "CriuDiedError", "CriuError", "CriuNotifyError",

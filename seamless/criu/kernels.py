@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from seamless.collect.criu.wire import Version
+from seamless.criu.wire import Version
 
 #: (the first kernel affected, the first CRIU release that works there, why).
 NEEDS: tuple[tuple[tuple[int, int], tuple[int, int], str], ...] = (

@@ -1,0 +1,18 @@
+"""The kernel modules CRIU needs loaded, on both sides of the kexec."""
+
+from __future__ import annotations
+
+from seamless.log import log
+from seamless.run import run
+
+#: What CRIU needs loaded: socket diagnostics to dump sockets, nftables for the
+#: network lock, tun and veth for its checks.
+CRIU_MODULES = ("inet_diag", "tcp_diag", "udp_diag", "raw_diag", "unix_diag", "netlink_diag",
+                "af_packet_diag", "nf_tables", "tun", "veth")
+
+
+def load_criu_modules() -> None:
+    """Load what CRIU needs (a module that is missing shows in criu check)."""
+    result = run(["modprobe", "-a", *CRIU_MODULES], check=False)
+    if result.returncode != 0:
+        log.debug("modprobe: %s", result.stderr.decode(errors="replace").strip())
