@@ -1,10 +1,11 @@
-"""The one place that runs subprocesses."""
+"""The one place that runs subprocesses: :func:`run` to wait for one, :func:`spawn` for
+one that runs beside seamless."""
 
 from __future__ import annotations
 
 import shlex
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from seamless.errors import SeamlessError
@@ -50,3 +51,22 @@ def run(
     if check and result.returncode != 0:
         raise CommandError(args, result.returncode, result.stderr.decode(errors="replace"))
     return result
+
+
+def spawn(
+    argv: Sequence[str | Path],
+    *,
+    pass_fds: Iterable[int] = (),
+    stdin: int | None = subprocess.DEVNULL,
+    stdout: int | None = None,
+    stderr: int | None = None,
+    cwd: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` beside seamless, in a session of its own: the operator's Ctrl-C or
+    the terminal's hangup does not reach it (seamless stops it itself). Only
+    ``pass_fds`` are inherited; stdin is closed unless given. Raises OSError as
+    :class:`subprocess.Popen` does (FileNotFoundError: no such program)."""
+    args = [str(a) for a in argv]
+    log.debug("+ %s &", shlex.join(args))
+    return subprocess.Popen(args, pass_fds=tuple(pass_fds), stdin=stdin, stdout=stdout,
+                            stderr=stderr, cwd=cwd, close_fds=True, start_new_session=True)

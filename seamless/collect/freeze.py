@@ -30,6 +30,7 @@ from seamless import stop
 from seamless.collect.processes import ProcessTree
 from seamless.errors import ExitCode, SeamlessError
 from seamless.log import count, log
+from seamless.run import spawn
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 #: How long the freeze of every cgroup may take before we give up and thaw.
@@ -122,10 +123,9 @@ class Freezer:
             return
         if self.watchdog:
             # in a session of its own: the terminal's hangup or Ctrl-C does not reach it
-            self._guard = subprocess.Popen(
+            self._guard = spawn(
                 [sys.executable, "-m", "seamless.collect.watchdog", *map(str, paths)],
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True,
-                start_new_session=True)
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + timeout
             while True:

@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import os
 import select
-import shlex
 import signal
 import socket
 import subprocess
@@ -48,6 +47,7 @@ from seamless.criu.errors import (
 from seamless.criu.options import CriuOptions
 from seamless.criu.wire import ReqType, Response, Version
 from seamless.log import log
+from seamless.run import spawn as spawn_process
 
 #: The action scripts CRIU announces with a NOTIFY (criu/action-scripts.c): 3.17's, and
 #: query-ext-files, which 4.0 and later send during a dump.
@@ -124,15 +124,11 @@ def swrk(binary: str = "criu") -> SpawnPeer:
     """Start the real thing: ``criu swrk <fd>``."""
 
     def spawn(sock_fd: int, pass_fds: tuple[int, ...], output: int) -> Peer:
-        argv = [binary, "swrk", str(sock_fd)]
-        log.debug("+ %s", shlex.join(argv))
         # In a session of its own: a Ctrl-C or a hangup of the operator's terminal must
         # not kill CRIU while its code runs inside a process; the coordinator handles
         # them, and stops CRIU through the protocol (or by closing the socket).
-        return subprocess.Popen(
-            argv, pass_fds=(sock_fd, *pass_fds), stdin=subprocess.DEVNULL,
-            stdout=output, stderr=output, close_fds=True, start_new_session=True,
-        )
+        return spawn_process([binary, "swrk", str(sock_fd)], pass_fds=(sock_fd, *pass_fds),
+                             stdout=output, stderr=output)
 
     return spawn
 

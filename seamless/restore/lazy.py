@@ -27,6 +27,7 @@ import psutil
 
 from seamless.errors import SeamlessError
 from seamless.log import log
+from seamless.run import spawn
 
 #: Written by the shell around the daemon: its exit status.
 STATUS = "lazy-pages.status"
@@ -60,9 +61,7 @@ class Pager:
         script = (f'"$0" lazy-pages -D . --status-fd {ready_w} -o {LOG} -v2; '
                   f"echo $? > {STATUS}.tmp && mv {STATUS}.tmp {STATUS}")
         try:
-            proc = subprocess.Popen(
-                ["sh", "-c", script, binary], cwd=images_dir, pass_fds=(ready_w,),
-                stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = spawn(["sh", "-c", script, binary], cwd=images_dir, pass_fds=(ready_w,))
         except OSError as e:
             os.close(ready_r)
             os.close(ready_w)
