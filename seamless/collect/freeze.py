@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from seamless import stop
+from seamless import procfs, stop
 from seamless.collect.processes import ProcessTree
 from seamless.errors import ExitCode, SeamlessError
 from seamless.log import count, log
@@ -55,11 +55,10 @@ def _descends_from(pid: int, ancestor: int, proc: Path) -> bool:
     while pid > 1 and seen < 4096:
         if pid == ancestor:
             return True
-        try:
-            stat = (proc / str(pid) / "stat").read_text()
-            pid = int(stat.rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
+        parent = procfs.stat_field(pid, procfs.PPID, proc)
+        if parent is None or not parent.isdigit():
             return False
+        pid = int(parent)
         seen += 1
     return pid == ancestor
 
@@ -196,11 +195,7 @@ def in_vfork(path: Path, proc: Path = Path("/proc")) -> list[int]:
     counts only them frozen in that state (the kernel's ``wait_for_vfork_done``)."""
     tids = []
     for tid in sorted(cgroup_pids(path, "cgroup.threads")):
-        try:
-            stat = (proc / str(tid) / "stat").read_text()
-        except OSError:
-            continue  # gone
-        if stat.rsplit(")", 1)[1].split()[:1] == ["D"]:
+        if procfs.stat_field(tid, procfs.STATE, proc) == "D":  # None: gone
             tids.append(tid)
     return tids
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import psutil
 
+from seamless import procfs
+
 PF_KTHREAD = 0x00200000
 
 
@@ -82,16 +84,8 @@ def _cgroup(pid: int, proc: Path) -> str:
 
 
 def _is_kthread(pid: int, proc: Path) -> bool:
-    stat = _read(f"{proc}/{pid}/stat")
-    if not stat:
-        return False
-    # The command name is in parentheses and may contain spaces: split after it.
-    fields = stat.rsplit(")", 1)[-1].split()
-    try:
-        flags = int(fields[6])  # field 9 of stat, the 7th after "pid (comm)"
-    except (IndexError, ValueError):
-        return False
-    return bool(flags & PF_KTHREAD)
+    flags = procfs.stat_field(pid, procfs.FLAGS, Path(proc))
+    return flags is not None and flags.isdigit() and bool(int(flags) & PF_KTHREAD)
 
 
 def read_table(proc: Path = Path("/proc")) -> list[ProcessInfo]:

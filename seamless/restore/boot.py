@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 
 import seamless
-from seamless import faults, lock
+from seamless import faults, lock, procfs
 from seamless.criu import Criu
 from seamless.criu.modules import load_criu_modules
 from seamless.errors import SeamlessError
@@ -146,9 +146,8 @@ def boot_times(now: float, proc: Path = Path("/proc")) -> dict[str, float]:
     clock comes from the RTC at this point of the boot: to about a second."""
     try:
         uptime = float((proc / "uptime").read_text().split()[0])
-        fields = (proc / "self" / "stat").read_text().rsplit(")", 1)[1].split()
-        started_ticks = int(fields[19])  # field 22 of stat: starttime
-    except (OSError, ValueError, IndexError):
+        started_ticks = int(procfs.stat_field("self", procfs.STARTTIME, proc) or "")
+    except (OSError, ValueError):
         return {}
     kernel = now - uptime
     return {"kernel_started": kernel,
