@@ -161,19 +161,11 @@ def _peek(pid: int, fd: int) -> bytes:
         sock.close()
 
 
-def mounts(path: Path = Path("/proc/self/mountinfo")) -> list[tuple[str, str]]:
-    """(mount point, filesystem type), longest mount point first."""
-    result = []
-    try:
-        text = path.read_text()
-    except OSError:
-        return []
-    for line in text.splitlines():
-        left, _, right = line.partition(" - ")
-        fields = left.split()
-        if len(fields) >= 5 and right:
-            result.append((fields[4].replace("\\040", " "), right.split()[0]))
-    return sorted(result, key=lambda m: len(m[0]), reverse=True)
+def mounts() -> list[tuple[str, str]]:
+    """(mount point, filesystem type) of this mount namespace, longest mount point
+    first."""
+    return sorted(((m.target, m.fstype) for m in namespaces.mountinfo()),
+                  key=lambda m: len(m[0]), reverse=True)
 
 
 def fs_type(path: str, table: list[tuple[str, str]]) -> str:
@@ -219,11 +211,7 @@ def socket_dirs(
 
 
 def _mount_ids(pid: int) -> set[int]:
-    try:
-        text = Path(f"/proc/{pid}/mountinfo").read_text()
-    except OSError:
-        return set()
-    return {int(line.split(None, 1)[0]) for line in text.splitlines() if line}
+    return {m.mount_id for m in namespaces.mountinfo(pid)}
 
 
 def _fd_mount_id(pid: int, fd: str) -> int | None:
