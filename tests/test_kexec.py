@@ -371,6 +371,8 @@ class FakeKernel:
     loaded_file: Path
     calls: list[tuple[Any, ...]] = field(default_factory=list)
     busy: set[str] = field(default_factory=set)
+    unfreezable: set[str] = field(default_factory=set)
+    mounts_file: Path | None = None
 
     def kexec_file_load(self, kernel_fd: int, initrd_fd: int | None, line: str,
                         flags: int = 0) -> None:
@@ -388,7 +390,25 @@ class FakeKernel:
 
     def remount_readonly(self, target: str, flags: int = 0) -> int:
         self.calls.append(("remount", target))
-        return errno.EBUSY if target in self.busy else 0
+        if target in self.busy:
+            return errno.EBUSY
+        if self.mounts_file is not None:  # the table shows it read-only from now on
+            lines = []
+            for line in self.mounts_file.read_text().splitlines():
+                fields = line.split(" ")
+                if fields[1].replace("\\040", " ") == target:
+                    fields[3] = fields[3].replace("rw", "ro", 1)
+                lines.append(" ".join(fields))
+            self.mounts_file.write_text("\n".join(lines) + "\n")
+        return 0
+
+    def freeze_fs(self, target: str) -> int:
+        self.calls.append(("freeze", target))
+        return errno.EOPNOTSUPP if target in self.unfreezable else 0
+
+    def thaw_fs(self, target: str) -> int:
+        self.calls.append(("thaw", target))
+        return 0
 
     def reboot_kexec(self) -> None:
         self.calls.append(("reboot_kexec",))
@@ -413,12 +433,14 @@ tmpfs /run tmpfs rw,nosuid,nodev,size=201812k,mode=755 0 0
 def kernel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeKernel]:
     fake = FakeKernel(tmp_path / "kexec_loaded")
     fake.loaded_file.write_text("0\n")
-    for name in ("kexec_file_load", "kexec_unload", "sync", "remount_readonly", "reboot_kexec"):
+    for name in ("kexec_file_load", "kexec_unload", "sync", "remount_readonly", "freeze_fs",
+                 "thaw_fs", "reboot_kexec"):
         monkeypatch.setattr(syscalls, name, getattr(fake, name))
     monkeypatch.setattr(loader, "KEXEC_LOADED", fake.loaded_file)
     monkeypatch.setattr(loader, "flush_journal", lambda: fake.calls.append(("flush_journal",)))
     mounts = tmp_path / "mounts"
     mounts.write_text(MOUNTS)
+    fake.mounts_file = mounts
     monkeypatch.setattr(loader, "MOUNTS", mounts)
     monkeypatch.setattr(loader, "is_block_backed", lambda m: m.source.startswith("/dev/"))
     yield fake
@@ -443,7 +465,7 @@ def test_enter_syncs_remounts_innermost_first_and_reboots_last(
     monkeypatch.setattr(log, "handlers", [])
     monkeypatch.setattr(log, "propagate", True)
     kernel.loaded_file.write_text("1\n")
-    kernel.busy.add("/")
+    kernel.busy.update({"/", "/srv/my data"})
     loader.enter()
     assert kernel.calls == [
         ("flush_journal",),
@@ -453,6 +475,10 @@ def test_enter_syncs_remounts_innermost_first_and_reboots_last(
         ("remount", "/boot"),
         ("remount", "/"),
         ("sync",),
+        # what stayed writable is frozen (its journal clean for the new kernel), innermost
+        # first, each filesystem once
+        ("freeze", "/srv/my data"),
+        ("freeze", "/"),
         ("reboot_kexec",),
     ]
     assert "left / read-write: busy" in caplog.text
@@ -481,9 +507,27 @@ def test_failed_reboot_says_what_was_changed(
         raise syscalls.SyscallError("reboot", errno.EINVAL)
 
     monkeypatch.setattr(syscalls, "reboot_kexec", fail)
+    kernel.busy.update({"/", "/boot", "/var/lib/seamless/store"})
+    kernel.unfreezable.add("/boot")
     with pytest.raises(SeamlessError, match="remounted read-only") as exc:
         loader.enter()
     assert exc.value.status == ExitCode.CHANGED
+    # nothing stays frozen on the old kernel: what was frozen is thawed, outermost first;
+    # /boot could not be frozen and is left alone
+    tried = [c[1] for c in kernel.calls if c[0] == "freeze"]
+    thawed = [c[1] for c in kernel.calls if c[0] == "thaw"]
+    assert tried == ["/var/lib/seamless/store", "/boot", "/"]
+    assert thawed == ["/", "/var/lib/seamless/store"]
+
+
+def test_a_mount_of_a_frozen_filesystem_is_frozen_once(
+    kernel: FakeKernel, tmp_path: Path
+) -> None:
+    table = tmp_path / "bound"
+    table.write_text("/dev/vda1 / ext4 rw 0 0\n/dev/vda1 /srv/bound ext4 rw 0 0\n")
+    assert loader.freeze_writable(table) == ["/srv/bound"]
+    loader.thaw(["/srv/bound"])
+    assert kernel.calls == [("freeze", "/srv/bound"), ("thaw", "/srv/bound")]
 
 
 # --- the command ------------------------------------------------------------------------------

@@ -2,8 +2,12 @@
 
 :func:`enter` does what ``systemctl kexec`` does at its very end, without
 stopping any service first: sync, remount the disks' filesystems read-only
-(innermost first), sync again, reboot into the loaded kernel.  Every system
-call goes through :mod:`seamless.syscalls`.
+(innermost first), sync again, reboot into the loaded kernel.  A filesystem
+that stays writable (a file is open for writing on it: the root's, as a rule)
+is frozen last, which writes its journal out and marks it clean: the new
+kernel mounts it without replaying the journal, which took 7.7 s of an
+upgrade's blackout under TCG.  Every system call goes through
+:mod:`seamless.syscalls`.
 """
 
 from __future__ import annotations
@@ -100,6 +104,40 @@ def remount_readonly_all(mounts_path: Path | None = None) -> list[str]:
     return done
 
 
+def freeze_writable(mounts_path: Path | None = None) -> list[str]:
+    """Freeze every block-backed filesystem still writable, innermost first, each once
+    (bind mounts share it). Nothing is logged once the first is frozen: the journal may
+    live there. Returns the targets frozen, for :func:`thaw`."""
+    writable = []
+    seen = set()
+    for mount in reversed(mounts(mounts_path or MOUNTS)):
+        if mount.readonly or not is_block_backed(mount) or mount.source in seen:
+            continue
+        seen.add(mount.source)
+        writable.append(mount.target)
+    if writable:
+        log.debug("freezing %s: their journals written out, nothing for the new kernel "
+                  "to replay", ", ".join(writable))
+    frozen = []
+    for target in writable:
+        try:
+            if syscalls.freeze_fs(target) == 0:
+                frozen.append(target)
+        except SeamlessError:
+            continue  # the new kernel replays its journal, as without the freeze
+    return frozen
+
+
+def thaw(targets: list[str]) -> None:
+    """Thaw what :func:`freeze_writable` froze, outermost first."""
+    for target in reversed(targets):
+        try:
+            syscalls.thaw_fs(target)
+        except SeamlessError as e:
+            log.warning("%s stays frozen: %s (fsfreeze --unfreeze %s)", target, e.message,
+                        target)
+
+
 def flush_journal() -> None:
     """Ask journald to write what it holds (the upgrade's own lines among it) to disk:
     the kexec gives it no shutdown to do that. Best effort, bounded."""
@@ -110,7 +148,8 @@ def flush_journal() -> None:
 
 
 def enter(loaded_path: Path | None = None, mounts_path: Path | None = None) -> None:
-    """Enter the loaded kernel: sync, remount read-only, sync, reboot.  Does not return."""
+    """Enter the loaded kernel: sync, remount read-only, sync, freeze what is still
+    writable, reboot.  Does not return."""
     if not loaded(loaded_path):
         raise SeamlessError("no kernel is loaded for kexec",
                             hint="load one first (seamless kexec --kernel PATH)")
@@ -118,9 +157,11 @@ def enter(loaded_path: Path | None = None, mounts_path: Path | None = None) -> N
     syscalls.sync()
     remounted = remount_readonly_all(mounts_path)
     syscalls.sync()
+    frozen = freeze_writable(mounts_path)
     try:
         syscalls.reboot_kexec()
     except SeamlessError as e:
+        thaw(frozen)
         raise SeamlessError(
             f"{e.message}; the system is still running the old kernel, with "
             f"{len(remounted)} filesystems remounted read-only ({', '.join(remounted) or '-'})",
