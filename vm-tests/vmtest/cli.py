@@ -145,7 +145,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(sizes=tuple(args.sizes), with_initramfs=args.initramfs,
-                      initramfs_tools=args.initramfs_tools, lazy_pages=args.lazy_pages,
+                      generator=args.generator, lazy_pages=args.lazy_pages,
                       rounds=args.rounds, json_path=Path(args.json) if args.json else None,
                       way_back=args.way_back)
 
@@ -209,12 +209,14 @@ def parser() -> argparse.ArgumentParser:
                     help="sizes of state in MiB (default %(default)s)")
     bn.add_argument("--no-initramfs", dest="initramfs", action="store_false",
                     help="skip the initramfs with/without the module (size, time in it)")
-    bn.add_argument("--initramfs-tools", action="store_true",
-                    help="upgrade into each kernel's initramfs-tools initramfs (the restore "
-                    "runs there, before init) instead of its dracut one")
+    bn.add_argument("--generator", choices=bench.GENERATORS, default="default",
+                    help="the initramfs the upgrades and the kexec boot: the kernel's own "
+                    "(default: the distribution's generator, initramfs-tools on Debian 13, "
+                    "dracut on 12), dracut's (restore after switch-root, in "
+                    "seamless-restore.service) or initramfs-tools' (restore before init)")
     bn.add_argument("--lazy-pages", action="store_true",
-                    help="upgrade with a pre-dump, then with a lazy restore (instead of a "
-                    "whole dump, then a pre-dump)")
+                    help="upgrade with a lazy restore, then with a pre-dump (instead of "
+                    "the default upgrade and its way back)")
     bn.add_argument("--way-back", action="store_true",
                     help="upgrade with all or nothing and its way back (the default), then "
                     "with --no-way-back, both whole dumps: what the way back costs")
