@@ -151,7 +151,7 @@ def test_the_table_shows_the_medians_the_goals_and_the_default_paths_phases() ->
     breakdown = text[text.index("seamless upgrade, the default path: phases"):]
     assert "the restorer's start (python)" in breakdown
     assert "added (blackout - kexec to init)" in breakdown
-    assert "systemctl kexec's boot, kexec to init" in breakdown
+    assert "systemctl kexec's boot, its clock to init" in breakdown
     assert text.index("goals (") < text.index("the default path: phases")
 
 
