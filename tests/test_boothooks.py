@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from seamless.criu.modules import CRIU_MODULES
 from seamless.errors import SeamlessError
+from seamless.memstore.region import PMEM_MODULES
 from seamless.restore import boothooks
 
 
@@ -121,3 +124,29 @@ def test_the_package_s_configuration_reads_as_shipped_and_with_its_examples(
     config.write_text(re.sub(r"^#(include|exclude)", r"\1", text, flags=re.M))
     chosen = load_config(config)
     assert chosen.include and chosen.exclude
+
+
+LIB = Path(__file__).parents[1] / "dracut-module/90seamless"
+
+
+def shell_modules() -> set[str]:
+    out = subprocess.run(["sh", "-c", '. "$1"; echo $SEAMLESS_MODULES', "sh",
+                          str(LIB / "seamless-lib.sh")],
+                         capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def test_the_shell_and_python_load_the_same_modules() -> None:
+    """seamless-lib.sh's list (the initramfs's) is Python's: the store's and CRIU's (and
+    nfnetlink, which nf_tables needs: modprobe loads it anyway)."""
+    assert shell_modules() == {*PMEM_MODULES, *CRIU_MODULES, "nfnetlink"}
+
+
+def test_dracut_puts_the_shell_list_into_the_initramfs() -> None:
+    out = subprocess.run(
+        ["bash", "-c", 'instmods() { echo "$hostonly|$*"; }; . "$1"; installkernel', "bash",
+         str(LIB / "module-setup.sh")],
+        env={"moddir": str(LIB), "PATH": os.environ["PATH"]},
+        capture_output=True, text=True, check=True).stdout.strip()
+    hostonly, modules = out.split("|")
+    assert hostonly == "" and set(modules.split()) == shell_modules()

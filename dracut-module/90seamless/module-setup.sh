@@ -18,11 +18,14 @@ depends() {
 }
 
 # called by dracut
+# shellcheck disable=SC2154 # moddir is set by dracut
 installkernel() {
-    # The preserved region (legacy pmem), and what CRIU needs to restore sockets.
-    hostonly='' instmods libnvdimm nd_btt nd_pmem nd_e820 \
-        inet_diag tcp_diag udp_diag raw_diag unix_diag netlink_diag af_packet_diag \
-        nfnetlink nf_tables tun veth
+    # The preserved region (legacy pmem), and what CRIU needs to restore sockets: the
+    # list the restore loads them from (seamless-lib.sh).
+    # shellcheck source=seamless-lib.sh
+    . "$moddir/seamless-lib.sh"
+    # shellcheck disable=SC2086 # a list of module names
+    hostonly='' instmods $SEAMLESS_MODULES
 }
 
 # called by dracut

@@ -4,6 +4,10 @@
 # criu), run chrooted into the real root: nothing of them is copied into the
 # initramfs.
 
+# The modules the restore loads: the preserved region's (pmem) and what CRIU needs.
+# The one list of the shell side: both generators' hooks put these into the initramfs;
+# seamless/criu/modules.py and seamless/memstore/region.py hold Python's (a test keeps
+# the two the same).
 SEAMLESS_MODULES="libnvdimm nd_btt nd_pmem nd_e820 inet_diag tcp_diag udp_diag raw_diag unix_diag netlink_diag af_packet_diag nfnetlink nf_tables tun veth"
 
 seamless_log() {
