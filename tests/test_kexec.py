@@ -825,3 +825,18 @@ def test_kernel_check_says_in_one_line_what_would_stop_an_upgrade(
     assert result.exit_code == ExitCode.CHECK_FAILED
     assert result.stdout == (f"seamless: {RELEASE}: NOT ready for seamless upgrade: "
                              "it is not built yet\n")
+
+
+def test_a_signal_before_the_kexec_leaves_nothing_frozen(
+    kernel: FakeKernel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kernel.loaded_file.write_text("1\n")
+    kernel.busy.update({"/", "/boot"})
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(syscalls, "reboot_kexec", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        loader.enter()
+    assert [c[1] for c in kernel.calls if c[0] == "thaw"] == ["/", "/boot"]

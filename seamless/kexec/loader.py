@@ -118,13 +118,17 @@ def freeze_writable(mounts_path: Path | None = None) -> list[str]:
     if writable:
         log.debug("freezing %s: their journals written out, nothing for the new kernel "
                   "to replay", ", ".join(writable))
-    frozen = []
-    for target in writable:
-        try:
-            if syscalls.freeze_fs(target) == 0:
-                frozen.append(target)
-        except SeamlessError:
-            continue  # the new kernel replays its journal, as without the freeze
+    frozen: list[str] = []
+    try:
+        for target in writable:
+            try:
+                if syscalls.freeze_fs(target) == 0:
+                    frozen.append(target)
+            except SeamlessError:
+                continue  # the new kernel replays its journal, as without the freeze
+    except BaseException:  # a signal: nothing stays frozen behind it
+        thaw(frozen)
+        raise
     return frozen
 
 
@@ -160,8 +164,10 @@ def enter(loaded_path: Path | None = None, mounts_path: Path | None = None) -> N
     frozen = freeze_writable(mounts_path)
     try:
         syscalls.reboot_kexec()
-    except SeamlessError as e:
+    except BaseException as e:  # a failed kexec, or a signal: nothing stays frozen
         thaw(frozen)
+        if not isinstance(e, SeamlessError):
+            raise
         raise SeamlessError(
             f"{e.message}; the system is still running the old kernel, with "
             f"{len(remounted)} filesystems remounted read-only ({', '.join(remounted) or '-'})",
