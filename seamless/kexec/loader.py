@@ -5,8 +5,8 @@ stopping any service first: sync, remount the disks' filesystems read-only
 (innermost first), sync again, reboot into the loaded kernel.  A filesystem
 that stays writable (a file is open for writing on it: the root's, as a rule)
 is frozen last, which writes its journal out and marks it clean: the new
-kernel mounts it without replaying the journal, which took 7.7 s of an
-upgrade's blackout under TCG.  Every system call goes through
+kernel mounts it without replaying the journal, which cost seconds of the
+blackout.  Every system call goes through
 :mod:`seamless.syscalls`.
 """
 
@@ -81,6 +81,12 @@ def loaded(path: Path | None = None) -> bool:
         return False
 
 
+def writable_disks(mounts_path: Path | None = None) -> list[Mount]:
+    """The writable block-backed mounts, innermost first."""
+    return [m for m in reversed(mounts(mounts_path or MOUNTS))
+            if not m.readonly and is_block_backed(m)]
+
+
 def remount_readonly_all(mounts_path: Path | None = None) -> list[str]:
     """Remount every writable block-backed filesystem read-only, innermost first.
 
@@ -88,9 +94,7 @@ def remount_readonly_all(mounts_path: Path | None = None) -> list[str]:
     sync before and after still writes its data.  Returns the targets remounted.
     """
     done = []
-    for mount in reversed(mounts(mounts_path or MOUNTS)):
-        if mount.readonly or not is_block_backed(mount):
-            continue
+    for mount in writable_disks(mounts_path):
         try:
             err = syscalls.remount_readonly(mount.target, kept_flags(mount))
         except SeamlessError as e:
@@ -110,11 +114,10 @@ def freeze_writable(mounts_path: Path | None = None) -> list[str]:
     live there. Returns the targets frozen, for :func:`thaw`."""
     writable = []
     seen = set()
-    for mount in reversed(mounts(mounts_path or MOUNTS)):
-        if mount.readonly or not is_block_backed(mount) or mount.source in seen:
-            continue
-        seen.add(mount.source)
-        writable.append(mount.target)
+    for mount in writable_disks(mounts_path):
+        if mount.source not in seen:
+            seen.add(mount.source)
+            writable.append(mount.target)
     if writable:
         log.debug("freezing %s: their journals written out, nothing for the new kernel "
                   "to replay", ", ".join(writable))
