@@ -18,6 +18,15 @@ seamless_log() {
     fi
 }
 
+# seamless_preload_modules: start loading those modules in the background, as soon as
+# the boot knows it restores: they load while udev looks for the disks, not after the
+# real root is mounted (0.7 s of the blackout under TCG). seamless_restore loads them
+# again: modprobe skips a loaded module and waits for one still loading.
+seamless_preload_modules() {
+    # shellcheck disable=SC2086 # a list of module names
+    modprobe -a $SEAMLESS_MODULES >/dev/null 2>&1 &
+}
+
 # seamless_reserve_pids LAST: every process started from now on gets a PID above
 # LAST, so none takes the PID of a process about to be restored.
 seamless_reserve_pids() {
