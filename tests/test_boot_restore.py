@@ -121,9 +121,12 @@ def test_service_with_a_unit_file_gets_a_drop_in(tmp_path: Path) -> None:
     pid_file = tmp_path / "run/seamless/adopt/app.service.pid"
     assert pid_file.read_text() == "4242\n"
     assert pid_file.parent.stat().st_mode & 0o077 == 0
-    # The unit keeps its own file: no whole runtime unit, not added to any target.
+    # The unit keeps its own file: no whole runtime unit. It is wanted by this boot, so
+    # that systemd adopts it even if nothing else wants it (started by hand, never
+    # enabled: the boot would leave its restored process unknown to systemd).
     assert not (tmp_path / "run/systemd/system/app.service").exists()
-    assert not (tmp_path / "run/systemd/system/multi-user.target.wants").exists()
+    link = tmp_path / "run/systemd/system/multi-user.target.wants/app.service"
+    assert os.readlink(link) == "/lib/systemd/system/app.service"
 
 
 def test_the_drop_ins_serve_one_start_then_the_units_are_their_own(tmp_path: Path) -> None:
@@ -146,9 +149,15 @@ def test_the_drop_ins_serve_one_start_then_the_units_are_their_own(tmp_path: Pat
     script = shlex.split(command)[2]
     assert shlex.split(command)[:2] == ["/bin/sh", "-c"]
     assert 'case "$(systemctl is-system-running)" in initializing|starting) sleep 1' in script
+    # the drop-ins and the links that made the boot start the units: their own
+    # enablement is back too
     assert script.index("rm -f /run/systemd/system/web.service.d/50-seamless-adopt.conf "
-                        "/run/systemd/system/db@main.service.d/50-seamless-adopt.conf") \
+                        "/run/systemd/system/db@main.service.d/50-seamless-adopt.conf "
+                        "/run/systemd/system/multi-user.target.wants/db@main.service "
+                        "/run/systemd/system/multi-user.target.wants/web.service") \
         < script.index("exec /bin/systemctl daemon-reload")
+    wants = tmp_path / "run/systemd/system/multi-user.target.wants"
+    assert os.readlink(wants / "db@main.service") == "/lib/systemd/system/db@.service"
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "systemctl").write_text("#!/bin/sh\necho \"$@\" >> \"$LOG\"\n"
@@ -162,8 +171,8 @@ def test_the_drop_ins_serve_one_start_then_the_units_are_their_own(tmp_path: Pat
         assert sh.wait(timeout=30) == 0
     assert log.read_text().splitlines() == ["is-system-running", "daemon-reload"]
     assert not any((tmp_path / "run/systemd/system").glob("*.d/50-seamless-adopt.conf"))
-    link = tmp_path / "run/systemd/system/multi-user.target.wants" / adopt.FINISH_UNIT
-    assert os.readlink(link) == f"../{adopt.FINISH_UNIT}"
+    assert sorted(p.name for p in wants.iterdir()) == [adopt.FINISH_UNIT]
+    assert os.readlink(wants / adopt.FINISH_UNIT) == f"../{adopt.FINISH_UNIT}"
 
 
 def test_unit_file_found_in_etc(tmp_path: Path) -> None:
@@ -1297,3 +1306,4 @@ def test_node_exporter_gets_the_last_upgrade_as_metrics(
     assert "seamless_store_free_bytes " in text
     assert oct((metrics_in_tmp / "seamless.prom").stat().st_mode & 0o777) == "0o644"
     assert [p.name for p in metrics_in_tmp.iterdir()] == ["seamless.prom"]
+

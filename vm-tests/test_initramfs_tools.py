@@ -30,10 +30,11 @@ def test_upgrade_with_an_initramfs_tools_initramfs_restores_before_init(
     boot_guest: BootGuest,
 ) -> None:
     """B's initramfs-tools initramfs carries the hook, its scripts and util-linux's
-    mount; `seamless upgrade --initrd` into it restores a pipe pair (a transient unit)
-    and an HTTP server (a unit file, enabled) from the initramfs's init-bottom stage:
-    same PIDs and state, systemd adopts both and starts no second copy, and
-    seamless-restore.service finds the work done."""
+    mount; `seamless upgrade --initrd` into it restores a pipe pair (a transient unit),
+    an HTTP server (a unit file, enabled) and a unit started by hand and never enabled
+    from the initramfs's init-bottom stage: same PIDs and state, systemd adopts all
+    three (the one wanted by nothing too) and starts no second copy, the units are as
+    enabled as before, and seamless-restore.service finds the work done."""
     g = boot_guest("A")
     initrd = B.initramfs_tools_initrd
     listing = g.run("lsinitramfs", initrd)
@@ -45,6 +46,10 @@ def test_upgrade_with_an_initramfs_tools_initramfs_restores_before_init(
 
     pids = {"pair": start_service(g, "pair", "/bin/sh", "-c", PIPE_PAIR, "/root/pipe.last"),
             "web": start_web_unit(g)}
+    g.channel.run(["sh", "-c", "cat > /etc/systemd/system/by-hand.service"],
+                  input=b"[Service]\nExecStart=/bin/sleep infinity\n", check=True)
+    g.run("systemctl", "start", "by-hand.service")
+    pids["by-hand"] = main_pid(g, "by-hand.service")
     g.sh("for i in $(seq 100); do test -s /root/pipe.last && exit 0; sleep 0.2; done; exit 1")
     for _ in range(2):
         http(g, PORT, "POST")
@@ -80,6 +85,12 @@ def test_upgrade_with_an_initramfs_tools_initramfs_restores_before_init(
     assert pipe_count(g) > before, "the pipe pair does not run"
     servers = g.run("pgrep", "-c", "-f", "/usr/local/lib/web.py").strip()
     assert servers == "1", f"{servers} HTTP servers: systemd started a second copy"
+    # Wanted by this boot only until seamless-adopted.service has run.
+    g.sh("for i in $(seq 150); do systemctl is-active -q seamless-adopted.service || exit 0;"
+         " sleep 0.2; done; exit 1")
+    assert g.run("systemctl", "is-enabled", "by-hand.service", check=False).strip() \
+        in ("disabled", "static")
+    assert g.run("systemctl", "is-enabled", "web.service").strip() == "enabled"
     for name, value in status["phases"].items():
         record(f"initramfs-tools upgrade phase: {name}", value)
     # What was restored before init can be checkpointed again: its files are on the

@@ -14,13 +14,19 @@ processes, which the adopted unit's has: the drop-in says yes for that start.
 - a unit with a unit file gets a drop-in (``NAME.service.d/50-seamless-adopt.conf``)
   replacing its start commands;
 - a transient unit (``systemd-run``) has no file in the new boot: it gets a
-  whole runtime unit, wanted by multi-user.target.
+  whole runtime unit.
+
+Either is wanted by multi-user.target for this boot: a unit started by hand and never
+enabled is wanted by nothing, and a boot that restored it before init would leave its
+process running unknown to systemd (and a later ``systemctl start`` would run a second
+copy).
 
 ``systemctl status NAME`` then shows the original PID. The drop-ins serve that one
 start only: once systemd has started the adopted units, ``seamless-adopted.service``
-removes them and reloads systemd, so the units' own definitions are back for
-everything after (``systemctl restart``, ``reload`` and ``stop`` do what they did
-before the upgrade; the unit's own PID file came back with its runtime files).
+removes them (and those units' links from multi-user.target) and reloads systemd, so
+the units' own definitions (and enablement) are back for everything after
+(``systemctl restart``, ``reload`` and ``stop`` do what they did before the upgrade;
+the unit's own PID file came back with its runtime files).
 After an ordinary reboot /run is empty and the units start as usual.
 """
 
@@ -34,6 +40,7 @@ UNIT_DIRS = ("etc/systemd/system", "run/systemd/generator.early", "run/systemd/g
              "usr/local/lib/systemd/system", "usr/lib/systemd/system", "lib/systemd/system",
              "run/systemd/generator.late")
 RUNTIME_UNITS = Path("run/systemd/system")
+WANTS = RUNTIME_UNITS / "multi-user.target.wants"
 PID_FILES = Path("run/seamless/adopt")
 DROPIN = "50-seamless-adopt.conf"
 
@@ -92,11 +99,22 @@ def system_unit(cgroup: str) -> str | None:
     return None
 
 
-def has_unit_file(unit: str, root: Path) -> bool:
-    """Whether the unit (or, for an instance ``NAME@I.service``, its template) has a file."""
+def unit_file(unit: str, root: Path) -> Path | None:
+    """The unit's file (for an instance ``NAME@I.service``, its own or its template's),
+    the one systemd reads first; None when it has none."""
     prefix, at, _ = unit.partition("@")
     names = [unit, f"{prefix}@.service"] if at else [unit]
-    return any((root / d / n).exists() for d in UNIT_DIRS for n in names)
+    return next((root / d / n for d in UNIT_DIRS for n in names if (root / d / n).exists()),
+                None)
+
+
+def _want(unit: str, target: Path, root: Path) -> None:
+    """Link ``unit`` (its file: ``target``) into multi-user.target's wants, this boot."""
+    wants = root / WANTS
+    wants.mkdir(parents=True, exist_ok=True)
+    link = wants / unit
+    if not link.is_symlink():
+        link.symlink_to(target)
 
 
 def adopt(unit: str, pid: int, root: Path = Path("/")) -> Path:
@@ -108,36 +126,32 @@ def adopt(unit: str, pid: int, root: Path = Path("/")) -> Path:
     (root / PID_FILES).mkdir(mode=0o700, parents=True, exist_ok=True)
     (root / pid_file).write_text(f"{pid}\n")
     runtime = root / RUNTIME_UNITS
-    if has_unit_file(unit, root):
+    source = unit_file(unit, root)
+    if source is not None:
         path = runtime / f"{unit}.d" / DROPIN
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(ADOPT_SERVICE.format(pid_file=pid_file))
+        _want(unit, Path("/") / source.relative_to(root), root)
         return path
     path = runtime / unit
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(RESTORED_UNIT.format(unit=unit.removesuffix(".service"), pid_file=pid_file))
-    wants = runtime / "multi-user.target.wants"
-    wants.mkdir(exist_ok=True)
-    link = wants / unit
-    if not link.is_symlink():
-        link.symlink_to(Path("..") / unit)
+    _want(unit, Path("..") / unit, root)
     return path
 
 
 def finish_unit(dropins: list[Path], root: Path = Path("/")) -> Path | None:
     """The runtime unit that removes the adoption drop-ins ``dropins`` (paths under
-    ``root``) once systemd has started their units, and reloads it."""
+    ``root``) and their units' links from multi-user.target once systemd has started
+    the units, and reloads it."""
     if not dropins:
         return None
     units = sorted({d.parent.name.removesuffix(".d") for d in dropins})
-    runtime = root / RUNTIME_UNITS
-    path = runtime / FINISH_UNIT
+    links = [Path("/") / WANTS / unit for unit in units]
+    path = root / RUNTIME_UNITS / FINISH_UNIT
     path.write_text(FINISH_SERVICE.format(
         units=" ".join(units), wait=FINISH_WAIT,
-        dropins=" ".join("/" + str(d.relative_to(root)) for d in dropins)))
-    wants = runtime / "multi-user.target.wants"
-    wants.mkdir(parents=True, exist_ok=True)
-    link = wants / FINISH_UNIT
-    if not link.is_symlink():
-        link.symlink_to(Path("..") / FINISH_UNIT)
+        dropins=" ".join(["/" + str(d.relative_to(root)) for d in dropins]
+                         + [str(link) for link in links])))
+    _want(FINISH_UNIT, Path("..") / FINISH_UNIT, root)
     return path
