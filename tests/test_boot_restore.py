@@ -40,7 +40,7 @@ from seamless.memstore.generation import MANIFEST, Generation
 from seamless.memstore.handoff import TREE_INFO
 from seamless.memstore.records import FileEntry, Manifest, TreeRecord
 from seamless.memstore.store import GENERATIONS, Store
-from seamless.restore import adopt, boot, bootfs, lazy
+from seamless.restore import adopt, boot, lazy
 
 SOURCE = "6.1.0-55-cloud-amd64"
 
@@ -1307,33 +1307,3 @@ def test_node_exporter_gets_the_last_upgrade_as_metrics(
     assert oct((metrics_in_tmp / "seamless.prom").stat().st_mode & 0o777) == "0o644"
     assert [p.name for p in metrics_in_tmp.iterdir()] == ["seamless.prom"]
 
-
-@pytest.mark.parametrize("stage", ["initramfs", "systemd"])
-def test_a_boot_restore_keeps_tmp_from_the_boot_s_tmpfiles_in_either_stage(
-    env: BootEnv, reports: tuple[Path, Path], booted_with: list[str], stage: str
-) -> None:
-    """Before init, or in seamless-restore.service (which systemd-tmpfiles-setup waits
-    for), the boot's tmpfiles have not run: the restore overrides the line that would
-    empty /tmp and keeps every entry of it. A restore by hand later (tmpfiles ran long
-    ago) keeps only the services' private /tmp from later cleanups."""
-    lib = env.root / "usr/lib/tmpfiles.d"
-    lib.mkdir(parents=True)
-    (lib / "tmp.conf").write_text("D /tmp 1777 root root -\n")
-    (env.root / "tmp/tmux-0").mkdir(parents=True)
-    if stage == "systemd":
-        (env.root / "run/systemd/system").mkdir(parents=True)
-    upgrade_record(env, times={"entering": 6.0})
-    booted_with.append(f"seamless.token={TOKEN}")
-
-    report = boot.boot_restore(3, criu=FakeRestorer(), root=env.root, keep=True, at_boot=True)
-
-    assert report["ok"] and report["stage"] == stage
-    run = env.root / "run/tmpfiles.d"
-    assert (run / "tmp.conf").read_text().splitlines()[1:] == ["d /tmp 1777 root root -"]
-    assert "x /tmp/tmux-0" in (run / bootfs.KEEP_FILE).read_text().splitlines()
-
-    for f in run.iterdir():
-        f.unlink()
-    boot.boot_restore(3, criu=FakeRestorer(), root=env.root, keep=True)
-    assert not (run / "tmp.conf").exists()
-    assert not (run / bootfs.KEEP_FILE).exists()

@@ -332,8 +332,7 @@ def boot_restore(number: int | None, *, keep: bool = False,
         report.update(ok=restored.ok, trees=restored.to_json()["trees"],
                       adopted=adopt_services(restored, root))
         if any(t.restored for t in restored.trees):
-            # At boot the restore comes before the boot's tmpfiles, in either stage.
-            bootfs.keep_tmp(root, before_tmpfiles=at_boot and retry is None)
+            bootfs.keep_tmp(root, before_init=report["stage"] == "initramfs")
         # The trees run: say so at once. Handing the services to systemd and overwriting
         # the generation take seconds, and the boot's services start meanwhile.
         write_report({**report, "finishing": True}, store)
