@@ -1306,4 +1306,3 @@ def test_node_exporter_gets_the_last_upgrade_as_metrics(
     assert "seamless_store_free_bytes " in text
     assert oct((metrics_in_tmp / "seamless.prom").stat().st_mode & 0o777) == "0o644"
     assert [p.name for p in metrics_in_tmp.iterdir()] == ["seamless.prom"]
-

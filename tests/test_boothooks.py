@@ -155,12 +155,15 @@ def test_dracut_puts_the_shell_list_into_the_initramfs() -> None:
 def test_the_modules_start_loading_in_the_background(tmp_path: Path) -> None:
     """seamless_preload_modules returns at once and loads the whole list: the boot goes
     on to look for its disks while they load."""
-    (tmp_path / "modprobe").write_text(f'#!/bin/sh\nsleep 0.3\necho "$@" > {tmp_path}/loaded\n')
+    # modprobe finishes only once the caller has gone on: no timing to race with
+    (tmp_path / "modprobe").write_text(
+        f'#!/bin/sh\nwhile [ ! -e {tmp_path}/go ]; do sleep 0.05; done\n'
+        f'echo "$@" > {tmp_path}/loaded\n')
     (tmp_path / "modprobe").chmod(0o755)
     out = subprocess.run(
         ["sh", "-c", '. "$1"; seamless_preload_modules; '
-                     '[ -e "$2/loaded" ] && echo early; wait; cat "$2/loaded"',
+                     '[ -e "$2/loaded" ] && echo early; : > "$2/go"; wait; cat "$2/loaded"',
          "sh", str(LIB / "seamless-lib.sh"), str(tmp_path)],
         env={"PATH": f"{tmp_path}:{os.environ['PATH']}"},
-        capture_output=True, text=True, check=True).stdout.split()
+        capture_output=True, text=True, check=True, timeout=30).stdout.split()
     assert out[0] == "-a" and set(out[1:]) == shell_modules()
