@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from seamless import kernel_modules
 from seamless.criu.modules import CRIU_MODULES
 from seamless.errors import SeamlessError
+from seamless.kexec.initrd import STORE_MODULES
 from seamless.memstore.region import PMEM_MODULES
 from seamless.restore import boothooks
 
@@ -25,6 +28,8 @@ def test_installs_for_each_generator_present(tmp_path: Path) -> None:
     conf = (tmp_path / "etc/dracut.conf.d" / boothooks.DRACUT_CONF_NAME).read_text()
     assert "add_dracutmodules+=" in conf and " seamless " in conf
     assert (tmp_path / "usr/share/seamless/seamless-lib.sh").is_file()
+    for place in (module, tmp_path / "usr/share/seamless"):
+        assert (place / "kernel-modules").read_text() == kernel_modules.LIST.read_text()
     script = tmp_path / "etc/initramfs-tools/scripts/init-bottom/seamless"
     assert script in done.initramfs_tools and os.access(script, os.X_OK)
 
@@ -129,27 +134,47 @@ def test_the_package_s_configuration_reads_as_shipped_and_with_its_examples(
 LIB = Path(__file__).parents[1] / "dracut-module/90seamless"
 
 
-def shell_modules() -> set[str]:
-    out = subprocess.run(["sh", "-c", '. "$1"; echo $SEAMLESS_MODULES', "sh",
-                          str(LIB / "seamless-lib.sh")],
+def shell_modules() -> list[str]:
+    """What seamless-lib.sh reads from the list, as the initramfs's shell does."""
+    out = subprocess.run(["sh", "-c", '. "$1"; seamless_modules "$2"', "sh",
+                          str(LIB / "seamless-lib.sh"), str(kernel_modules.LIST)],
                          capture_output=True, text=True, check=True).stdout
-    return set(out.split())
+    return out.split()
 
 
-def test_the_shell_and_python_load_the_same_modules() -> None:
-    """seamless-lib.sh's list (the initramfs's) is Python's: the store's and CRIU's (and
-    nfnetlink, which nf_tables needs: modprobe loads it anyway)."""
-    assert shell_modules() == {*PMEM_MODULES, *CRIU_MODULES, "nfnetlink"}
+def test_the_shell_and_python_read_the_same_list() -> None:
+    assert shell_modules() == list(kernel_modules.named())
+    assert "nd_pmem" in shell_modules() and "nf_tables" in shell_modules()
 
 
-def test_dracut_puts_the_shell_list_into_the_initramfs() -> None:
+def test_each_use_takes_its_modules_from_the_list() -> None:
+    assert {*PMEM_MODULES, *CRIU_MODULES} == set(kernel_modules.named())
+    assert set(STORE_MODULES) == {"nd_pmem", "nd_e820"} <= set(PMEM_MODULES)
+    assert "nf_tables" in CRIU_MODULES and "nd_pmem" not in CRIU_MODULES
+
+
+def test_a_list_reads_past_comments_and_blank_lines(tmp_path: Path) -> None:
+    listed = tmp_path / "kernel-modules"
+    listed.write_text("# a comment\n\nfoo  store initrd  # why\nbar criu\n")
+    assert kernel_modules.named(path=listed) == ("foo", "bar")
+    assert kernel_modules.named("initrd", path=listed) == ("foo",)
+    out = subprocess.run(["sh", "-c", '. "$1"; seamless_modules "$2"', "sh",
+                          str(LIB / "seamless-lib.sh"), str(listed)],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["foo", "bar"]
+
+
+def test_dracut_puts_the_list_into_the_initramfs(tmp_path: Path) -> None:
+    moddir = tmp_path / "90seamless"
+    shutil.copytree(LIB, moddir)
+    shutil.copyfile(kernel_modules.LIST, moddir / "kernel-modules")
     out = subprocess.run(
         ["bash", "-c", 'instmods() { echo "$hostonly|$*"; }; . "$1"; installkernel', "bash",
-         str(LIB / "module-setup.sh")],
-        env={"moddir": str(LIB), "PATH": os.environ["PATH"]},
+         str(moddir / "module-setup.sh")],
+        env={"moddir": str(moddir), "PATH": os.environ["PATH"]},
         capture_output=True, text=True, check=True).stdout.strip()
     hostonly, modules = out.split("|")
-    assert hostonly == "" and set(modules.split()) == shell_modules()
+    assert hostonly == "" and modules.split() == shell_modules()
 
 
 def test_the_modules_start_loading_in_the_background(tmp_path: Path) -> None:
@@ -164,6 +189,7 @@ def test_the_modules_start_loading_in_the_background(tmp_path: Path) -> None:
         ["sh", "-c", '. "$1"; seamless_preload_modules; '
                      '[ -e "$2/loaded" ] && echo early; : > "$2/go"; wait; cat "$2/loaded"',
          "sh", str(LIB / "seamless-lib.sh"), str(tmp_path)],
-        env={"PATH": f"{tmp_path}:{os.environ['PATH']}"},
+        env={"PATH": f"{tmp_path}:{os.environ['PATH']}",
+             "SEAMLESS_MODULE_LIST": str(kernel_modules.LIST)},
         capture_output=True, text=True, check=True, timeout=30).stdout.split()
-    assert out[0] == "-a" and set(out[1:]) == shell_modules()
+    assert out[0] == "-a" and out[1:] == shell_modules()

@@ -30,6 +30,7 @@ def test_restorer_is_built_in_and_a_failing_restore_does_not_stop_the_boot(
         "seamless:")
     listing = guest_a.run("lsinitrd", B.dracut_initrd)
     assert "usr/lib/seamless/seamless-lib.sh" in listing
+    assert "usr/lib/seamless/kernel-modules" in listing
     assert "pre-pivot/90-seamless-restore.sh" in listing
     assert "nd_pmem.ko" in listing
 

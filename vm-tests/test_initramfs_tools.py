@@ -39,7 +39,8 @@ def test_upgrade_with_an_initramfs_tools_initramfs_restores_before_init(
     initrd = B.initramfs_tools_initrd
     listing = g.run("lsinitramfs", initrd)
     for path in ("scripts/init-bottom/seamless", "scripts/init-top/seamless",
-                 "lib/seamless/seamless-lib.sh", "lib/seamless/bin/mount", "nd_pmem.ko"):
+                 "lib/seamless/seamless-lib.sh", "lib/seamless/kernel-modules",
+                 "lib/seamless/bin/mount", "nd_pmem.ko"):
         assert path in listing, f"{path} is not in {initrd}"
     size = int(g.run("stat", "-c", "%s", initrd))
     log.info("initramfs-tools initramfs of B with the restorer: %.1f MiB", size / 2**20)

@@ -21,11 +21,11 @@ depends() {
 # shellcheck disable=SC2154 # moddir is set by dracut
 installkernel() {
     # The preserved region (legacy pmem), and what CRIU needs to restore sockets: the
-    # list the restore loads them from (seamless-lib.sh).
+    # list the restore loads them from (kernel-modules, read by seamless-lib.sh).
     # shellcheck source=seamless-lib.sh
     . "$moddir/seamless-lib.sh"
-    # shellcheck disable=SC2086 # a list of module names
-    hostonly='' instmods $SEAMLESS_MODULES
+    # shellcheck disable=SC2046 # a list of module names
+    hostonly='' instmods $(seamless_modules "$moddir/kernel-modules")
 }
 
 # called by dracut
@@ -34,6 +34,7 @@ install() {
     inst_multiple chroot modprobe mount umount
     inst_multiple -o ip
     inst_simple "$moddir/seamless-lib.sh" /lib/seamless/seamless-lib.sh
+    inst_simple "$moddir/kernel-modules" /lib/seamless/kernel-modules
     inst_hook cmdline 01 "$moddir/seamless-pids.sh"
     inst_hook pre-pivot 90 "$moddir/seamless-restore.sh"
 }

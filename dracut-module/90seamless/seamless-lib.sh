@@ -4,11 +4,17 @@
 # criu), run chrooted into the real root: nothing of them is copied into the
 # initramfs.
 
-# The modules the restore loads: the preserved region's (pmem) and what CRIU needs.
-# The one list of the shell side: both generators' hooks put these into the initramfs;
-# seamless/criu/modules.py and seamless/memstore/region.py hold Python's (a test keeps
-# the two the same).
-SEAMLESS_MODULES="libnvdimm nd_btt nd_pmem nd_e820 inet_diag tcp_diag udp_diag raw_diag unix_diag netlink_diag af_packet_diag nfnetlink nf_tables tun veth"
+# seamless_modules LIST: the names of the kernel modules the restore loads, the
+# preserved region's (pmem) and what CRIU needs, from the one list Python reads too
+# (seamless/resources/kernel-modules: a name per line, then what needs it). Both
+# generators' hooks put the list, and every module on it, into the initramfs.
+SEAMLESS_MODULE_LIST=${SEAMLESS_MODULE_LIST:-/lib/seamless/kernel-modules}
+seamless_modules() {
+    while read -r _name _; do
+        case $_name in '' | '#'*) continue ;; esac
+        printf '%s\n' "$_name"
+    done <"$1"
+}
 
 seamless_log() {
     if [ -c /dev/kmsg ]; then
@@ -23,8 +29,8 @@ seamless_log() {
 # real root is mounted (0.7 s of the blackout under TCG). seamless_restore loads them
 # again: modprobe skips a loaded module and waits for one still loading.
 seamless_preload_modules() {
-    # shellcheck disable=SC2086 # a list of module names
-    modprobe -a $SEAMLESS_MODULES >/dev/null 2>&1 &
+    # shellcheck disable=SC2046 # a list of module names
+    modprobe -a $(seamless_modules "$SEAMLESS_MODULE_LIST") >/dev/null 2>&1 &
 }
 
 # seamless_reserve_pids LAST: every process started from now on gets a PID above
@@ -56,8 +62,8 @@ seamless_restore() {
         seamless_log "no seamless on the real root at $_root: nothing restored"
         return 1
     fi
-    # shellcheck disable=SC2086 # a list of module names
-    modprobe -a $SEAMLESS_MODULES 2>/dev/null
+    # shellcheck disable=SC2046 # a list of module names
+    modprobe -a $(seamless_modules "$SEAMLESS_MODULE_LIST") 2>/dev/null
     ip link set lo up 2>/dev/null
     # util-linux's mount where the initramfs carries it (initramfs-tools: klibc's);
     # dracut's mount is util-linux already.

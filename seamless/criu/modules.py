@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from seamless import kernel_modules
 from seamless.log import log
 from seamless.run import run
 
 #: What CRIU needs loaded: socket diagnostics to dump sockets, nftables for the
 #: network lock, tun and veth for its checks.
-CRIU_MODULES = ("inet_diag", "tcp_diag", "udp_diag", "raw_diag", "unix_diag", "netlink_diag",
-                "af_packet_diag", "nf_tables", "tun", "veth")
+CRIU_MODULES = kernel_modules.named("criu")
 
 
 def load_criu_modules() -> None:

@@ -9,6 +9,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from seamless import kernel_modules
 from seamless.errors import SeamlessError
 from seamless.log import log
 from seamless.restore import boothooks
@@ -127,7 +128,7 @@ def has_restorer(initrd: Path, names: list[str] | None = None) -> bool:
 
 #: What the new kernel needs to see the store: the memmap= region's bus, and its
 #: block device (the other pmem modules load with them).
-STORE_MODULES = ("nd_e820", "nd_pmem")
+STORE_MODULES = kernel_modules.named("initrd")
 MODULES = Path("/lib/modules")
 
 

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from seamless import kernel_modules
 from seamless.errors import SeamlessError
 from seamless.log import log
 from seamless.run import CommandError, run
 
-PMEM_MODULES = ("libnvdimm", "nd_btt", "nd_pmem", "nd_e820")
+PMEM_MODULES = kernel_modules.named("store")
 LEGACY_PMEM = "Persistent Memory (legacy)"
 
 _UNITS = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}

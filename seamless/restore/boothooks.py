@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from seamless import kernel_modules
 from seamless.errors import SeamlessError
 from seamless.run import run
 
@@ -117,6 +118,7 @@ def install(
         for f in _dracut_source(src).iterdir():
             shutil.copyfile(f, target / f.name)
             (target / f.name).chmod(0o755)
+        shutil.copyfile(kernel_modules.LIST, target / kernel_modules.LIST.name)
         conf = root / "etc/dracut.conf.d"
         conf.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(_dracut_source(src).parent / DRACUT_CONF_NAME, conf / DRACUT_CONF_NAME)
@@ -125,6 +127,7 @@ def install(
         lib_dir = root / "usr/share/seamless"
         lib_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(_dracut_source(src) / "seamless-lib.sh", lib_dir / "seamless-lib.sh")
+        shutil.copyfile(kernel_modules.LIST, lib_dir / kernel_modules.LIST.name)
         for rel in ("hooks/seamless", "scripts/init-top/seamless",
                     "scripts/init-bottom/seamless"):
             target = root / "etc/initramfs-tools" / rel

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
+from seamless.criu.modules import CRIU_MODULES
 from vmtest.qemu import Guest
-
-#: What Debian's CRIU needs loaded (socket diagnostics, nftables for the network
-#: lock, tun and veth for its checks).
-CRIU_MODULES = ("inet_diag", "tcp_diag", "udp_diag", "raw_diag", "unix_diag", "netlink_diag",
-                "af_packet_diag", "nf_tables", "tun", "veth")
 
 #: Counts in memory; writes the count to FILE and says it on stdout (the journal).
 COUNTER = (
