@@ -31,7 +31,7 @@ from seamless.criu import (
 from seamless.errors import ExitCode, SeamlessError
 from seamless.memstore import generation
 from seamless.memstore.generation import Generation
-from seamless.memstore.handoff import TREE_INFO
+from seamless.memstore.handoff import read_tree_info
 
 
 def tree(pid: int) -> ProcessTree:
@@ -72,8 +72,8 @@ def test_every_tree_is_held_until_released(tmp_path: Path) -> None:
     time.sleep(0.1)
     assert criu.returned == []  # both CRIUs still wait in post-dump: trees frozen
     assert all(d.bytes_written > 8192 for d in held.dumps)  # images and the tree's info
-    info = json.loads((tmp_path / "10" / TREE_INFO).read_text())
-    assert info["root"] == 10 and info["unit"] == "app.service"
+    info = read_tree_info(tmp_path / "10")  # as the new kernel's restore reads it
+    assert (info.root, info.order, info.unit, info.pids) == (10, 0, "app.service", [10])
     held.release()
     assert sorted(criu.returned) == [10, 20]
     for d in held.dumps:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import shutil
 import threading
@@ -63,7 +62,7 @@ from seamless.criu import (
 from seamless.errors import ExitCode, SeamlessError
 from seamless.log import complete_step, count, log
 from seamless.memstore.generation import Follower, Generation, Hashed, shred
-from seamless.memstore.handoff import TREE_INFO
+from seamless.memstore.handoff import TreeInfo, write_tree_info
 from seamless.memstore.records import Manifest, TreeRecord
 from seamless.memstore.store import MOUNTPOINT as STORE_MOUNTPOINT
 
@@ -76,40 +75,36 @@ DUMP_TIMEOUT = 600.0
 def tree_info(tree: ProcessTree, options: CriuOptions, order: int,
               network: Network | None = None,
               unit_paths: Sequence[str] = (),
-              sockets: dict[int, UnixPeer] | None = None) -> dict[str, object]:
+              sockets: dict[int, UnixPeer] | None = None) -> TreeInfo:
     """What the restore needs to know of a tree besides its images; ``network``: the
     sockets and addresses read once the trees are frozen (read now without);
     ``unit_paths``: the runtime files of its unit (see :func:`.runtime.unit_paths`);
     ``sockets``: the unix socket table, for its stream connections to other trees."""
     network = network or Network.read()
-    return {
-        # external unix sockets to other trees, connected again by the restore
-        "streams": [s for s in streams_between(tree.pids, sockets or {})
-                    if f"unix[{s['inode']}]" in options.external],
-        "order": order,  # the restore goes in the same order
-        "root": tree.root.pid,
-        "pids": tree.pids,
-        "unit": tree.root.unit,
-        "cgroup": tree.root.cgroup,
-        "command": tree.root.command,
-        "user": tree.root.user,
-        "external": list(options.external),
-        # what the restore hands each external file instead (see foreign_files)
-        "foreign_files": {key: f for key, f in foreign_files(tree.pids).items()
-                          if key in options.external},
-        # restored with its mount namespace, from the new boot's mounts (see restorer.py)
-        "mount_namespace": options.auto_ext_mnt,
-        "socket_dirs": socket_dirs(tree.pids),
-        # sockets of the running system it is connected to, which CRIU connects by path
-        "peer_paths": peer_paths(tree.pids, sockets or {}, options.external),
-        "fifos": volatile_fifos(tree.pids),
-        "runtime_files": runtime.collect(
+    return TreeInfo(
+        root=tree.root.pid,
+        order=order,
+        pids=list(tree.pids),
+        unit=tree.root.unit,
+        cgroup=tree.root.cgroup,
+        command=tree.root.command,
+        user=tree.root.user,
+        external=list(options.external),
+        foreign_files={key: f for key, f in foreign_files(tree.pids).items()
+                       if key in options.external},
+        mount_namespace=options.auto_ext_mnt,
+        streams=[s for s in streams_between(tree.pids, sockets or {})
+                 if f"unix[{s['inode']}]" in options.external],
+        socket_dirs=socket_dirs(tree.pids),
+        peer_paths=peer_paths(tree.pids, sockets or {}, options.external),
+        fifos=volatile_fifos(tree.pids),
+        runtime_files=runtime.collect(
             [*unit_paths, *tmpfs_bind_sources(tree.root.pid), *runtime.pid_files(tree.pids)],
             volatile_files(tree.pids)),
-        "addresses": network.addresses(tree.pids),
-        "connections": network.established(tree.pids),
-        "loopback": network.established(tree.pids, loopback=True),
-    }
+        addresses=network.addresses(tree.pids),
+        connections=network.established(tree.pids),
+        loopback=network.established(tree.pids, loopback=True),
+    )
 
 
 class Dumper(Protocol):
@@ -338,7 +333,7 @@ def dump_all(
             # a tree the cgroup freezer did not freeze is frozen by its CRIU: read its own
             info = tree_info(tree, opts, order, network if opts.freeze_cgroup else None,
                              units.get(tree.root.unit or "", []), sockets)
-            (d.images_dir / TREE_INFO).write_text(json.dumps(info, indent=2))
+            write_tree_info(d.images_dir, info)
             _start(d, criu, opts)
             while not d._dumped.wait(0.2):
                 thread = d._thread

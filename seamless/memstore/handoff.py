@@ -124,6 +124,85 @@ class UpgradeRecord:
         return cls(**known)
 
 
+#: A socket, address, file or connection as :mod:`seamless.collect.resources` and
+#: :mod:`seamless.collect.runtime` read it and the restore makes it again.
+Entry = dict[str, Any]
+
+
+@dataclass
+class TreeInfo:
+    """What the restore needs to know of a tree besides its CRIU images
+    (``seamless-tree.json``, beside them), version 1. The checkpoint writes it
+    (:func:`seamless.collect.checkpoint.tree_info`), the new kernel's restore reads it."""
+
+    #: The tree's root PID: the name of its directory, the PID it comes back with.
+    root: int
+    #: The restore goes in the same order as the dump.
+    order: int = 0
+    pids: list[int] = field(default_factory=list)
+    unit: str | None = None
+    cgroup: str = ""
+    command: str = ""
+    user: str = ""
+    #: CRIU's external resources (``unix[INODE]``, ``file[...]``) that the restore hands
+    #: the tree instead: a new journal stream, another tree's end, a reopened file.
+    external: list[str] = field(default_factory=list)
+    #: What the restore opens for each external file (see collect/resources.py).
+    foreign_files: dict[str, Entry] = field(default_factory=dict)
+    #: Restored with its mount namespace, from the new boot's mounts.
+    mount_namespace: bool = False
+    #: Unix stream connections to other trees, connected again by the restore.
+    streams: list[Entry] = field(default_factory=list)
+    #: The directories of its bound unix sockets, made again when the boot has none.
+    socket_dirs: list[Entry] = field(default_factory=list)
+    #: Sockets of the running system it is connected to, which CRIU connects by path.
+    peer_paths: list[str] = field(default_factory=list)
+    #: Its named pipes on tmpfs, made again.
+    fifos: list[Entry] = field(default_factory=list)
+    #: Its unit's runtime files, PID files, tmpfs files it holds (see collect/runtime.py).
+    runtime_files: list[Entry] = field(default_factory=list)
+    #: Addresses its sockets are bound to, brought up before it runs.
+    addresses: list[Entry] = field(default_factory=list)
+    #: Its established TCP connections, locked until it runs; and those over loopback.
+    connections: list[Entry] = field(default_factory=list)
+    loopback: list[Entry] = field(default_factory=list)
+    version: int = 1
+
+    @property
+    def name(self) -> str:
+        """Its unit, or its command when it has none (for messages)."""
+        return self.unit or self.command or "?"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TreeInfo:
+        """Read a record, one an earlier seamless wrote too (without ``version``): keys
+        it does not know are left out. ValueError when it is not a tree's record."""
+        if not isinstance(data, dict) or "root" not in data:
+            raise ValueError("not a tree's record: no root")
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        info = cls(**known)
+        info.root = int(info.root)
+        info.order = int(data.get("order", info.root))
+        info.pids = [int(p) for p in info.pids]
+        info.unit = None if info.unit is None else str(info.unit)
+        info.mount_namespace = bool(info.mount_namespace)
+        return info
+
+
+def write_tree_info(images_dir: Path, info: TreeInfo) -> Path:
+    path = images_dir / TREE_INFO
+    path.write_text(json.dumps(info.to_json(), indent=2))
+    return path
+
+
+def read_tree_info(images_dir: Path) -> TreeInfo:
+    """The record beside a tree's images; OSError or ValueError when it does not read."""
+    return TreeInfo.from_json(json.loads((images_dir / TREE_INFO).read_text()))
+
+
 def write(store_root: Path, record: UpgradeRecord) -> Path:
     """Write the record whole (a new file renamed over the old one, synced)."""
     path = store_root / RECORD

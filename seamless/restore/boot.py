@@ -172,12 +172,11 @@ def trees_after_init(gen: Generation, root: Path = Path("/")) -> list[str]:
     /run/systemd/journal/dev-log, which an sshd session holds)."""
     found = []
     for _, info in trees_in(gen.final, gen.manifest().trees):
-        name = str(info.get("unit") or info.get("command", "?"))
-        missing = [p for p in info.get("peer_paths", []) if not (root / p.lstrip("/")).exists()]
-        if info.get("mount_namespace"):
-            found.append(f"{name}: a mount namespace of its own")
+        missing = [p for p in info.peer_paths if not (root / p.lstrip("/")).exists()]
+        if info.mount_namespace:
+            found.append(f"{info.name}: a mount namespace of its own")
         elif missing:
-            found.append(f"{name}: connected to {missing[0]}, made after init")
+            found.append(f"{info.name}: connected to {missing[0]}, made after init")
     return found
 
 
@@ -295,7 +294,7 @@ def boot_restore(number: int | None, *, keep: bool = False,
         skip = corrupt_trees(bad)
         trees = trees_in(gen.final, manifest.trees)
         pages = PageCheck(gen, [d.name for d, info in trees
-                                if int(info["root"]) not in running and d.name not in skip])
+                                if info.root not in running and d.name not in skip])
         faults.point("restoring")
         try:
             hold = Hold() if back is not None else None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import os
 import re
 import socket
@@ -37,7 +36,7 @@ from seamless.criu import (
 )
 from seamless.errors import SeamlessError
 from seamless.log import log
-from seamless.memstore.handoff import TREE_INFO
+from seamless.memstore.handoff import TREE_INFO, TreeInfo, read_tree_info
 from seamless.memstore.records import TreeRecord
 from seamless.restore import netlock
 from seamless.restore.lazy import Pager, kill_tree
@@ -283,7 +282,7 @@ def restore_options(inherit: tuple[InheritFd, ...], lazy: bool = False,
 
 
 def trees_in(images_root: Path, listed: Sequence[TreeRecord] | None = None
-             ) -> list[tuple[Path, dict[str, Any]]]:
+             ) -> list[tuple[Path, TreeInfo]]:
     """The trees of a checkpoint, in restore order (the order they were dumped in);
     with ``listed`` (its manifest's trees), only those. A tree whose record does not
     read is left out, as one that is not listed."""
@@ -295,13 +294,12 @@ def trees_in(images_root: Path, listed: Sequence[TreeRecord] | None = None
             log.debug("not restoring %s: the generation's manifest does not list it", tree)
             continue
         try:
-            info: dict[str, Any] = json.loads(info_file.read_text())
-            int(info.get("order", info["root"]))
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            info = read_tree_info(info_file.parent)
+        except (OSError, ValueError, TypeError) as e:
             log.warning("not restoring %s: its %s does not read (%s)", tree, TREE_INFO, e)
             continue
         found.append((info_file.parent, info))
-    return sorted(found, key=lambda t: int(t[1].get("order", t[1]["root"])))
+    return sorted(found, key=lambda t: t[1].order)
 
 
 def restore_all(
@@ -354,7 +352,7 @@ def restore_all(
     report.trees += [TreeRestore(t.root, t.unit, t.command, restored=False,
                                  error="its images are not in the generation")
                      for t in listed or [] if str(t.root) not in there]
-    todo = [(d, i) for d, i in trees if not (running and int(i["root"]) in running)
+    todo = [(d, i) for d, i in trees if not (running and i.root in running)
             and not (skip and d.name in skip)]
     # Every path a tree needs is made before the first tree runs: a tree that runs could
     # put its own links there (see seamless.safepath).
@@ -362,16 +360,15 @@ def restore_all(
     # Before any tree's address comes up: every connection to restore is locked again.
     locked: dict[int, str] = {}  # the root of each tree locked, and its table
     for d, i in todo:
-        root = int(i["root"])
-        if i.get("connections"):
-            name = netlock.table(root, d)
-            if netlock.lock(root, i["connections"], nft, name):
-                locked[root] = name
+        if i.connections:
+            name = netlock.table(i.root, d)
+            if netlock.lock(i.root, i.connections, nft, name):
+                locked[i.root] = name
     # ... and those over loopback, between two trees, until every tree is back.
-    loopback = netlock.lock_loopback([c for _, i in todo for c in i.get("loopback", [])], nft)
+    loopback = netlock.lock_loopback([c for _, i in todo for c in i.loopback], nft)
     streams = connect_streams([i for _, i in todo])
 
-    def restore_one(images_dir: Path, info: dict[str, Any], tree: TreeRestore) -> None:
+    def restore_one(images_dir: Path, info: TreeInfo, tree: TreeRestore) -> None:
         try:
             _restore_tree(images_dir, info, tree, criu, report, stream, pager, progress,
                           gate, streams, hold)
@@ -384,8 +381,8 @@ def restore_all(
     workers: list[threading.Thread] = []
     try:
         for images_dir, info in trees:
-            tree = TreeRestore(int(info["root"]), info.get("unit"), str(info.get("command", "")),
-                               restored=False, cgroup=str(info.get("cgroup", "")))
+            tree = TreeRestore(info.root, info.unit, info.command, restored=False,
+                               cgroup=info.cgroup)
             report.trees.append(tree)
             if running and tree.root in running:
                 tree.restored, tree.earlier, tree.pid = True, True, running[tree.root]
@@ -448,7 +445,7 @@ def _refusal(tree: TreeRestore) -> str:
 
 
 def _restore_tree(
-    images_dir: Path, info: dict[str, Any], tree: TreeRestore, criu: Restorer,
+    images_dir: Path, info: TreeInfo, tree: TreeRestore, criu: Restorer,
     report: RestoreReport, stream: Callable[[str, str | None], int] | None,
     pager: Callable[[Path], Pager] | None, progress: Callable[[str], None],
     gate: Callable[[str], str | None] | None = None,
@@ -473,11 +470,11 @@ def _restore_tree(
             refused.append(reason)
             raise SeamlessError(reason)
     try:
-        tree.addresses = bring_up_addresses(info.get("addresses", []))
+        tree.addresses = bring_up_addresses(info.addresses)
         inherit = []
-        for external in info.get("external", []):
+        for external in info.external:
             if external.startswith("file["):
-                fd = reopen_foreign(info.get("foreign_files", {}).get(external),
+                fd = reopen_foreign(info.foreign_files.get(external),
                                     tree.root, len(fds))
                 fds.append(fd)
                 inherit.append(InheritFd(external, fd))
@@ -490,7 +487,7 @@ def _restore_tree(
         lazy = pager(images_dir) if pager is not None else None
         try:
             result = criu.restore(images_dir, restore_options(tuple(inherit), lazy is not None,
-                                                  bool(info.get("mount_namespace"))),
+                                                  info.mount_namespace),
                                   {"post-restore": before_it_runs}
                                   if gate is not None or hold is not None else None)
         except BaseException:
@@ -529,13 +526,13 @@ def memory_available() -> str:
         return "memory available unknown"
 
 
-def connect_streams(infos: list[dict[str, Any]]) -> dict[int, int]:
+def connect_streams(infos: list[TreeInfo]) -> dict[int, int]:
     """A new socket pair for each unix stream connection between two trees (recorded as
     ``streams`` by the checkpoint), each end by the inode of the socket it replaces, with
     the bytes each end had queued, unread, queued in it again. An end whose peer is not in
     ``infos`` (its tree is not restored) gets a pair whose other end is closed: it reads
     the end of the stream, as when a peer goes away."""
-    ends = {int(s["inode"]): s for info in infos for s in info.get("streams", [])}
+    ends = {int(s["inode"]): s for info in infos for s in info.streams}
     fds: dict[int, int] = {}
     for inode, end in ends.items():
         if inode in fds:
@@ -567,14 +564,14 @@ def connect_streams(infos: list[dict[str, Any]]) -> dict[int, int]:
 SO_SNDBUFFORCE = 32
 
 
-def make_paths(info: dict[str, Any]) -> str | None:
+def make_paths(info: TreeInfo) -> str | None:
     """Make what a tree needs on the new boot's filesystems and cannot find there: its
     runtime files, the directories of its bound unix sockets, its named pipes on tmpfs.
     Returns why the tree cannot be restored, or None."""
-    runtime.recreate(info.get("runtime_files", []))
+    runtime.recreate(info.runtime_files)
     try:
-        recreate_dirs(info.get("socket_dirs", []))
-        recreate_fifos(info.get("fifos", []))
+        recreate_dirs(info.socket_dirs)
+        recreate_fifos(info.fifos)
     except (OSError, SeamlessError) as e:  # safepath.UnsafePath is a SeamlessError
         return f"cannot make what it needs: {e}"
     return None
