@@ -12,9 +12,9 @@ import pytest
 from seamless import kernel_modules
 from seamless.criu.modules import CRIU_MODULES
 from seamless.errors import SeamlessError
+from seamless.kexec import boothooks
 from seamless.kexec.initrd import STORE_MODULES
 from seamless.memstore.region import PMEM_MODULES
-from seamless.restore import boothooks
 
 
 def test_installs_for_each_generator_present(tmp_path: Path) -> None:

@@ -142,8 +142,8 @@ def test_plan_command_json_on_this_host() -> None:
 
 
 def test_unix_stream_peers_same_tree_other_tree_outside_and_journald() -> None:
-    from seamless.collect.layout import JOURNALD_STDOUT
     from seamless.collect.resources import Finding, UnixPeer, _unix_finding
+    from seamless.memstore.handoff import JOURNALD_STDOUT
 
     sockets = {
         10: UnixPeer(10, 11, "*", True, (500,)), 11: UnixPeer(11, 10, "*", True, (501,)),

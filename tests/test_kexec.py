@@ -25,14 +25,13 @@ from click.testing import CliRunner, Result
 from seamless import syscalls
 from seamless.cli import cli
 from seamless.errors import ExitCode, SeamlessError
+from seamless.kexec import boothooks, cmdline, initrd, loader
 from seamless.kexec import cli as kexec_cli
-from seamless.kexec import cmdline, initrd, loader
 from seamless.kexec.image import KernelImage, KexecPolicy, kexec_policy, lockdown_state
 from seamless.log import log
 from seamless.memstore import handoff
 from seamless.memstore import region as memstore_region
 from seamless.memstore.region import Region
-from seamless.restore import boothooks
 
 RELEASE = "6.1.0-56-cloud-amd64"
 MEMMAP = "memmap=256M!1G"

@@ -1,5 +1,5 @@
 """A sandboxed service's mount namespace and runtime files, read off a fake /proc and a
-fake systemctl (seamless.collect.namespaces, seamless.collect.runtime)."""
+fake systemctl (seamless.collect.namespaces, seamless.runtime)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from seamless.collect import namespaces, runtime
+from seamless import runtime
+from seamless.collect import namespaces
 
 MOUNTINFO = """\
 22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw

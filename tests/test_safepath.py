@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from seamless import safepath
-from seamless.collect import runtime
+from seamless import runtime, safepath
 from seamless.criu import CriuOptions, CriuResult, NotifyHandler
 from seamless.memstore.handoff import TREE_INFO
 from seamless.restore.restorer import recreate_dirs, recreate_fifos, reopen_foreign, restore_all

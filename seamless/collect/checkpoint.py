@@ -32,8 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from seamless import faults, stop
-from seamless.collect import runtime
+from seamless import faults, runtime, stop
 from seamless.collect.freeze import Freezer, describe
 from seamless.collect.namespaces import own_namespace, skipped_mounts, tmpfs_bind_sources
 from seamless.collect.processes import ProcessTree
@@ -78,7 +77,7 @@ def tree_info(tree: ProcessTree, options: CriuOptions, order: int,
               sockets: dict[int, UnixPeer] | None = None) -> TreeInfo:
     """What the restore needs to know of a tree besides its images; ``network``: the
     sockets and addresses read once the trees are frozen (read now without);
-    ``unit_paths``: the runtime files of its unit (see :func:`.runtime.unit_paths`);
+    ``unit_paths``: the runtime files of its unit (see :func:`seamless.runtime.unit_paths`);
     ``sockets``: the unix socket table, for its stream connections to other trees."""
     network = network or Network.read()
     return TreeInfo(

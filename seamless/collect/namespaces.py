@@ -22,14 +22,14 @@ memory segment in the host's IPC namespace, and a private user namespace
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from seamless.mounts import unescape
+from seamless.procfs import fd_targets
 
 #: Mount points, in any namespace, whose mounts are never a service's own: CRIU is told
 #: to leave them out of a service's mount namespace. A login's /run/user/UID, and the
@@ -153,39 +153,6 @@ def sysv_shm_maps(pid: int, proc: Path = Path("/proc")) -> int:
         return 0
 
 
-def fd_targets(pid: int, proc: Path = Path("/proc")) -> Iterator[tuple[str, str]]:
-    """Each open descriptor of ``pid`` and what it points at ("socket:[123]"); nothing
-    when the process is gone, and no descriptor closed meanwhile."""
-    base = proc / str(pid) / "fd"
-    try:
-        names = os.listdir(base)
-    except OSError:
-        return
-    for name in names:
-        with contextlib.suppress(OSError):
-            yield name, os.readlink(base / name)
-
-
-DELETED = " (deleted)"
-
-
-def deleted_files(pid: int, proc: Path = Path("/proc")) -> Iterator[tuple[str, os.stat_result]]:
-    """Each file ``pid`` maps or holds open that was deleted since (a library replaced on
-    disk): its path as the process's mount namespace named it, and its stat (through
-    /proc, which still reaches it); nothing when the process is gone."""
-    base = proc / str(pid)
-    links = [(base / "fd" / fd, target) for fd, target in fd_targets(pid, proc)]
-    with contextlib.suppress(OSError), open(base / "maps") as f:
-        for line in f:
-            parts = line.split(maxsplit=5)
-            if len(parts) == 6:
-                links.append((base / "map_files" / parts[0], parts[5].rstrip("\n")))
-    for link, target in links:
-        if target.startswith("/") and target.endswith(DELETED):
-            with contextlib.suppress(OSError):
-                yield target.removesuffix(DELETED), os.stat(link)
-
-
 def uses_io_uring(pid: int, proc: Path = Path("/proc")) -> bool:
     """Whether ``pid`` holds an io_uring instance (a descriptor or its rings mapped)."""
     if any(t == "anon_inode:[io_uring]" for _, t in fd_targets(pid, proc)):
@@ -202,7 +169,7 @@ def tmpfs_bind_sources(pid: int, proc: Path = Path("/proc")) -> list[str]:
     parts of the host's /run that systemd bound into a service's namespace (its
     RuntimeDirectory=, /run/systemd/propagate/UNIT, the inaccessible directories of
     ProtectHome=). The new boot's /run has none of them, and the restore binds each
-    again from its path: they are made again before it (see :mod:`.runtime`). Whole
+    again from its path: they are made again before it (see :mod:`seamless.runtime`). Whole
     mounts of the host (/run, /dev/shm) are left out: the new boot has them."""
     if not own_namespace(pid, "mnt", proc):
         return []

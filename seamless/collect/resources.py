@@ -22,11 +22,12 @@ from typing import Any
 
 import psutil
 
-from seamless.collect import namespaces, runtime
-from seamless.collect.layout import JOURNALD_STDOUT
+from seamless import procfs, runtime
+from seamless.collect import namespaces
 from seamless.collect.processes import ProcessInfo, ProcessTree
 from seamless.errors import SeamlessError
 from seamless.log import log
+from seamless.memstore.handoff import JOURNALD_STDOUT
 from seamless.run import CommandError, run
 from seamless.syscalls import pidfd_getfd
 
@@ -471,7 +472,7 @@ class Network:
 
 
 def _fds(pid: int) -> Iterable[tuple[str, str]]:
-    return namespaces.fd_targets(pid)
+    return procfs.fd_targets(pid)
 
 
 def _mapped_files(pid: int) -> set[str]:
@@ -651,7 +652,7 @@ def replaced_files(pids: Iterable[int]) -> dict[str, int]:
     since (an `apt full-upgrade` replaces libc, libssl ...): path -> size in bytes."""
     found: dict[tuple[int, int], tuple[str, int]] = {}
     for pid in pids:
-        for path, st in namespaces.deleted_files(pid):
+        for path, st in procfs.deleted_files(pid):
             if stat.S_ISREG(st.st_mode) and not path.startswith(("/dev/", "/memfd:", "/SYSV")):
                 found[(st.st_dev, st.st_ino)] = (path, st.st_size)
     return dict(sorted(found.values()))
@@ -695,7 +696,7 @@ def _carried(path: str) -> bool:
 
 def volatile_files(pids: Iterable[int], table: list[tuple[str, str]] | None = None) -> list[str]:
     """The regular files on tmpfs or in /tmp these processes hold open or map, small
-    enough to be carried (see :mod:`.runtime`)."""
+    enough to be carried (see :mod:`seamless.runtime`)."""
     table = mounts() if table is None else table
     found = set()
     for pid in pids:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from seamless import kernel_modules
 from seamless.errors import SeamlessError
+from seamless.kexec import boothooks
 from seamless.log import log
-from seamless.restore import boothooks
 from seamless.run import run
 
 #: Where each generator puts the restorer's hook inside the initramfs.

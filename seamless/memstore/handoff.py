@@ -29,6 +29,9 @@ from typing import Any
 RECORD = "upgrade.json"
 #: Beside each tree's images: what the restore needs to know about the tree.
 TREE_INFO = "seamless-tree.json"
+#: journald's socket that services' stdout and stderr stream into: the checkpoint leaves
+#: such a stream out (CRIU's external), the restore hands the tree a new one.
+JOURNALD_STDOUT = "/run/systemd/journal/stdout"
 #: The new kernel's argument that carries the token.
 TOKEN_ARG = "seamless.token="
 MACHINE_ID = Path("/etc/machine-id")
@@ -125,7 +128,7 @@ class UpgradeRecord:
 
 
 #: A socket, address, file or connection as :mod:`seamless.collect.resources` and
-#: :mod:`seamless.collect.runtime` read it and the restore makes it again.
+#: :mod:`seamless.runtime` read it and the restore makes it again.
 Entry = dict[str, Any]
 
 
@@ -159,7 +162,7 @@ class TreeInfo:
     peer_paths: list[str] = field(default_factory=list)
     #: Its named pipes on tmpfs, made again.
     fifos: list[Entry] = field(default_factory=list)
-    #: Its unit's runtime files, PID files, tmpfs files it holds (see collect/runtime.py).
+    #: Its unit's runtime files, PID files, tmpfs files it holds (see seamless/runtime.py).
     runtime_files: list[Entry] = field(default_factory=list)
     #: Addresses its sockets are bound to, brought up before it runs.
     addresses: list[Entry] = field(default_factory=list)

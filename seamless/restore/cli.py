@@ -13,11 +13,11 @@ import click
 from seamless import __version__
 from seamless.criu import Criu
 from seamless.errors import ExitCode, SeamlessError, need_root
+from seamless.kexec import boothooks
 from seamless.lock import held
 from seamless.log import complete_step, count
 from seamless.memstore import handoff
 from seamless.memstore.handoff import TREE_INFO
-from seamless.restore import boothooks
 from seamless.restore.boot import (
     boot_restore,
     generation_from_cmdline,

@@ -21,9 +21,7 @@ from typing import Any, Protocol
 
 import psutil
 
-from seamless import faults, safepath
-from seamless.collect import namespaces, runtime
-from seamless.collect.layout import JOURNALD_STDOUT
+from seamless import faults, procfs, runtime, safepath
 from seamless.criu import (
     CgroupMode,
     CriuOptions,
@@ -36,7 +34,7 @@ from seamless.criu import (
 )
 from seamless.errors import SeamlessError
 from seamless.log import log
-from seamless.memstore.handoff import TREE_INFO, TreeInfo, read_tree_info
+from seamless.memstore.handoff import JOURNALD_STDOUT, TREE_INFO, TreeInfo, read_tree_info
 from seamless.memstore.records import TreeRecord
 from seamless.restore import netlock
 from seamless.restore.lazy import Pager, kill_tree
@@ -181,7 +179,7 @@ def move_ghosts(root: int, proc: Path | None = None) -> list[tuple[Path, Path]]:
     moved: list[tuple[Path, Path]] = []
     seen: set[tuple[int, int]] = set()
     for pid in _tree_pids(root, proc):
-        for path, mapped in namespaces.deleted_files(pid, proc):
+        for path, mapped in procfs.deleted_files(pid, proc):
             parent = Path(path).parent
             theirs = proc / str(pid) / "root" / parent.relative_to("/")
             try:
