@@ -362,6 +362,15 @@ def test_a_gate_runs_in_the_real_root_and_says_how_it_failed() -> None:
     assert why == "the required command `echo no disk >&2; exit 3` exited 3: no disk"
 
 
+def test_a_gate_that_cannot_run_or_does_not_end_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    why = wayback.failed_gate(["true"], tmp_path / "no-root")  # chroot: no such root
+    assert why is not None and why.startswith("the required command `true` ")
+    monkeypatch.setattr(wayback, "GATE_TIMEOUT", 0.2)
+    assert wayback.failed_gate(["sleep 5"], Path("/")) == (
+        "the required command `sleep 5` did not end in 0 s")
+
+
 def test_what_makes_the_way_back_unusable(tmp_path: Path) -> None:
     record = handoff.UpgradeRecord(generation=1, token_sha256="x", source_boot_id="a")
     assert "no way back" in (wayback.unusable(record, tmp_path) or "")

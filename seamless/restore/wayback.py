@@ -23,6 +23,7 @@ from typing import Any
 from seamless.kexec import cmdline, loader
 from seamless.log import complete_step, log
 from seamless.memstore import handoff
+from seamless.run import CommandError, run
 
 #: How long each required command may take in the new kernel.
 GATE_TIMEOUT = 120.0
@@ -53,10 +54,11 @@ def failed_gate(commands: list[str], root: Path = Path("/")) -> str | None:
             argv = ["chroot", str(root), *argv]
         with complete_step(f"checking the required command: {command}"):
             try:
-                done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
-                                      timeout=GATE_TIMEOUT, check=False)
+                done = run(argv, check=False, timeout=GATE_TIMEOUT)
             except subprocess.TimeoutExpired:
                 return f"the required command `{command}` did not end in {GATE_TIMEOUT:.0f} s"
+            except CommandError as e:  # no chroot, no sh
+                return f"the required command `{command}` could not run: {e.stderr}"
             except OSError as e:
                 return f"the required command `{command}` could not run: {e.strerror}"
         if done.returncode != 0:
