@@ -27,6 +27,7 @@ from seamless.errors import SeamlessError
 from seamless.log import complete_step, count, log
 from seamless.memstore import handoff
 from seamless.memstore.generation import Generation, is_page_image
+from seamless.memstore.records import TreeRecord
 from seamless.memstore.store import KEEP_FAILED_SECONDS, Store, open_store, unmount
 from seamless.restore import adopt, bootfs, lazy, metrics, wayback
 from seamless.restore.lazy import Pager
@@ -200,55 +201,120 @@ def boot_restore(number: int | None, *, keep: bool = False,
     :mod:`seamless.memstore.handoff`), and marks the record used; a restore by hand is
     the operator's own choice.
     """
-    started = time.time()
-    pagers: dict[int, Pager] = {}
-    report: dict[str, Any] = {"generation": number, "to": os.uname().release, "ok": False,
-                              "boot_id": handoff.boot_id(),
-                              "times": {**boot_times(started), "python_started": seamless.STARTED,
-                                        "restorer_started": started}}
-    store = None
-    gen: Generation | None = None
-    record: handoff.UpgradeRecord | None = None
-    restored = RestoreReport()
-    try:
+    return BootRestore(number, keep=keep, criu=criu, root=root, previous=previous,
+                       lazy=lazy, at_boot=at_boot).run()
+
+
+class BootRestore:
+    """One restore of a generation (see :func:`boot_restore`), as named steps over its
+    state: each step reads and fills ``report``, which is written whatever happens."""
+
+    def __init__(self, number: int | None, *, keep: bool, criu: Restorer | None, root: Path,
+                 previous: dict[str, Any] | None, lazy: bool | None, at_boot: bool) -> None:
+        self.number, self.keep, self.criu, self.root = number, keep, criu, root
+        self.previous, self.lazy, self.at_boot = previous, lazy, at_boot
+        self.started = time.time()
+        self.report: dict[str, Any] = {
+            "generation": number, "to": os.uname().release, "ok": False,
+            "boot_id": handoff.boot_id(),
+            "times": {**boot_times(self.started), "python_started": seamless.STARTED,
+                      "restorer_started": self.started}}
+        self.store: Store | None = None
+        self.gen: Generation | None = None
+        self.n = -1  # the generation's number, once the store has it
+        self.trees: list[TreeRecord] = []  # its manifest's
+        self.source_boot_id = ""
+        #: The upgrade record in the store (any generation's), and the earlier report
+        #: when this is a retry of the same generation.
+        self.record: handoff.UpgradeRecord | None = None
+        self.retry: dict[str, Any] | None = None
+        #: Trees an earlier attempt restored that still run (root -> PID).
+        self.running: dict[int, int] = {}
+        #: The record to go back with, when this boot can refuse all the trees.
+        self.back: handoff.UpgradeRecord | None = None
+        self.restored = RestoreReport()
+        self.pagers: dict[int, Pager] = {}
+
+    @property
+    def upgrade(self) -> handoff.UpgradeRecord | None:
+        """The upgrade record, when it is this generation's."""
+        return self.record if self.record is not None and self.record.generation == self.n \
+            else None
+
+    def run(self) -> dict[str, Any]:
+        try:
+            self.open_generation()
+            if self.retry is None:
+                self.check_record()
+                if self.defer_after_init():
+                    return self.report
+                self.claim()
+            self.restore_trees()
+            self.finish()
+        except SeamlessError as e:
+            self.report["error"] = e.format_message()
+            if self.restored.trees and "trees" not in self.report:
+                # which trees came back before it ended: a retry leaves them alone
+                self.report.update(trees=self.restored.to_json()["trees"])
+            raise
+        finally:
+            self.close()
+        return self.report
+
+    def open_generation(self) -> None:
+        """Open the store and the generation; a retry takes over the earlier report's
+        phases and leaves alone the trees it restored that still run."""
+        report = self.report
         with complete_step("opening the store"):
-            store = open_store()
-        n, gen = store.generation(number)
-        manifest = gen.manifest()
-        report.update(generation=n, **{"from": manifest.source_release})
-        running = still_running(previous, n)
-        retry = previous if previous is not None and previous.get("generation") == n else None
-        if retry is not None and retry.get("memory") == "arriving" and lazy_daemons_run():
+            self.store = open_store()
+        self.n, self.gen = self.store.generation(self.number)
+        manifest = self.gen.manifest()
+        self.trees, self.source_boot_id = manifest.trees, manifest.source_boot_id
+        report.update(generation=self.n, **{"from": manifest.source_release})
+        self.running = still_running(self.previous, self.n)
+        if self.previous is not None and self.previous.get("generation") == self.n:
+            self.retry = self.previous
+        if self.retry is None:
+            report["stage"] = restore_stage(self.root)
+            self.record = handoff.read(self.store.root)
+            return
+        if self.retry.get("memory") == "arriving" and lazy_daemons_run():
             raise SeamlessError(
-                f"the memory of generation {n}'s lazily restored trees is still arriving "
-                "from it: a retry now would wipe it under them",
+                f"the memory of generation {self.n}'s lazily restored trees is still "
+                "arriving from it: a retry now would wipe it under them",
                 hint="wait until seamless status says the memory is back, then retry")
-        if retry is not None:
-            # a retry: the upgrade's phases are those of the boot; this one is the retry
-            report["times"] = {**retry.get("times", {}), "retry_started": started}
-            report["stage"] = retry.get("stage")
-        else:
-            report["stage"] = restore_stage(root)
-            record = handoff.read(store.root)
-            if at_boot:
-                why = handoff.refusal(record, n, handoff.token_from_cmdline(read_cmdline()),
-                                      manifest.source_boot_id, handoff.boot_id(),
-                                      handoff.machine_id(root / "etc/machine-id"))
-                if why is not None:
-                    raise SeamlessError(
-                        f"not restoring generation {n}: {why}",
-                        hint=f"the processes run on where they ran; if generation {n} is "
-                        f"still wanted here, seamless restore --generation {n} restores it "
-                        "by hand")
-            if record is not None and record.generation == n:
-                report["boot_id_before"] = record.source_boot_id
-                report["upgrade"] = record.result
-                if record.refused is not None:  # back from the kernel that refused them
-                    report["refused"] = record.refused
-                report["times"] = {**record.times, **report["times"]}
-                lazy = record.lazy_pages if lazy is None else lazy
-        if report["stage"] == "initramfs" and retry is None:
-            deferred = trees_after_init(gen, root)
+        # a retry: the upgrade's phases are those of the boot; this one is the retry
+        report["times"] = {**self.retry.get("times", {}), "retry_started": self.started}
+        report["stage"] = self.retry.get("stage")
+
+    def check_record(self) -> None:
+        """At boot, refuse a generation that this boot was not started for (its upgrade
+        record and this command line's token say); take over the upgrade's record."""
+        n = self.n
+        if self.at_boot:
+            why = handoff.refusal(self.record, n, handoff.token_from_cmdline(read_cmdline()),
+                                  self.source_boot_id, handoff.boot_id(),
+                                  handoff.machine_id(self.root / "etc/machine-id"))
+            if why is not None:
+                raise SeamlessError(
+                    f"not restoring generation {n}: {why}",
+                    hint=f"the processes run on where they ran; if generation {n} is "
+                    f"still wanted here, seamless restore --generation {n} restores it "
+                    "by hand")
+        record = self.upgrade
+        if record is not None:
+            self.report["boot_id_before"] = record.source_boot_id
+            self.report["upgrade"] = record.result
+            if record.refused is not None:  # back from the kernel that refused them
+                self.report["refused"] = record.refused
+            self.report["times"] = {**record.times, **self.report["times"]}
+            self.lazy = record.lazy_pages if self.lazy is None else self.lazy
+
+    def defer_after_init(self) -> bool:
+        """Before init, leave every tree to seamless-restore.service when one of them
+        cannot be restored before init; True when it does so."""
+        if self.report["stage"] == "initramfs":
+            deferred = trees_after_init(self.gen_, self.root)
             if deferred:
                 # CRIU makes a tree's mount namespace again from the real root as its
                 # root, which a chroot from the initramfs is not, and connects a socket
@@ -257,116 +323,138 @@ def boot_restore(number: int | None, *, keep: bool = False,
                 # connection between two trees waits for its peer.
                 why = (f"{count(len(deferred), 'tree')} not restorable before init "
                        f"({'; '.join(deferred[:3])}): restored after switch-root")
-                log.info("generation %d: %s, by seamless-restore.service", n, why)
+                log.info("generation %d: %s, by seamless-restore.service", self.n, why)
                 DEFERRED.parent.mkdir(parents=True, exist_ok=True)
                 DEFERRED.write_text(why + "\n")
-                report["deferred"] = why
-                return report
-        if DEFERRED.is_file() and retry is None:
-            report["deferred"] = DEFERRED.read_text().strip()
-        if at_boot and retry is None and record is not None:
+                self.report["deferred"] = why
+                return True
+        if DEFERRED.is_file():
+            self.report["deferred"] = DEFERRED.read_text().strip()
+        return False
+
+    def claim(self) -> None:
+        """Mark the upgrade record used (at boot), choose the way back, and run the
+        commands the upgrade requires of this kernel: one that fails refuses the trees."""
+        record = self.record
+        if self.at_boot and record is not None:
             # used once: no later boot replays it, whatever its command line says
             record.used_by_boot = handoff.boot_id()
-            handoff.write(store.root, record)
+            handoff.write(self.store_.root, record)
         # All or nothing, when this boot can go back to the kernel the upgrade came from.
-        back = record if at_boot and retry is None and record is not None \
-            and record.generation == n else None
-        if back is not None and (why := wayback.unusable(back, root)) is not None:
+        back = self.upgrade if self.at_boot else None
+        if back is not None and (why := wayback.unusable(back, self.root)) is not None:
             if back.way_back is not None and back.refused is None:
                 log.warning("no way back from here (%s): the trees that can be restored "
                             "run here, the others are kept", why)
-                report["no_way_back"] = why
+                self.report["no_way_back"] = why
             back = None
-        if record is not None and record.generation == n and record.requires \
-                and record.refused is None and retry is None:
-            failed = wayback.failed_gate(record.requires, root)
+        self.back = back
+        upgrade = self.upgrade
+        if upgrade is not None and upgrade.requires and upgrade.refused is None:
+            failed = wayback.failed_gate(upgrade.requires, self.root)
             if failed is not None:
-                refuse(report, store.root, back, failed, root)
+                refuse(self.report, self.store_.root, back, failed, self.root)
+
+    def restore_trees(self) -> None:
+        """Verify the generation and restore its trees (all or none when there is a way
+        back); the page images are checked while the trees are made."""
+        report, gen, n = self.report, self.gen_, self.n
         with complete_step(f"verifying generation {n} (its page images: while the trees "
                            "are restored)"):
             bad = gen.verify(lambda path: not is_page_image(path))
         report["corrupt"] = bad
         load_criu_modules()
-        if report["stage"] == "initramfs" and retry is None:
-            report["mounted"] = bootfs.mount_boot_tmpfs(root)
-        criu = criu or Criu(timeout=RESTORE_TIMEOUT)
-        lazy = bool(lazy) and lazy_pages_work(criu)
+        if report["stage"] == "initramfs" and self.retry is None:
+            report["mounted"] = bootfs.mount_boot_tmpfs(self.root)
+        criu = self.criu or Criu(timeout=RESTORE_TIMEOUT)
+        lazy = bool(self.lazy) and lazy_pages_work(criu)
         skip = corrupt_trees(bad)
-        trees = trees_in(gen.final, manifest.trees)
-        pages = PageCheck(gen, [d.name for d, info in trees
-                                if info.root not in running and d.name not in skip])
+        pages = PageCheck(gen, [d.name for d, info in trees_in(gen.final, self.trees)
+                                if info.root not in self.running and d.name not in skip])
+
+        def restore(**kwargs: Any) -> None:
+            restore_all(gen.final, criu, skip=skip, running=self.running,
+                        pager=Pager.start if lazy else None, gate=pages, listed=self.trees,
+                        deadline=time.monotonic() + RESTORE_BUDGET, report=self.restored,
+                        **kwargs)
         faults.point("restoring")
         try:
-            hold = Hold() if back is not None else None
-            with complete_step(f"restoring {count(len(manifest.trees) - len(running), 'tree')}"
+            hold = Hold() if self.back is not None else None
+            with complete_step(f"restoring {count(len(self.trees) - len(self.running), 'tree')}"
                                + (" (their memory follows while they run)" if lazy else "")
                                + (", all or none" if hold is not None else "")):
                 try:
-                    restore_all(gen.final, criu, skip=skip, running=running,
-                                pager=Pager.start if lazy else None, gate=pages,
-                                listed=manifest.trees,
-                                deadline=time.monotonic() + RESTORE_BUDGET, report=restored,
-                                hold=hold)
+                    restore(hold=hold)
                 except SeamlessError:
                     if hold is None or hold.reason is None:
                         raise
             if hold is not None and hold.reason is not None:
                 try:
-                    refuse(report, store.root, back, hold.reason, root)
+                    refuse(report, self.store_.root, self.back, hold.reason, self.root)
                 except SeamlessError as e:  # the way back did not load: what can, runs here
                     report["no_way_back"] = e.message
-                    restored = RestoreReport()
+                    self.restored = RestoreReport()
                     with complete_step("restoring here the trees that can be"):
-                        restore_all(gen.final, criu, skip=skip, running=running,
-                                    pager=Pager.start if lazy else None, gate=pages,
-                                    listed=manifest.trees,
-                                    deadline=time.monotonic() + RESTORE_BUDGET,
-                                    report=restored)
-            pagers = restored.pagers
+                        restore()
+            self.pagers = self.restored.pagers
             faults.point("restored")
-            report["times"]["retry_restored" if retry is not None else "restored"] = time.time()
+            report["times"]["retry_restored" if self.retry is not None else "restored"] = \
+                time.time()
             report["corrupt"] = sorted(bad + pages.bad())
         finally:
             pages.stop()
+
+    def finish(self) -> None:
+        """Say the trees run, hand the services to systemd, start the services the
+        upgrade left out, and overwrite the generation once nothing needs it."""
+        report, restored = self.report, self.restored
         report.update(ok=restored.ok, trees=restored.to_json()["trees"],
-                      adopted=adopt_services(restored, root))
+                      adopted=adopt_services(restored, self.root))
         if any(t.restored for t in restored.trees):
-            bootfs.keep_tmp(root, before_init=report["stage"] == "initramfs")
+            bootfs.keep_tmp(self.root, before_init=report["stage"] == "initramfs")
         # The trees run: say so at once. Handing the services to systemd and overwriting
         # the generation take seconds, and the boot's services start meanwhile.
-        write_report({**report, "finishing": True}, store)
+        write_report({**report, "finishing": True}, self.store)
         if report["adopted"]:
             hand_over(report["adopted"])
-        if retry is None and record is not None and record.generation == n \
-                and record.stopped_units:
-            report["started_again"] = start_left_out(record.stopped_units, root)
-        if pagers:
+        upgrade = self.upgrade
+        if self.retry is None and upgrade is not None and upgrade.stopped_units:
+            report["started_again"] = start_left_out(upgrade.stopped_units, self.root)
+        if self.pagers:
             report["memory"] = "arriving"
-        elif restored.ok and not keep:
-            with complete_step(f"overwriting generation {n} (it held process memory)"):
-                gen.wipe()
+        elif restored.ok and not self.keep:
+            with complete_step(f"overwriting generation {self.n} (it held process memory)"):
+                self.gen_.wipe()
             report["wiped"] = True
-    except SeamlessError as e:
-        report["error"] = e.format_message()
-        if restored.trees and "trees" not in report:
-            # which trees came back before it ended: a retry leaves them alone
-            report.update(trees=restored.to_json()["trees"])
-        raise
-    finally:
+
+    def close(self) -> None:
+        """Write the report (a generation not overwritten is kept for a retry, for a
+        while) and close the store, or leave it to the lazy restore's finisher."""
+        report, gen, store = self.report, self.gen, self.store
         report["times"]["finished"] = time.time()
         left_to_the_unit = "deferred" in report and report.get("stage") == "initramfs"
-        if gen is not None and not report.get("wiped") and not keep and not left_to_the_unit:
+        if gen is not None and not report.get("wiped") and not self.keep \
+                and not left_to_the_unit:
             # kept for a retry, and no longer: it holds the processes' memory (a lazy
             # restore's finisher wipes it sooner; this bounds it should the finisher die)
             report["kept_until"] = report["times"]["finished"] + KEEP_FAILED_SECONDS
         if not left_to_the_unit:
             write_report(report, store)
         if store is not None:
-            if pagers and gen is not None:  # even after an error: the daemons read from it
-                finish_in_background(report, store, gen, pagers, keep)
+            if self.pagers and gen is not None:  # even after an error: the daemons read it
+                finish_in_background(report, store, gen, self.pagers, self.keep)
             else:
                 close_store(store)
-    return report
+
+    @property
+    def gen_(self) -> Generation:
+        assert self.gen is not None, "the generation is opened first"
+        return self.gen
+
+    @property
+    def store_(self) -> Store:
+        assert self.store is not None, "the store is opened first"
+        return self.store
 
 
 def refuse(report: dict[str, Any], store_root: Path, back: handoff.UpgradeRecord | None,
