@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,9 @@ from seamless import faults, stop
 from seamless.collect.checkpoint import HeldTrees, take_checkpoint
 from seamless.collect.cli import pre_dump_option, selection_from, selection_options
 from seamless.collect.inhibitors import inhibitors
-from seamless.collect.plan import StoreSpace, left_out_services, make_plan, render
-from seamless.collect.processes import read_table
+from seamless.collect.plan import CheckpointPlan, StoreSpace, left_out_services, make_plan, render
+from seamless.collect.processes import ProcessInfo, read_table
+from seamless.collect.select import Selection
 from seamless.criu import Criu, CriuError, kernels
 from seamless.criu.modules import load_criu_modules
 from seamless.errors import ExitCode, SeamlessError, need_root
@@ -38,8 +40,9 @@ from seamless.lock import exclusive
 from seamless.log import complete_step, count, log
 from seamless.memstore import handoff
 from seamless.memstore.generation import Generation
+from seamless.memstore.records import Manifest
 from seamless.memstore.region import find_region
-from seamless.memstore.store import no_region_error, open_store
+from seamless.memstore.store import Store, no_region_error, open_store
 from seamless.run import run
 
 
@@ -176,105 +179,146 @@ def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
         # CRIU (3.17) restores a pre-dump's pages before the tree runs, lazily or not: only
         # the pages of the final dump can come back lazily.
         pre_dump = False
-
-    # -- preflight: nothing is touched yet
     with complete_step("preflight"):
-        image = KernelImage.read(kernel)
-        log.info("target kernel: %s", image.release)
-        check_policy()
-        region = find_region()
-        if region is None:
-            raise no_region_error()
-        if not region.reserved_now:
-            raise SeamlessError(f"the running kernel does not reserve {region.memmap}",
-                                hint="reboot once with it on the command line (seamless setup)")
-        store = open_store(region)
-        number, gen = store.new_generation()
-        args = cmdline.with_restore(cmdline.build(cmdline.running_cmdline(), append=append),
-                                    number)
-        cmdline.require_region(args, region.memmap)
-        back = None if no_way_back else way_back(cmdline.build(cmdline.running_cmdline()))
-        initrd_used, rebuilt = prepare_initrd(image, initrd_path, False, dry_run)
-        load_criu_modules()
-        _criu_check(image.release)
-        if lazy_pages:
-            _lazy_pages_check()
-        table = read_table()
-        plan = make_plan(table, selection,
-                         StoreSpace(device=str(store.root), free=store.free()))
-        if not plan.ok:
-            click.echo(render(plan), err=True)
-            raise SeamlessError("the upgrade would not succeed; nothing was frozen",
-                                hint="see the problems above (seamless plan shows them too)")
-        busy = inhibitors()
-        if busy and not force:
-            raise SeamlessError(
-                "not now: " + "; ".join(map(str, busy)),
-                hint="wait until it is done (--force upgrades anyway); nothing was frozen")
-        for b in busy:
-            log.warning("upgrading anyway (--force): %s", b)
-        # The new kernel starts its processes above every PID to restore (with room for
-        # children forked before the freeze).
-        last_pid = max((p for t in plan.trees for p in t.pids), default=0) + cmdline.PID_MARGIN
-        token = handoff.new_token()  # its digest goes into the store just before the kexec
-        new_cmdline = cmdline.join(cmdline.with_restore(args, number, last_pid, token))
-        cmdline.check_length(new_cmdline, image.max_cmdline)
-        with complete_step(f"loading {image.release} with kexec_file_load"):
-            loader.load(image.path, initrd_used, new_cmdline)
-    log.info("%d trees to carry (%d MiB), generation %d", len(plan.trees),
-             plan.needed >> 20, number)
-    try:
-        faults.point("preflight")
-        go = yes or dry_run or click.confirm(
-            f"Freeze {len(plan.trees)} process trees and reboot into {image.release}?",
-            err=True)
-    except BaseException:
-        loader.unload()
-        raise
-    if not go:
-        loader.unload()
-        raise SeamlessError("not upgrading: nothing was changed")
+        ready = preflight(kernel, initrd_path, append, selection, dry_run=dry_run,
+                          lazy_pages=lazy_pages, force=force, no_way_back=no_way_back)
+    log.info("%d trees to carry (%d MiB), generation %d", len(ready.plan.trees),
+             ready.plan.needed >> 20, ready.number)
+    _confirm(ready, yes or dry_run)
 
     # -- checkpoint: from here every failure thaws the trees and unloads the kernel
     os.umask(0o077)
     times: dict[str, float] = {"started": started}
     try:
-        held, manifest = take_checkpoint(plan.trees, gen, number, leave_running=dry_run,
-                                         target_release=image.release, times=times,
+        held, manifest = take_checkpoint(ready.plan.trees, ready.gen, ready.number,
+                                         leave_running=dry_run,
+                                         target_release=ready.image.release, times=times,
                                          pre_dump=pre_dump)
     except BaseException:
         loader.unload()
         raise
-    result: dict[str, Any] = {
-        "from": os.uname().release, "to": image.release, "kernel": str(image.path),
-        "initrd": str(initrd_used), "initrd_rebuilt": rebuilt,
-        "cmdline": new_cmdline.replace(token, "(one-time token)"),
-        "generation": number, "dry_run": dry_run, "lazy_pages": lazy_pages,
-        "way_back": back.release if back is not None else None, "requires": gates,
-        "trees": [{"root": t.root, "unit": t.unit, "command": t.command, "bytes": t.bytes,
-                   "dump_seconds": t.dump_seconds} for t in manifest.trees],
-        "bytes": manifest.total_bytes,
-    }
-    if dry_run:
-        _finish_dry_run(held, gen, result)
-    else:
+    result = ready.result(manifest, dry_run=dry_run, lazy_pages=lazy_pages, requires=gates)
+    if not dry_run:
         record = handoff.UpgradeRecord(
-            generation=number, token_sha256=handoff.digest(token),
+            generation=ready.number, token_sha256=handoff.digest(ready.token),
             source_boot_id=manifest.source_boot_id, machine_id=handoff.machine_id(),
-            source_release=result["from"], target_release=image.release,
+            source_release=result["from"], target_release=ready.image.release,
             lazy_pages=lazy_pages, times=times,
-            stopped_units=left_out_services(plan, table), result=result,
-            last_pid=last_pid, way_back=back, requires=gates)
-        _enter(held, gen, store.root, record, as_json)
+            stopped_units=left_out_services(ready.plan, ready.table), result=result,
+            last_pid=ready.last_pid, way_back=ready.back, requires=gates)
+        _enter(held, ready.gen, ready.store.root, record, as_json)
         return  # only where loader.enter is faked: the real one does not come back
+    _finish_dry_run(held, ready.gen, result)
     result["times"] = times
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
         trees = count(len(manifest.trees), "tree")
         click.echo(f"dry run: {trees} ({manifest.total_bytes >> 20} MiB) "
-                   f"checkpointed into generation {number} and verified, then thawed; "
-                   f"{image.release} loaded and unloaded again. The upgrade would work.")
+                   f"checkpointed into generation {ready.number} and verified, then thawed; "
+                   f"{ready.image.release} loaded and unloaded again. The upgrade would work.")
+
+
+@dataclass
+class Ready:
+    """What the preflight leaves: the new kernel loaded, its command line made, the
+    trees chosen and a generation to write them into; nothing frozen yet."""
+
+    image: KernelImage
+    store: Store
+    number: int
+    gen: Generation
+    initrd: Path
+    initrd_rebuilt: bool
+    table: list[ProcessInfo]
+    plan: CheckpointPlan
+    back: handoff.WayBack | None
+    #: The new kernel starts its own processes above it.
+    last_pid: int
+    #: The one-time token on the new command line (the store gets only its digest).
+    token: str
+    cmdline: str
+
+    def result(self, manifest: Manifest, *, dry_run: bool, lazy_pages: bool,
+               requires: list[str]) -> dict[str, Any]:
+        """What ``seamless upgrade --json`` prints (and the new boot's status reports)."""
+        return {
+            "from": os.uname().release, "to": self.image.release,
+            "kernel": str(self.image.path), "initrd": str(self.initrd),
+            "initrd_rebuilt": self.initrd_rebuilt,
+            "cmdline": self.cmdline.replace(self.token, "(one-time token)"),
+            "generation": self.number, "dry_run": dry_run, "lazy_pages": lazy_pages,
+            "way_back": self.back.release if self.back is not None else None,
+            "requires": requires,
+            "trees": [{"root": t.root, "unit": t.unit, "command": t.command, "bytes": t.bytes,
+                       "dump_seconds": t.dump_seconds} for t in manifest.trees],
+            "bytes": manifest.total_bytes,
+        }
+
+
+def preflight(kernel: Path, initrd_path: Path | None, append: str | None,
+              selection: Selection, *, dry_run: bool, lazy_pages: bool, force: bool,
+              no_way_back: bool) -> Ready:
+    """Check everything the upgrade needs, before anything is touched, and load the new
+    kernel: the store, the command line, the initramfs, CRIU, the plan, what inhibits a
+    shutdown. Raises (nothing loaded) when the upgrade would not succeed."""
+    image = KernelImage.read(kernel)
+    log.info("target kernel: %s", image.release)
+    check_policy()
+    region = find_region()
+    if region is None:
+        raise no_region_error()
+    if not region.reserved_now:
+        raise SeamlessError(f"the running kernel does not reserve {region.memmap}",
+                            hint="reboot once with it on the command line (seamless setup)")
+    store = open_store(region)
+    number, gen = store.new_generation()
+    args = cmdline.with_restore(cmdline.build(cmdline.running_cmdline(), append=append),
+                                number)
+    cmdline.require_region(args, region.memmap)
+    back = None if no_way_back else way_back(cmdline.build(cmdline.running_cmdline()))
+    initrd_used, rebuilt = prepare_initrd(image, initrd_path, False, dry_run)
+    load_criu_modules()
+    _criu_check(image.release)
+    if lazy_pages:
+        _lazy_pages_check()
+    table = read_table()
+    plan = make_plan(table, selection, StoreSpace(device=str(store.root), free=store.free()))
+    if not plan.ok:
+        click.echo(render(plan), err=True)
+        raise SeamlessError("the upgrade would not succeed; nothing was frozen",
+                            hint="see the problems above (seamless plan shows them too)")
+    busy = inhibitors()
+    if busy and not force:
+        raise SeamlessError(
+            "not now: " + "; ".join(map(str, busy)),
+            hint="wait until it is done (--force upgrades anyway); nothing was frozen")
+    for b in busy:
+        log.warning("upgrading anyway (--force): %s", b)
+    # The new kernel starts its processes above every PID to restore (with room for
+    # children forked before the freeze).
+    last_pid = max((p for t in plan.trees for p in t.pids), default=0) + cmdline.PID_MARGIN
+    token = handoff.new_token()  # its digest goes into the store just before the kexec
+    new_cmdline = cmdline.join(cmdline.with_restore(args, number, last_pid, token))
+    cmdline.check_length(new_cmdline, image.max_cmdline)
+    with complete_step(f"loading {image.release} with kexec_file_load"):
+        loader.load(image.path, initrd_used, new_cmdline)
+    return Ready(image, store, number, gen, initrd_used, rebuilt, table, plan, back,
+                 last_pid, token, new_cmdline)
+
+
+def _confirm(ready: Ready, yes: bool) -> None:
+    """Ask the operator (unless ``yes``); the kernel is unloaded when the answer is no."""
+    try:
+        faults.point("preflight")
+        go = yes or click.confirm(f"Freeze {len(ready.plan.trees)} process trees and reboot "
+                                  f"into {ready.image.release}?", err=True)
+    except BaseException:
+        loader.unload()
+        raise
+    if not go:
+        loader.unload()
+        raise SeamlessError("not upgrading: nothing was changed")
 
 
 def _finish_dry_run(held: HeldTrees, gen: Generation, result: dict[str, Any]) -> None:
