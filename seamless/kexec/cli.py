@@ -118,18 +118,7 @@ def kexec_command(
         raise SeamlessError(
             f"the running kernel has not reserved the region {region.memmap}: it holds no "
             "checkpoint to restore", hint="reboot once with it (seamless setup), then upgrade")
-    args = cmdline.build(cmdline.running_cmdline(), append=append, replace=replace)
-    record = None if restore_generation is None else record_for(region, restore_generation)
-    token = handoff.new_token() if record is not None else None
-    if record is not None and token is not None:
-        record.token_sha256 = handoff.digest(token)
-        record.target_release = image.release
-    args = cmdline.with_restore(args, restore_generation,
-                                None if restore_generation is None
-                                else last_pid_of(region, restore_generation), token)
-    cmdline.require_region(args, region.memmap)
-    new_cmdline = cmdline.join(args)
-    cmdline.check_length(new_cmdline, image.max_cmdline)
+    new_cmdline, record = command_line(image, region, append, replace, restore_generation)
 
     initrd_used, rebuilt = prepare_initrd(image, initrd_path, rebuild_initrd, dry_run)
 
@@ -169,6 +158,30 @@ def kexec_command(
                             exit_code=ExitCode.UNCHANGED)
     _print(result, as_json, [*lines, f"entering {image.release}"])
     sys.stdout.flush()
+    enter(image, region, record)
+
+
+def command_line(image: KernelImage, region: Region, append: str | None, replace: str | None,
+                 restore_generation: int | None) -> tuple[str, handoff.UpgradeRecord | None]:
+    """The new kernel's command line, checked; with ``restore_generation``, the upgrade
+    record that its one-time token proves (written just before the kexec)."""
+    args = cmdline.build(cmdline.running_cmdline(), append=append, replace=replace)
+    record = None if restore_generation is None else record_for(region, restore_generation)
+    token = handoff.new_token() if record is not None else None
+    if record is not None and token is not None:
+        record.token_sha256 = handoff.digest(token)
+        record.target_release = image.release
+    args = cmdline.with_restore(args, restore_generation,
+                                None if restore_generation is None
+                                else last_pid_of(region, restore_generation), token)
+    cmdline.require_region(args, region.memmap)
+    new_cmdline = cmdline.join(args)
+    cmdline.check_length(new_cmdline, image.max_cmdline)
+    return new_cmdline, record
+
+
+def enter(image: KernelImage, region: Region, record: handoff.UpgradeRecord | None) -> None:
+    """Enter the loaded kernel; the record, when there is one, is in the store meanwhile."""
     with complete_step(f"entering {image.release}"):
         if record is not None:  # the new boot's proof that it may restore the generation
             record.times["entering"] = time.time()

@@ -355,15 +355,7 @@ def restore_all(
     # Every path a tree needs is made before the first tree runs: a tree that runs could
     # put its own links there (see seamless.safepath).
     unready = {d.name: why for d, i in todo if (why := make_paths(i)) is not None}
-    # Before any tree's address comes up: every connection to restore is locked again.
-    locked: dict[int, str] = {}  # the root of each tree locked, and its table
-    for d, i in todo:
-        if i.connections:
-            name = netlock.table(i.root, d)
-            if netlock.lock(i.root, i.connections, nft, name):
-                locked[i.root] = name
-    # ... and those over loopback, between two trees, until every tree is back.
-    loopback = netlock.lock_loopback([c for _, i in todo for c in i.loopback], nft)
+    locked, loopback = lock_connections(todo, nft)
     streams = connect_streams([i for _, i in todo])
 
     def restore_one(images_dir: Path, info: TreeInfo, tree: TreeRestore) -> None:
@@ -386,11 +378,8 @@ def restore_all(
                 tree.restored, tree.earlier, tree.pid = True, True, running[tree.root]
                 progress(f"tree {tree.root} ({tree.command[:50]}) runs already: not restored again")
                 continue
-            why_not = (skip or {}).get(images_dir.name) or unready.get(images_dir.name)
-            if why_not is None and hold is not None and hold.reason is not None:
-                why_not = f"not begun: {hold.reason} (all or nothing)"
-            if why_not is None and deadline is not None and time.monotonic() > deadline:
-                why_not = "not begun: the restore ran out of time"
+            why_not = ((skip or {}).get(images_dir.name) or unready.get(images_dir.name)
+                       or _not_begun(hold, deadline))
             if why_not is not None:
                 tree.error = why_not
                 progress(f"NOT restoring tree {tree.root} ({tree.command[:50]}): {tree.error}")
@@ -435,6 +424,29 @@ def restore_all(
             os.close(fd)
     report.seconds = time.monotonic() - start
     return report
+
+
+def lock_connections(todo: list[tuple[Path, TreeInfo]], nft: netlock.Runner | None
+                     ) -> tuple[dict[int, str], bool]:
+    """Lock again every TCP connection of the trees to restore, before any tree's address
+    comes up: the root of each tree locked and its table; and those over loopback,
+    between two trees, until every tree is back (True when they are locked)."""
+    locked: dict[int, str] = {}
+    for d, i in todo:
+        if i.connections:
+            name = netlock.table(i.root, d)
+            if netlock.lock(i.root, i.connections, nft, name):
+                locked[i.root] = name
+    return locked, netlock.lock_loopback([c for _, i in todo for c in i.loopback], nft)
+
+
+def _not_begun(hold: Hold | None, deadline: float | None) -> str | None:
+    """Why the next tree is not begun: the all or nothing was refused, or time is up."""
+    if hold is not None and hold.reason is not None:
+        return f"not begun: {hold.reason} (all or nothing)"
+    if deadline is not None and time.monotonic() > deadline:
+        return "not begun: the restore ran out of time"
+    return None
 
 
 def _refusal(tree: TreeRestore) -> str:
