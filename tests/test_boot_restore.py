@@ -37,7 +37,7 @@ from seamless.criu import (
 from seamless.errors import ExitCode, SeamlessError
 from seamless.memstore import handoff
 from seamless.memstore.generation import MANIFEST, Generation
-from seamless.memstore.handoff import TREE_INFO
+from seamless.memstore.handoff import TREE_INFO, Report
 from seamless.memstore.records import FileEntry, Manifest, TreeRecord
 from seamless.memstore.store import GENERATIONS, Store
 from seamless.restore import adopt, boot, lazy
@@ -259,27 +259,27 @@ def test_generation_from_cmdline(cmdline: str, expected: int | None) -> None:
 def test_phases_only_spans_with_both_times() -> None:
     report = {"times": {"frozen": 10.0, "dumped": 12.5, "restorer_started": 20.0,
                         "restored": 21.25, "finished": 22.0}}
-    assert boot.phases(report) == [
+    assert boot.phases(Report.from_json(report)) == [
         ("freeze and dump", 2.5),
         ("restore", 1.25),
         ("total blackout (freeze to restored)", 11.25),
     ]
-    assert boot.phases({}) == []
-    assert boot.phases({"times": {"frozen": 1.0}}) == []
+    assert boot.phases(Report.from_json({})) == []
+    assert boot.phases(Report.from_json({"times": {"frozen": 1.0}})) == []
     full = {"times": {"frozen": 1.0, "dumped": 2.0, "sealed": 2.5, "entering": 3.0,
                       "restorer_started": 7.0, "restored": 9.0}}
-    assert [name for name, _ in boot.phases(full)] == [
+    assert [name for name, _ in boot.phases(Report.from_json(full))] == [
         "freeze and dump", "seal (checksums, manifest)", "kexec to the restorer", "restore",
         "total blackout (freeze to restored)"]
-    assert dict(boot.phases(full))["kexec to the restorer"] == 4.0
+    assert dict(boot.phases(Report.from_json(full)))["kexec to the restorer"] == 4.0
     split = {"times": {**full["times"], "kernel_started": 4.0, "restorer_exec": 6.5}}
-    assert dict(boot.phases(split))["  leaving the old kernel"] == 1.0
-    assert dict(boot.phases(split))["  new kernel's boot to the restorer"] == 2.5
-    assert dict(boot.phases(split))["  the restorer's start (python)"] == 0.5
-    assert "    importing the restorer" not in dict(boot.phases(split))
+    assert dict(boot.phases(Report.from_json(split)))["  leaving the old kernel"] == 1.0
+    assert dict(boot.phases(Report.from_json(split)))["  new kernel's boot to the restorer"] == 2.5
+    assert dict(boot.phases(Report.from_json(split)))["  the restorer's start (python)"] == 0.5
+    assert "    importing the restorer" not in dict(boot.phases(Report.from_json(split)))
     split["times"]["python_started"] = 6.75
-    assert dict(boot.phases(split))["    the interpreter's start"] == 0.25
-    assert dict(boot.phases(split))["    importing the restorer"] == 0.25
+    assert dict(boot.phases(Report.from_json(split)))["    the interpreter's start"] == 0.25
+    assert dict(boot.phases(Report.from_json(split)))["    importing the restorer"] == 0.25
 
 
 def test_boot_times_from_uptime_and_the_process_start(tmp_path: Path) -> None:
@@ -299,26 +299,26 @@ def test_last_report_is_the_newest(reports: tuple[Path, Path]) -> None:
     var_report.parent.mkdir(parents=True)
     var_report.write_text(json.dumps({"generation": 1, "times": {"finished": 100.0}}))
     report = boot.last_report()
-    assert report is not None and report["generation"] == 1
+    assert report is not None and report.generation == 1
 
     run_report.parent.mkdir(parents=True)
     run_report.write_text(json.dumps({"generation": 2, "times": {"finished": 200.0}}))
     report = boot.last_report()
-    assert report is not None and report["generation"] == 2
+    assert report is not None and report.generation == 2
 
     var_report.write_text(json.dumps({"generation": 3, "times": {"finished": 300.0}}))
     report = boot.last_report()
-    assert report is not None and report["generation"] == 3
+    assert report is not None and report.generation == 3
 
     var_report.write_text("{not json")
     report = boot.last_report()
-    assert report is not None and report["generation"] == 2
+    assert report is not None and report.generation == 2
 
     # a restore that has not finished yet (no "finished"): newer than generation 2's
     run_report.write_text(json.dumps({"generation": 4, "finishing": True,
                                       "times": {"restored": 400.0}}))
     report = boot.last_report()
-    assert report is not None and report["generation"] == 4
+    assert report is not None and report.generation == 4
 
 
 def seal_generation(final: Path, trees: list[dict[str, Any]], number: int = 3) -> Generation:
@@ -408,7 +408,8 @@ class BootEnv:
 
     def restore(self, criu: FakeRestorer, number: int | None = 3,
                 keep: bool = False) -> dict[str, Any]:
-        return boot.boot_restore(number, keep=keep, criu=criu, root=self.root)
+        """The restore's report, as it is written (and as status --json prints it)."""
+        return boot.boot_restore(number, keep=keep, criu=criu, root=self.root).to_json()
 
 
 @pytest.fixture
@@ -461,7 +462,8 @@ def test_all_restored_in_order_adopted_reported_and_wiped(
 
     def hand_over(units: list[str]) -> None:
         env.handed_over.append(units)
-        early.append(boot.last_report())
+        last = boot.last_report()
+        early.append(last.to_json() if last is not None else None)
 
     monkeypatch.setattr(boot, "hand_over", hand_over)
 
@@ -515,16 +517,16 @@ def test_before_init_a_sandboxed_tree_defers_every_tree_to_the_restore_unit(
     report = boot.boot_restore(4, criu=criu, root=env.root)
 
     assert criu.calls == [] and env.modules_loaded == 0
-    assert report["deferred"].startswith("1 tree not restorable before init "
-                                         "(redis-server.service: a mount namespace of its own)")
+    assert (report.deferred or "").startswith(
+        "1 tree not restorable before init (redis-server.service: a mount namespace of its own)")
     assert not reports[0].exists() and not reports[1].exists()
     assert gen.final.exists() and env.unmounted == [env.store.root]
     # after switch-root: all three, the reason in the report
     (env.root / "run/systemd/system").mkdir(parents=True)
     report = boot.boot_restore(4, criu=criu, root=env.root)
-    assert sorted(criu.calls) == ["101", "202", "303"] and report["ok"]
-    assert report["stage"] == "systemd" and report["deferred"].startswith("1 tree")
-    assert json.loads(reports[0].read_text())["deferred"] == report["deferred"]
+    assert sorted(criu.calls) == ["101", "202", "303"] and report.ok
+    assert report.stage == "systemd" and (report.deferred or "").startswith("1 tree")
+    assert json.loads(reports[0].read_text())["deferred"] == report.deferred
 
 
 def test_before_init_a_tree_connected_to_a_socket_the_boot_makes_later_is_deferred(
@@ -540,7 +542,7 @@ def test_before_init_a_tree_connected_to_a_socket_the_boot_makes_later_is_deferr
     assert boot.trees_after_init(gen, env.root) == [
         "ssh.service: connected to /run/systemd/journal/dev-log, made after init"]
     report = boot.boot_restore(4, criu=(criu := FakeRestorer()), root=env.root)
-    assert criu.calls == [] and "ssh.service: connected to" in report["deferred"]
+    assert criu.calls == [] and "ssh.service: connected to" in (report.deferred or "")
     sock = env.root / "run/systemd/journal/dev-log"
     sock.parent.mkdir(parents=True)
     sock.touch()
@@ -797,7 +799,8 @@ def test_a_retry_restores_only_what_failed_then_wipes(
     monkeypatch.setattr(psutil, "pid_exists", lambda pid: pid == 202)
     criu = FakeRestorer()
 
-    report = boot.boot_restore(3, criu=criu, root=env.root, previous=first)
+    report = boot.boot_restore(3, criu=criu, root=env.root,
+                               previous=Report.from_json(first)).to_json()
 
     assert criu.calls == ["101"]  # 202 runs since the boot: not restored twice
     assert report["ok"] is True and report["wiped"] is True and not env.gen.final.exists()
@@ -808,7 +811,7 @@ def test_a_retry_restores_only_what_failed_then_wipes(
     times = report["times"]  # the boot's phases stay; the retry has its own
     assert times["restored"] == first["times"]["restored"] and times["frozen"] == 5.0
     assert times["retry_started"] <= times["retry_restored"] <= times["finished"]
-    assert dict(boot.phases(report))["retry by hand (seamless restore)"] >= 0
+    assert dict(boot.phases(Report.from_json(report)))["retry by hand (seamless restore)"] >= 0
     assert report["stage"] == first["stage"] == "initramfs"
 
 
@@ -817,12 +820,13 @@ def test_a_retry_restores_again_a_tree_that_no_longer_runs(
 ) -> None:
     first = env.restore(FakeRestorer(fail={"101"}))
     monkeypatch.setattr(psutil, "pid_exists", lambda pid: False)
-    assert boot.still_running(first, 3) == {}
-    assert boot.still_running(first, 4) == {}  # another generation's report
+    assert boot.still_running(Report.from_json(first), 3) == {}
+    assert boot.still_running(Report.from_json(first), 4) == {}  # another generation's report
     monkeypatch.setattr(psutil, "pid_exists", lambda pid: True)
-    assert boot.still_running(first, 3) == {202: 202}
+    assert boot.still_running(Report.from_json(first), 3) == {202: 202}
     criu = FakeRestorer()
-    boot.boot_restore(3, criu=criu, root=env.root, previous={**first, "generation": 2})
+    boot.boot_restore(3, criu=criu, root=env.root,
+                      previous=Report.from_json({**first, "generation": 2}))
     assert criu.calls == ["202", "101"]  # an older report says nothing of generation 3
 
 
@@ -894,7 +898,7 @@ def test_a_lazy_restore_leaves_the_wipe_to_when_the_memory_is_back(
     assert final["times"]["restored"] <= final["times"]["memory_back"]
     assert not env.gen.final.exists() and env.unmounted == [env.store.root]
     assert ("memory back (lazy restore, trees running)"
-            in dict(boot.phases(final)))
+            in dict(boot.phases(Report.from_json(final))))
 
 
 def restored_in_initramfs(env: BootEnv, monkeypatch: pytest.MonkeyPatch,
@@ -1018,10 +1022,11 @@ def test_a_retry_while_a_lazy_restore_s_memory_arrives_is_refused(
     monkeypatch.setattr(boot, "lazy_daemons_run", lambda: True)
     criu = FakeRestorer()
     with pytest.raises(SeamlessError, match="still arriving"):
-        boot.boot_restore(3, criu=criu, root=env.root, previous=first)
+        boot.boot_restore(3, criu=criu, root=env.root, previous=Report.from_json(first))
     assert criu.calls == [] and env.gen.final.exists()
     monkeypatch.setattr(boot, "lazy_daemons_run", lambda: False)  # the daemons are gone
-    report = boot.boot_restore(3, criu=criu, root=env.root, previous=first)
+    report = boot.boot_restore(3, criu=criu, root=env.root,
+                               previous=Report.from_json(first)).to_json()
     assert criu.calls and report["generation"] == 3
 
 
@@ -1047,7 +1052,7 @@ def test_a_users_unit_named_like_a_system_unit_is_not_adopted(
     users["cgroup"] = "/user.slice/user-1000.slice/user@1000.service/app.slice/ssh.service"
     gen = seal_generation(env.store.generations_dir / "gen-4", [users])
     report = boot.boot_restore(4, criu=FakeRestorer(), root=env.root)
-    assert trees_by_root(report)[404]["restored"] and report["adopted"] == []
+    assert trees_by_root(report.to_json())[404]["restored"] and report.adopted == []
     assert not (env.root / "run/systemd/system/ssh.service.d").exists()
     assert not (env.root / "run/seamless/adopt/ssh.service.pid").exists()
     assert gen.final.exists() is False  # restored and wiped as usual
@@ -1064,8 +1069,8 @@ def test_a_restore_left_to_the_unit_is_no_failure_of_the_initramfs(
     from seamless.restore import cli as restore_cli
 
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    monkeypatch.setattr(restore_cli, "boot_restore", lambda *a, **k: {
-        "ok": False, "deferred": "1 tree with a mount namespace of its own", "stage": stage})
+    monkeypatch.setattr(restore_cli, "boot_restore", lambda *a, **k: Report(
+        4, ok=False, deferred="1 tree with a mount namespace of its own", stage=stage))
     result = CliRunner().invoke(cli, ["restore", "--boot", "--generation", "4"],
                                 standalone_mode=False)
     status = (result.exception.status if isinstance(result.exception, SeamlessError)
@@ -1178,7 +1183,7 @@ def test_a_boot_restores_only_with_its_upgrade_s_token_and_only_once(
 
     report = boot.boot_restore(3, criu=criu, root=env.root, keep=True, at_boot=True)
 
-    assert report["ok"] and sorted(criu.calls) == ["101", "202"]
+    assert report.ok and sorted(criu.calls) == ["101", "202"]
     record = handoff.read(env.store.root)
     assert record is not None and record.used_by_boot == "boot-of-B"
     # the same kernel entered again (systemctl kexec), its command line unchanged

@@ -105,3 +105,40 @@ def test_an_upgrade_record_of_an_earlier_seamless_reads(tmp_path: Path) -> None:
     assert record is not None and record.generation == 2 and record.lazy_pages
     assert record.way_back is None and record.requires == [] and record.stopped_units == []
     assert handoff.refusal(record, 2, "t", "b0", "b1") is None
+
+
+#: last-upgrade.json as the restore wrote it until the report was typed (9a9528d).
+REPORT_BEFORE = {
+    "generation": 3, "to": "6.12.118+deb13-cloud-amd64", "ok": True,
+    "boot_id": "b2", "times": {"frozen": 10.0, "entering": 12.0, "restorer_started": 20.0,
+                               "restored": 23.5, "finished": 24.0},
+    "from": "6.12.90+deb13-cloud-amd64", "stage": "initramfs", "boot_id_before": "b1",
+    "upgrade": {"state": "entering", "bytes": 4096}, "corrupt": [], "mounted": ["/tmp"],
+    "trees": [{"root": 101, "unit": "app.service", "command": "app", "restored": True,
+               "pid": 101, "error": None}],
+    "adopted": ["app.service"], "wiped": True,
+}
+
+
+def test_a_report_written_before_it_was_typed_reads_and_writes_the_same() -> None:
+    report = handoff.Report.from_json(json.loads(json.dumps(REPORT_BEFORE)))
+    assert report.source == "6.12.90+deb13-cloud-amd64" and report.generation == 3
+    assert report.ok and report.wiped and report.adopted == ["app.service"]
+    assert report.restored_trees[0]["pid"] == 101
+    assert report.to_json() == REPORT_BEFORE  # no key added, none lost, "from" kept
+
+
+def test_a_report_writes_what_it_knows_only() -> None:
+    report = handoff.Report(generation=None, to="B")
+    assert report.to_json() == {"generation": None, "to": "B", "ok": False, "boot_id": "",
+                                "times": {}}
+    report.deferred, report.source = "1 tree not restorable before init", "A"
+    assert report.to_json()["deferred"] == "1 tree not restorable before init"
+    assert report.to_json()["from"] == "A" and "source" not in report.to_json()
+    assert handoff.Report.from_json(report.to_json()) == report
+
+
+@pytest.mark.parametrize("data", [[], "x", {"times": [1, 2]}])
+def test_what_is_not_a_report_is_refused(data: object) -> None:
+    with pytest.raises(ValueError):
+        handoff.Report.from_json(data)  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ from seamless.criu import CriuOptions, CriuResult, Notification, NotifyHandler
 from seamless.errors import SeamlessError
 from seamless.kexec import cmdline
 from seamless.memstore import handoff
+from seamless.memstore.handoff import Report
 from seamless.restore import boot, metrics, wayback
 from seamless.restore.restorer import Hold, restore_all
 from tests.test_boot_restore import (
@@ -103,7 +104,7 @@ def test_in_the_old_kernel_every_tree_is_restored_and_never_sent_back(
     upgrade_record(env, way_back=BACK, refused=refused)
     criu = FakeRestorer(fail={"101"})
 
-    report = boot.boot_restore(3, criu=criu, root=env.root, at_boot=True)
+    report = boot.boot_restore(3, criu=criu, root=env.root, at_boot=True).to_json()
 
     assert way_back.loaded == []  # at most one way back per upgrade
     assert report["refused"] == refused and not report["ok"]
@@ -116,7 +117,7 @@ def test_when_every_tree_is_made_they_all_run(
 ) -> None:
     upgrade_record(env, way_back=BACK)
     criu = FakeRestorer()
-    report = boot.boot_restore(3, criu=criu, root=env.root, at_boot=True, keep=True)
+    report = boot.boot_restore(3, criu=criu, root=env.root, at_boot=True, keep=True).to_json()
     assert report["ok"] and criu.killed == [] and way_back.loaded == []
     assert "refused" not in report
 
@@ -160,7 +161,8 @@ def test_an_unreadable_way_back_restores_what_can_be_here(
 ) -> None:
     (env.root / BACK.kernel.lstrip("/")).unlink()  # a /boot the initramfs did not mount
     upgrade_record(env, way_back=BACK)
-    report = boot.boot_restore(3, criu=FakeRestorer(fail={"101"}), root=env.root, at_boot=True)
+    report = boot.boot_restore(3, criu=FakeRestorer(fail={"101"}), root=env.root,
+                               at_boot=True).to_json()
     assert way_back.loaded == [] and "is not readable in this boot" in report["no_way_back"]
     assert {t["root"]: t["restored"] for t in report["trees"]} == {101: False, 202: True}
 
@@ -171,7 +173,7 @@ def test_a_way_back_that_does_not_load_restores_what_can_be_here(
     way_back.fail = SeamlessError("kexec_file_load: Operation not permitted")
     upgrade_record(env, way_back=BACK)
     criu = FakeRestorer(fail={"101"})
-    report = boot.boot_restore(3, criu=criu, root=env.root, at_boot=True)
+    report = boot.boot_restore(3, criu=criu, root=env.root, at_boot=True).to_json()
     assert "Operation not permitted" in report["no_way_back"]
     assert criu.killed == ["202"] and criu.calls == ["202", "101", "202", "101"]
     assert {t["root"]: t["restored"] for t in report["trees"]} == {101: False, 202: True}
@@ -404,7 +406,7 @@ def test_status_in_the_old_kernel_says_the_new_one_refused_and_exits_4(
     metrics_dir = tmp_path / "node-exporter"
     metrics_dir.mkdir()
     monkeypatch.setattr(metrics, "TEXTFILE_DIR", metrics_dir)
-    boot.write_report(report, None)
+    boot.write_report(Report.from_json(report), None)
     text = (metrics_dir / "seamless.prom").read_text()
     assert "seamless_last_upgrade_refused 1\n" in text
     assert "seamless_last_upgrade_success 0\n" in text  # its trees are back, on the old one
@@ -413,7 +415,7 @@ def test_status_in_the_old_kernel_says_the_new_one_refused_and_exits_4(
     assert f"last upgrade: {OLD} -> 6.12-new, which refused it, -> back to {OLD} at" in out.output
     assert ("the upgrade to 6.12-new was REFUSED there: the required command `false` exited "
             "1. No tree ran in it; it went back to 6.1.0-old") in out.output
-    phases = dict(boot.phases(report))
+    phases = dict(boot.phases(Report.from_json(report)))
     assert phases["into the new kernel, to its refusal"] == 15.0
     assert phases["kexec to the restorer (the way back)"] == 10.0
     assert phases["total blackout (freeze to restored)"] == 30.0

@@ -206,6 +206,78 @@ def read_tree_info(images_dir: Path) -> TreeInfo:
     return TreeInfo.from_json(json.loads((images_dir / TREE_INFO).read_text()))
 
 
+@dataclass
+class Report:
+    """What the restore of a generation says (``last-upgrade.json`` in /run and
+    /var/lib/seamless, ``report-N.json`` in the store): written by the new boot's
+    restore, completed by the lazy restore's finisher and the expiry, read by ``seamless
+    status``, the metrics and a retry. A field that is None is not written."""
+
+    generation: int | None
+    #: The release the trees were restored in.
+    to: str = ""
+    #: Every tree restored.
+    ok: bool = False
+    boot_id: str = ""
+    #: When each phase began or ended (wall clock): the upgrade's, then the restore's.
+    times: dict[str, float] = field(default_factory=dict)
+    #: The release the generation was written in ("from" in the JSON).
+    source: str | None = None
+    #: Where the restore ran: "initramfs" (before init) or "systemd" (the unit).
+    stage: str | None = None
+    #: The boot the generation was written in, and what its upgrade printed.
+    boot_id_before: str | None = None
+    upgrade: dict[str, Any] | None = None
+    #: The kernel that refused the trees and went back (see UpgradeRecord.refused).
+    refused: dict[str, Any] | None = None
+    #: Why the restore before init left the trees to seamless-restore.service.
+    deferred: str | None = None
+    no_way_back: str | None = None
+    #: The files of the generation that did not verify.
+    corrupt: list[str] | None = None
+    #: What the restore before init mounted for systemd (see restore/bootfs.py).
+    mounted: list[str] | None = None
+    #: Each tree's result (restore.restorer.TreeRestore, as JSON).
+    trees: list[dict[str, Any]] | None = None
+    adopted: list[str] | None = None
+    #: The services the upgrade left out and stopped, started again.
+    started_again: list[str] | None = None
+    #: A lazy restore's memory: "arriving", "back" or "incomplete".
+    memory: str | None = None
+    #: Written while the trees run and the restore still hands them over.
+    finishing: bool | None = None
+    wiped: bool | None = None
+    error: str | None = None
+    #: Until when the generation is kept for a retry, and when it was overwritten.
+    kept_until: float | None = None
+    expired: float | None = None
+
+    #: Always written, even when None.
+    ALWAYS = ("generation", "to", "ok", "boot_id", "times")
+
+    def to_json(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(self).items() if v is not None or k in self.ALWAYS}
+        if "source" in data:
+            data["from"] = data.pop("source")
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Report:
+        """ValueError when ``data`` is not a report."""
+        if not isinstance(data, dict):
+            raise ValueError("not a report")
+        data = {("source" if k == "from" else k): v for k, v in data.items()}
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        report = cls(**{"generation": None, **known})
+        if not isinstance(report.times, dict):
+            raise ValueError("not a report: its times are not a mapping")
+        return report
+
+    @property
+    def restored_trees(self) -> list[dict[str, Any]]:
+        return self.trees or []
+
+
 def write(store_root: Path, record: UpgradeRecord) -> Path:
     """Write the record whole (a new file renamed over the old one, synced)."""
     path = store_root / RECORD

@@ -125,19 +125,18 @@ class Store:
         """Where the restore of generation ``number`` leaves its report in the store."""
         return self.root / f"report-{number}.json"
 
-    def report(self, number: int) -> dict[str, Any] | None:
+    def report(self, number: int) -> handoff.Report | None:
         """The report of the last restore of generation ``number``, if one ran."""
         try:
-            report: dict[str, Any] = json.loads(self.report_path(number).read_text())
-        except (OSError, ValueError):
+            return handoff.Report.from_json(json.loads(self.report_path(number).read_text()))
+        except (OSError, ValueError, TypeError):
             return None
-        return report if isinstance(report, dict) else None
 
     def kept_until(self, number: int) -> float | None:
         """When generation ``number``, kept after a failed restore or after an upgrade
         that never came back, is to be overwritten (None: it is not one)."""
         report = self.report(number)
-        until = report.get("kept_until") if report else None
+        until = report.kept_until if report else None
         if isinstance(until, (int, float)):
             return float(until)
         record = handoff.read(self.root)
@@ -158,9 +157,9 @@ class Store:
             if until is None or until > now:
                 continue
             g.wipe()
-            report = self.report(n) or {}
-            report.update(expired=now, wiped=True)
-            self.report_path(n).write_text(json.dumps(report, indent=2))
+            report = self.report(n) or handoff.Report(generation=n)
+            report.expired, report.wiped = now, True
+            self.report_path(n).write_text(json.dumps(report.to_json(), indent=2))
             log.info("generation %d was kept for a retry until %s: overwritten", n,
                      time.strftime("%Y-%m-%d %H:%M", time.localtime(until)))
             done.append(n)

@@ -9,6 +9,7 @@ it holds process memory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -117,12 +118,12 @@ class PageCheck:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def write_report(report: dict[str, Any], store: Store | None, in_run: bool = True) -> None:
+def write_report(report: handoff.Report, store: Store | None, in_run: bool = True) -> None:
     """Write the report into /run (unless ``in_run`` is false), /var/lib and the store."""
-    text = json.dumps(report, indent=2)
+    text = json.dumps(report.to_json(), indent=2)
     targets = [REPORT_RUN, REPORT_VAR] if in_run else [REPORT_VAR]
-    if store is not None:
-        targets.append(store.report_path(report["generation"]))
+    if store is not None and report.generation is not None:
+        targets.append(store.report_path(report.generation))
     for path in targets:
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -135,7 +136,7 @@ def write_report(report: dict[str, Any], store: Store | None, in_run: bool = Tru
         log.warning("could not write the metrics for node-exporter: %s", e)
 
 
-def blackout(report: dict[str, Any]) -> float | None:
+def blackout(report: handoff.Report) -> float | None:
     """From the freeze to every tree running again, when the report has both."""
     return dict(phases(report)).get("total blackout (freeze to restored)")
 
@@ -155,14 +156,14 @@ def boot_times(now: float, proc: Path = Path("/proc")) -> dict[str, float]:
             "restorer_exec": kernel + started_ticks / os.sysconf("SC_CLK_TCK")}
 
 
-def still_running(previous: dict[str, Any] | None, number: int,
+def still_running(previous: handoff.Report | None, number: int,
                   alive: Callable[[int], bool] | None = None) -> dict[int, int]:
     """The trees of generation ``number`` an earlier restore brought back and that still
     run (tree root -> PID): a retry must not restore them a second time."""
-    if not previous or previous.get("generation") != number:
+    if not previous or previous.generation != number:
         return {}
     alive = alive or psutil.pid_exists
-    return {int(t["root"]): int(t["pid"]) for t in previous.get("trees", [])
+    return {int(t["root"]): int(t["pid"]) for t in previous.restored_trees
             if t.get("restored") and t.get("pid") and alive(int(t["pid"]))}
 
 
@@ -189,8 +190,8 @@ def restore_stage(root: Path = Path("/")) -> str:
 
 def boot_restore(number: int | None, *, keep: bool = False,
                  criu: Restorer | None = None, root: Path = Path("/"),
-                 previous: dict[str, Any] | None = None,
-                 lazy: bool | None = None, at_boot: bool = False) -> dict[str, Any]:
+                 previous: handoff.Report | None = None,
+                 lazy: bool | None = None, at_boot: bool = False) -> handoff.Report:
     """Restore a generation of the store (at boot, or by hand to retry); returns the report
     (also written). ``previous``: the report of an earlier restore of the generation,
     whose trees that still run are left alone and kept in the new report. ``lazy``: the
@@ -210,15 +211,14 @@ class BootRestore:
     state: each step reads and fills ``report``, which is written whatever happens."""
 
     def __init__(self, number: int | None, *, keep: bool, criu: Restorer | None, root: Path,
-                 previous: dict[str, Any] | None, lazy: bool | None, at_boot: bool) -> None:
+                 previous: handoff.Report | None, lazy: bool | None, at_boot: bool) -> None:
         self.number, self.keep, self.criu, self.root = number, keep, criu, root
         self.previous, self.lazy, self.at_boot = previous, lazy, at_boot
         self.started = time.time()
-        self.report: dict[str, Any] = {
-            "generation": number, "to": os.uname().release, "ok": False,
-            "boot_id": handoff.boot_id(),
-            "times": {**boot_times(self.started), "python_started": seamless.STARTED,
-                      "restorer_started": self.started}}
+        self.report = handoff.Report(
+            generation=number, to=os.uname().release, ok=False, boot_id=handoff.boot_id(),
+            times={**boot_times(self.started), "python_started": seamless.STARTED,
+                   "restorer_started": self.started})
         self.store: Store | None = None
         self.gen: Generation | None = None
         self.n = -1  # the generation's number, once the store has it
@@ -227,7 +227,7 @@ class BootRestore:
         #: The upgrade record in the store (any generation's), and the earlier report
         #: when this is a retry of the same generation.
         self.record: handoff.UpgradeRecord | None = None
-        self.retry: dict[str, Any] | None = None
+        self.retry: handoff.Report | None = None
         #: Trees an earlier attempt restored that still run (root -> PID).
         self.running: dict[int, int] = {}
         #: The record to go back with, when this boot can refuse all the trees.
@@ -241,7 +241,7 @@ class BootRestore:
         return self.record if self.record is not None and self.record.generation == self.n \
             else None
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> handoff.Report:
         try:
             self.open_generation()
             if self.retry is None:
@@ -252,10 +252,10 @@ class BootRestore:
             self.restore_trees()
             self.finish()
         except SeamlessError as e:
-            self.report["error"] = e.format_message()
-            if self.restored.trees and "trees" not in self.report:
+            self.report.error = e.format_message()
+            if self.restored.trees and self.report.trees is None:
                 # which trees came back before it ended: a retry leaves them alone
-                self.report.update(trees=self.restored.to_json()["trees"])
+                self.report.trees = self.restored.to_json()["trees"]
             raise
         finally:
             self.close()
@@ -270,22 +270,22 @@ class BootRestore:
         self.n, self.gen = self.store.generation(self.number)
         manifest = self.gen.manifest()
         self.trees, self.source_boot_id = manifest.trees, manifest.source_boot_id
-        report.update(generation=self.n, **{"from": manifest.source_release})
+        report.generation, report.source = self.n, manifest.source_release
         self.running = still_running(self.previous, self.n)
-        if self.previous is not None and self.previous.get("generation") == self.n:
+        if self.previous is not None and self.previous.generation == self.n:
             self.retry = self.previous
         if self.retry is None:
-            report["stage"] = restore_stage(self.root)
+            report.stage = restore_stage(self.root)
             self.record = handoff.read(self.store.root)
             return
-        if self.retry.get("memory") == "arriving" and lazy_daemons_run():
+        if self.retry.memory == "arriving" and lazy_daemons_run():
             raise SeamlessError(
                 f"the memory of generation {self.n}'s lazily restored trees is still "
                 "arriving from it: a retry now would wipe it under them",
                 hint="wait until seamless status says the memory is back, then retry")
         # a retry: the upgrade's phases are those of the boot; this one is the retry
-        report["times"] = {**self.retry.get("times", {}), "retry_started": self.started}
-        report["stage"] = self.retry.get("stage")
+        report.times = {**self.retry.times, "retry_started": self.started}
+        report.stage = self.retry.stage
 
     def check_record(self) -> None:
         """At boot, refuse a generation that this boot was not started for (its upgrade
@@ -303,17 +303,17 @@ class BootRestore:
                     "by hand")
         record = self.upgrade
         if record is not None:
-            self.report["boot_id_before"] = record.source_boot_id
-            self.report["upgrade"] = record.result
+            self.report.boot_id_before = record.source_boot_id
+            self.report.upgrade = record.result
             if record.refused is not None:  # back from the kernel that refused them
-                self.report["refused"] = record.refused
-            self.report["times"] = {**record.times, **self.report["times"]}
+                self.report.refused = record.refused
+            self.report.times = {**record.times, **self.report.times}
             self.lazy = record.lazy_pages if self.lazy is None else self.lazy
 
     def defer_after_init(self) -> bool:
         """Before init, leave every tree to seamless-restore.service when one of them
         cannot be restored before init; True when it does so."""
-        if self.report["stage"] == "initramfs":
+        if self.report.stage == "initramfs":
             deferred = trees_after_init(self.gen_, self.root)
             if deferred:
                 # CRIU makes a tree's mount namespace again from the real root as its
@@ -326,10 +326,10 @@ class BootRestore:
                 log.info("generation %d: %s, by seamless-restore.service", self.n, why)
                 DEFERRED.parent.mkdir(parents=True, exist_ok=True)
                 DEFERRED.write_text(why + "\n")
-                self.report["deferred"] = why
+                self.report.deferred = why
                 return True
         if DEFERRED.is_file():
-            self.report["deferred"] = DEFERRED.read_text().strip()
+            self.report.deferred = DEFERRED.read_text().strip()
         return False
 
     def claim(self) -> None:
@@ -346,7 +346,7 @@ class BootRestore:
             if back.way_back is not None and back.refused is None:
                 log.warning("no way back from here (%s): the trees that can be restored "
                             "run here, the others are kept", why)
-                self.report["no_way_back"] = why
+                self.report.no_way_back = why
             back = None
         self.back = back
         upgrade = self.upgrade
@@ -362,10 +362,10 @@ class BootRestore:
         with complete_step(f"verifying generation {n} (its page images: while the trees "
                            "are restored)"):
             bad = gen.verify(lambda path: not is_page_image(path))
-        report["corrupt"] = bad
+        report.corrupt = bad
         load_criu_modules()
-        if report["stage"] == "initramfs" and self.retry is None:
-            report["mounted"] = bootfs.mount_boot_tmpfs(self.root)
+        if report.stage == "initramfs" and self.retry is None:
+            report.mounted = bootfs.mount_boot_tmpfs(self.root)
         criu = self.criu or Criu(timeout=RESTORE_TIMEOUT)
         lazy = bool(self.lazy) and lazy_pages_work(criu)
         skip = corrupt_trees(bad)
@@ -392,15 +392,15 @@ class BootRestore:
                 try:
                     refuse(report, self.store_.root, self.back, hold.reason, self.root)
                 except SeamlessError as e:  # the way back did not load: what can, runs here
-                    report["no_way_back"] = e.message
+                    report.no_way_back = e.message
                     self.restored = RestoreReport()
                     with complete_step("restoring here the trees that can be"):
                         restore()
             self.pagers = self.restored.pagers
             faults.point("restored")
-            report["times"]["retry_restored" if self.retry is not None else "restored"] = \
+            report.times["retry_restored" if self.retry is not None else "restored"] = \
                 time.time()
-            report["corrupt"] = sorted(bad + pages.bad())
+            report.corrupt = sorted(bad + pages.bad())
         finally:
             pages.stop()
 
@@ -408,36 +408,35 @@ class BootRestore:
         """Say the trees run, hand the services to systemd, start the services the
         upgrade left out, and overwrite the generation once nothing needs it."""
         report, restored = self.report, self.restored
-        report.update(ok=restored.ok, trees=restored.to_json()["trees"],
-                      adopted=adopt_services(restored, self.root))
+        report.ok, report.trees = restored.ok, restored.to_json()["trees"]
+        report.adopted = adopt_services(restored, self.root)
         if any(t.restored for t in restored.trees):
-            bootfs.keep_tmp(self.root, before_init=report["stage"] == "initramfs")
+            bootfs.keep_tmp(self.root, before_init=report.stage == "initramfs")
         # The trees run: say so at once. Handing the services to systemd and overwriting
         # the generation take seconds, and the boot's services start meanwhile.
-        write_report({**report, "finishing": True}, self.store)
-        if report["adopted"]:
-            hand_over(report["adopted"])
+        write_report(dataclasses.replace(report, finishing=True), self.store)
+        if report.adopted:
+            hand_over(report.adopted)
         upgrade = self.upgrade
         if self.retry is None and upgrade is not None and upgrade.stopped_units:
-            report["started_again"] = start_left_out(upgrade.stopped_units, self.root)
+            report.started_again = start_left_out(upgrade.stopped_units, self.root)
         if self.pagers:
-            report["memory"] = "arriving"
+            report.memory = "arriving"
         elif restored.ok and not self.keep:
             with complete_step(f"overwriting generation {self.n} (it held process memory)"):
                 self.gen_.wipe()
-            report["wiped"] = True
+            report.wiped = True
 
     def close(self) -> None:
         """Write the report (a generation not overwritten is kept for a retry, for a
         while) and close the store, or leave it to the lazy restore's finisher."""
         report, gen, store = self.report, self.gen, self.store
-        report["times"]["finished"] = time.time()
-        left_to_the_unit = "deferred" in report and report.get("stage") == "initramfs"
-        if gen is not None and not report.get("wiped") and not self.keep \
-                and not left_to_the_unit:
+        report.times["finished"] = time.time()
+        left_to_the_unit = report.deferred is not None and report.stage == "initramfs"
+        if gen is not None and not report.wiped and not self.keep and not left_to_the_unit:
             # kept for a retry, and no longer: it holds the processes' memory (a lazy
             # restore's finisher wipes it sooner; this bounds it should the finisher die)
-            report["kept_until"] = report["times"]["finished"] + KEEP_FAILED_SECONDS
+            report.kept_until = report.times["finished"] + KEEP_FAILED_SECONDS
         if not left_to_the_unit:
             write_report(report, store)
         if store is not None:
@@ -457,15 +456,15 @@ class BootRestore:
         return self.store
 
 
-def refuse(report: dict[str, Any], store_root: Path, back: handoff.UpgradeRecord | None,
+def refuse(report: handoff.Report, store_root: Path, back: handoff.UpgradeRecord | None,
            reason: str, root: Path) -> None:
     """This kernel runs none of the trees: go back to the kernel the upgrade came from
     (does not return), or, with no way back, end the restore with the generation kept
     for a retry by hand. Raises :class:`SeamlessError` when the way back does not load
     (nothing was entered)."""
-    report["refused"] = refused = wayback.refusal(reason)
+    report.refused = refused = wayback.refusal(reason)
     if back is None:
-        n = report["generation"]
+        n = report.generation
         raise SeamlessError(
             f"not running the trees in this kernel: {reason}",
             hint=f"generation {n} is kept: once this kernel is fit, seamless restore "
@@ -505,7 +504,7 @@ def lazy_pages_work(criu: Restorer) -> bool:
     return works
 
 
-def finish_in_background(report: dict[str, Any], store: Store, gen: Generation,
+def finish_in_background(report: handoff.Report, store: Store, gen: Generation,
                          pagers: dict[int, Pager], keep: bool) -> None:
     """Leave a process behind that finishes the lazy restore (:func:`finish_lazy`): the
     boot goes on meanwhile."""
@@ -528,18 +527,19 @@ def finish_in_background(report: dict[str, Any], store: Store, gen: Generation,
         os._exit(code)
 
 
-def finish_lazy(report: dict[str, Any], store: Store, gen: Generation,
+def finish_lazy(report: handoff.Report, store: Store, gen: Generation,
                 pagers: dict[int, Pager], keep: bool) -> None:
     """Wait until the lazily restored trees have all their memory (stopping a tree whose
     memory did not all arrive), then wipe the generation, complete the report and
     unmount the store."""
     faults.point("finishing")
     failed = lazy.finish(pagers)
-    report["times"]["memory_back"] = time.time()
-    for tree in report.get("trees", []):
+    report.times["memory_back"] = time.time()
+    for tree in report.restored_trees:
         if tree["root"] in failed:
             tree.update(restored=False, error=failed[tree["root"]])
-    report.update(ok=report["ok"] and not failed, memory="back" if not failed else "incomplete")
+    report.ok = report.ok and not failed
+    report.memory = "back" if not failed else "incomplete"
     # In an initramfs without systemd /run, with the store, leaves the real root after
     # the restore and comes back once the boot moves it there before init. The memory
     # can be back before /run leaves: wait for the mark the boot script leaves in /run
@@ -548,22 +548,22 @@ def finish_lazy(report: dict[str, Any], store: Store, gen: Generation,
     if not _visible(Path(handed_over) if handed_over else REPORT_RUN):
         # Not in place: nothing of it is touched (a wipe would miss it, a report would
         # land on the root's disk under the mount point). The report on disk says so.
-        report["error"] = ("/run did not come back into the real root: the generation "
-                           "was not wiped")
-        log.error("%s", report["error"])
+        report.error = ("/run did not come back into the real root: the generation "
+                        "was not wiped")
+        log.error("%s", report.error)
         write_report(report, None, in_run=False)
         return
     try:
-        if report["ok"] and not keep:
+        if report.ok and not keep:
             gen.wipe()
-            report["wiped"] = True
+            report.wiped = True
     except OSError as e:
-        report["error"] = f"the generation was not wiped: {e}"
-        log.error("%s", report["error"])
+        report.error = f"the generation was not wiped: {e}"
+        log.error("%s", report.error)
     finally:
-        report["times"]["finished"] = time.time()
-        if not report.get("wiped") and not keep:
-            report["kept_until"] = report["times"]["finished"] + KEEP_FAILED_SECONDS
+        report.times["finished"] = time.time()
+        if not report.wiped and not keep:
+            report.kept_until = report.times["finished"] + KEEP_FAILED_SECONDS
         write_report(report, store)
         close_store(store)
     log.info("the memory of %d lazily restored trees is back%s", len(pagers),
@@ -672,27 +672,25 @@ def unrestored_upgrade() -> dict[str, Any] | None:
             "running": os.uname().release, "upgrade": record.result}
 
 
-def last_report() -> dict[str, Any] | None:
+def last_report() -> handoff.Report | None:
     """The newest report of a restore at boot, if any."""
     found = []
     for path in (REPORT_RUN, REPORT_VAR):
         try:
-            found.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
+            found.append(handoff.Report.from_json(json.loads(path.read_text())))
+        except (OSError, ValueError, TypeError):
             continue
     if not found:
         return None
     # the latest time each recorded: a report written before the restore finished has
     # no "finished" yet, and is still newer than the last upgrade's
-    newest: dict[str, Any] = max(
-        found, key=lambda r: max(r.get("times", {}).values(), default=0))
-    return newest
+    return max(found, key=lambda r: max(r.times.values(), default=0))
 
 
-def phases(report: dict[str, Any]) -> list[tuple[str, float]]:
+def phases(report: handoff.Report) -> list[tuple[str, float]]:
     """The durations of an upgrade's phases, from the times it recorded. An upgrade the
     new kernel refused came back to this one: its kexec is the way back."""
-    t = report.get("times", {})
+    t = report.times
     entering = "entering_back" if "entering_back" in t else "entering"
     spans = [
         ("pre-dump and hash (running)", "pre_dumping", "frozen"),

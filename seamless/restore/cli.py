@@ -84,10 +84,10 @@ def restore_command(images_dir: Path | None, number: int | None, boot: bool, kee
         boot_report = boot_restore(number if number is not None else generation_from_cmdline(),
                                    keep=keep, at_boot=True)
         if as_json:
-            click.echo(json.dumps(boot_report, indent=2))
-        if boot_report.get("deferred") and boot_report.get("stage") == "initramfs":
+            click.echo(json.dumps(boot_report.to_json(), indent=2))
+        if boot_report.deferred and boot_report.stage == "initramfs":
             return  # seamless-restore.service restores them after switch-root
-        if not boot_report["ok"]:
+        if not boot_report.ok:
             raise SeamlessError("some trees were not restored (seamless status says which)",
                                 exit_code=ExitCode.CHANGED)
         return
@@ -104,11 +104,11 @@ def _restore_by_hand(images_dir: Path | None, number: int | None, keep: bool,
         # A generation of the store: a retry after a failed or missing boot-time restore.
         # Trees an earlier restore brought back and that still run are left alone.
         retried = boot_restore(number, keep=keep, previous=last_report())
-        trees = [TreeRestore(**t) for t in retried.get("trees", [])]
+        trees = [TreeRestore(**t) for t in retried.restored_trees]
         hint = (f"the others run; seamless status says why; the generation is kept: "
-                f"seamless restore --generation {retried['generation']} tries again")
+                f"seamless restore --generation {retried.generation} tries again")
         if as_json:
-            click.echo(json.dumps(retried, indent=2))
+            click.echo(json.dumps(retried.to_json(), indent=2))
     else:
         with complete_step(f"restoring the trees of {images_dir}"):
             report = restore_all(images_dir, Criu(timeout=RESTORE_TIMEOUT))
@@ -149,7 +149,8 @@ def status_command(ctx: click.Context, as_json: bool) -> None:
         raise SeamlessError("no upgrade has been restored on this machine yet",
                             hint="seamless upgrade --kernel PATH does one")
     if as_json:
-        out = {**report, "phases": dict(phases(report))} if report is not None else {}
+        out = {**report.to_json(), "phases": dict(phases(report))} if report is not None \
+            else {}
         if lost is not None:
             out["unrestored_upgrade"] = lost
         out.update(schema_version=STATUS_SCHEMA, host=socket.gethostname(),
@@ -157,12 +158,11 @@ def status_command(ctx: click.Context, as_json: bool) -> None:
         click.echo(json.dumps(out, indent=2))
     else:
         _print_status(report, lost)
-    if lost is not None or (report is not None and (not report.get("ok")
-                                                     or report.get("refused"))):
+    if lost is not None or (report is not None and (not report.ok or report.refused)):
         ctx.exit(ExitCode.CHECK_FAILED)
 
 
-def _print_status(report: dict[str, Any] | None, lost: dict[str, Any] | None) -> None:
+def _print_status(report: handoff.Report | None, lost: dict[str, Any] | None) -> None:
     if lost is not None:
         at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lost["entering"] or 0))
         click.echo(f"upgrade to {lost['to']} NEVER CAME BACK: it entered the new kernel at "
@@ -180,50 +180,48 @@ def _print_status(report: dict[str, Any] | None, lost: dict[str, Any] | None) ->
         click.echo("the upgrade before it:")
     assert report is not None  # one of the two is there
     when = time.strftime("%Y-%m-%d %H:%M:%S",
-                         time.localtime(report["times"].get("restorer_started", 0)))
-    to = report["to"]
-    if report.get("refused"):  # A -> B -> A
-        to = f"{report['refused'].get('release', '?')}, which refused it, -> back to {to}"
-    click.echo(f"last upgrade: {report.get('from', '?')} -> {to} at {when}, "
-               f"generation {report.get('generation')}: "
-               + ("all trees restored" if report["ok"] else "NOT all trees restored"))
+                         time.localtime(report.times.get("restorer_started", 0)))
+    to = report.to
+    if report.refused:  # A -> B -> A
+        to = f"{report.refused.get('release', '?')}, which refused it, -> back to {to}"
+    click.echo(f"last upgrade: {report.source or '?'} -> {to} at {when}, "
+               f"generation {report.generation}: "
+               + ("all trees restored" if report.ok else "NOT all trees restored"))
     where = {"initramfs": "in the initramfs, before init",
              "systemd": "by seamless-restore.service, before the services"}.get(
-        report.get("stage") or "")
+        report.stage or "")
     if where:
         click.echo(f"restored {where}"
-                   + (f" (not before init: {report['deferred']})" if report.get("deferred")
-                      else ""))
-    if report.get("finishing"):
+                   + (f" (not before init: {report.deferred})" if report.deferred else ""))
+    if report.finishing:
         click.echo("the restore is still finishing: the trees run; it hands their services "
                    "to systemd and overwrites the generation")
-    refused = report.get("refused")
+    refused = report.refused
     if refused:
         click.echo(f"the upgrade to {refused.get('release')} was REFUSED there: "
                    f"{refused.get('reason')}. No tree ran in it; it went back to "
-                   f"{report['to']}, and the trees were restored here. Mend the cause (or "
+                   f"{report.to}, and the trees were restored here. Mend the cause (or "
                    "leave that tree out), then upgrade again")
-    if report.get("no_way_back"):
-        click.echo(f"no way back to the old kernel: {report['no_way_back']}")
-    if report.get("error"):
-        click.echo(f"error: {report['error']}")
-    if report.get("expired"):
-        click.echo(f"generation {report.get('generation')} was kept for a retry, then "
+    if report.no_way_back:
+        click.echo(f"no way back to the old kernel: {report.no_way_back}")
+    if report.error:
+        click.echo(f"error: {report.error}")
+    if report.expired:
+        click.echo(f"generation {report.generation} was kept for a retry, then "
                    "overwritten at " + time.strftime("%Y-%m-%d %H:%M",
-                                                      time.localtime(report["expired"])))
-    elif report.get("kept_until") and not report.get("wiped") \
-            and report.get("memory") != "arriving":
-        click.echo(f"generation {report.get('generation')} is kept for a retry (seamless "
-                   f"restore --generation {report.get('generation')}) until "
-                   + time.strftime("%Y-%m-%d %H:%M", time.localtime(report["kept_until"]))
+                                                      time.localtime(report.expired)))
+    elif report.kept_until and not report.wiped and report.memory != "arriving":
+        click.echo(f"generation {report.generation} is kept for a retry (seamless "
+                   f"restore --generation {report.generation}) until "
+                   + time.strftime("%Y-%m-%d %H:%M", time.localtime(report.kept_until))
                    + ", then overwritten: it holds the processes' memory")
     memory = {"arriving": "still arriving (lazy restore: the trees run meanwhile)",
               "back": "all back (lazy restore)",
               "incomplete": "did NOT all arrive: those trees were stopped"}.get(
-        report.get("memory") or "")
+        report.memory or "")
     if memory:
         click.echo(f"the trees' memory: {memory}")
-    for t in report.get("trees", []):
+    for t in report.restored_trees:
         state = f"restored as {t['pid']}" if t["restored"] else f"FAILED: {t['error']}"
         click.echo(f"  {t['root']:>7}  {(t['unit'] or '-')[:30]:<30} {t['command'][:30]:<30} "
                    f"{state}")

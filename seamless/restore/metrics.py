@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+from seamless.memstore.handoff import Report
 
 TEXTFILE_DIR = Path("/var/lib/prometheus/node-exporter")
 NAME = "seamless.prom"
@@ -20,27 +21,28 @@ def _label(value: object) -> str:
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
 
 
-def render(report: dict[str, Any], blackout: float | None,
+def render(report: Report, blackout: float | None,
            store_free: int | None = None) -> str:
-    trees = report.get("trees", [])
+    trees = report.restored_trees
     restored = sum(1 for t in trees if t.get("restored"))
-    times = report.get("times", {})
+    times = report.times
     metrics: list[tuple[str, str, str, list[tuple[str, float]]]] = [
         ("seamless_last_upgrade_timestamp_seconds", "gauge",
          "When the last upgrade's restore finished (or began).",
          [("", float(times.get("finished") or times.get("restorer_started") or 0))]),
         ("seamless_last_upgrade_success", "gauge",
          "1 when the last upgrade restored every tree in its new kernel, else 0.",
-         [("", 1.0 if report.get("ok") and not report.get("refused") else 0.0)]),
+         [("", 1.0 if report.ok and not report.refused else 0.0)]),
         ("seamless_last_upgrade_refused", "gauge",
          "1 when the new kernel refused the trees and went back to the old one.",
-         [("", 1.0 if report.get("refused") else 0.0)]),
+         [("", 1.0 if report.refused else 0.0)]),
         ("seamless_last_upgrade_trees", "gauge", "The last upgrade's trees, by result.",
          [('{result="restored"}', float(restored)),
           ('{result="failed"}', float(len(trees) - restored))]),
         ("seamless_last_upgrade_info", "gauge", "The last upgrade's kernels and generation.",
-         [(f'{{from="{_label(report.get("from", ""))}",to="{_label(report.get("to", ""))}",'
-           f'generation="{_label(report.get("generation", ""))}"}}', 1.0)]),
+         [(f'{{from="{_label(report.source or "")}",to="{_label(report.to)}",'
+           f'generation="{_label("" if report.generation is None else report.generation)}"}}',
+           1.0)]),
     ]
     if blackout is not None:
         metrics.append(("seamless_last_upgrade_blackout_seconds", "gauge",
@@ -55,7 +57,7 @@ def render(report: dict[str, Any], blackout: float | None,
     return "\n".join(lines) + "\n"
 
 
-def write(report: dict[str, Any], blackout: Callable[[dict[str, Any]], float | None],
+def write(report: Report, blackout: Callable[[Report], float | None],
           store_free: int | None = None, directory: Path | None = None) -> Path | None:
     """Write ``seamless.prom`` into ``directory`` (node-exporter's) when it is there."""
     directory = TEXTFILE_DIR if directory is None else directory
