@@ -12,8 +12,9 @@ from seamless.memstore import handoff
 from seamless.memstore.handoff import TREE_INFO, TreeInfo
 from seamless.restore.restorer import trees_in
 
-#: seamless-tree.json as seamless wrote it until the record was typed (commit 9a9528d:
-#: a dict with no version), from a guest's carried nginx.
+#: seamless-tree.json with the keys seamless wrote until the record was typed (commit
+#: 9a9528d: a dict with no version), for an nginx tree; the nested entries are kept as
+#: they are, whatever their shape, so they are abbreviated here.
 WRITTEN_BEFORE = {
     "streams": [{"inode": 4242, "peer": 4243, "type": 1, "buffered": ""}],
     "order": 2,
