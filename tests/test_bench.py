@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -217,6 +218,21 @@ DMESG = ("[    0.000000] Linux version 6.12.118-cloud-amd64\n"
          "[    3.141592] Freeing unused kernel image (initmem) memory: 2048K\n"
          "[    3.250000] Run /init as init process\n"
          "[   14.000000] systemd[1]: Detected virtualization kvm.\n")
+
+
+def test_the_guest_clock_is_set_to_the_hosts_before_an_upgrade() -> None:
+    asked: list[tuple[str, ...]] = []
+
+    class Guest:
+        def run(self, *argv: str, check: bool = True) -> str:
+            asked.append(argv)
+            return ""
+
+    before = time.time()
+    bench.set_clock(cast(qemu.Guest, Guest()))
+    [(date, utc, flag, when)] = asked
+    assert (date, utc, flag) == ("date", "-u", "-s") and when.startswith("@")
+    assert before - 0.001 <= float(when[1:]) <= time.time() + 0.001
 
 
 def test_the_kexec_to_init_is_systemds_kernel_time_with_a_systemd_initramfs() -> None:

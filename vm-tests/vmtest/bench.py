@@ -219,11 +219,21 @@ def kernel_to_init(guest: qemu.Guest) -> float | None:
 LEAVING = "  leaving the old kernel"
 
 
+def set_clock(guest: qemu.Guest) -> None:
+    """Set the guest's wall clock to the host's. A guest's clock under TCG drifts while
+    it is busy (once by more than a minute, after two initramfs builds), and the new
+    kernel takes its clock from the RTC, which is the host's: the upgrade's phase
+    "leaving the old kernel" (A's clock against B's), and so the kexec-to-init time and
+    the seconds added, would carry the drift."""
+    guest.run("date", "-u", "-s", f"@{time.time():.3f}")
+
+
 def upgrade(guest: qemu.Guest, port: int, target: config.Kernel, digest: str,
             *args: str) -> dict[str, Any]:
     """`seamless upgrade` into ``target``, probed; its blackout, phases, the new
     kernel's own boot to init, the seconds seamless adds to it, and whether the
     service kept its counter and memory."""
+    set_clock(guest)
     probed = measure_blackout(
         port, lambda: guest.switch_kernel(["seamless", "upgrade", "--kernel", target.vmlinuz,
                                            "--yes", *args]),
