@@ -3,6 +3,7 @@ too (``resources/kernel-modules``: a name per line, then what needs it)."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 #: The list; ``seamless install-restorer`` and the Debian package put a copy beside the
@@ -10,12 +11,15 @@ from pathlib import Path
 LIST = Path(__file__).parent / "resources" / "kernel-modules"
 
 
+@functools.cache
+def _entries(path: Path) -> tuple[tuple[str, ...], ...]:
+    """Each line's words (a module's name, then its uses), comments left out: the list
+    is read once, however many modules import a part of it."""
+    lines = (line.split("#", 1)[0].split() for line in path.read_text().splitlines())
+    return tuple(tuple(words) for words in lines if words)
+
+
 def named(use: str | None = None, path: Path = LIST) -> tuple[str, ...]:
     """The modules of the list, in its order; with ``use`` (store, initrd, criu), only
     those that it needs."""
-    names = []
-    for line in path.read_text().splitlines():
-        words = line.split("#", 1)[0].split()
-        if words and (use is None or use in words[1:]):
-            names.append(words[0])
-    return tuple(names)
+    return tuple(words[0] for words in _entries(path) if use is None or use in words[1:])
