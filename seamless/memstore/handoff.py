@@ -21,7 +21,7 @@ import hmac
 import json
 import os
 import secrets
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,13 @@ def token_from_cmdline(text: str) -> str | None:
         if arg.startswith(TOKEN_ARG):
             return arg.removeprefix(TOKEN_ARG)
     return None
+
+
+def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The items of a record that are fields of ``cls``: a record written by another
+    version of seamless reads, its keys unknown here left out."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
 
 
 @dataclass
@@ -119,11 +126,10 @@ class UpgradeRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> UpgradeRecord:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known = _known(cls, data)
         if isinstance(known.get("way_back"), dict):
-            fields = WayBack.__dataclass_fields__
-            known["way_back"] = WayBack(**{k: str(v) for k, v in known["way_back"].items()
-                                           if k in fields})
+            known["way_back"] = WayBack(**{k: str(v) for k, v in
+                                           _known(WayBack, known["way_back"]).items()})
         return cls(**known)
 
 
@@ -185,7 +191,7 @@ class TreeInfo:
         it does not know are left out. ValueError when it is not a tree's record."""
         if not isinstance(data, dict) or "root" not in data:
             raise ValueError("not a tree's record: no root")
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known = _known(cls, data)
         info = cls(**known)
         info.root = int(info.root)
         info.order = int(data.get("order", info.root))
@@ -267,7 +273,7 @@ class Report:
         if not isinstance(data, dict):
             raise ValueError("not a report")
         data = {("source" if k == "from" else k): v for k, v in data.items()}
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known = _known(cls, data)
         report = cls(**{"generation": None, **known})
         if not isinstance(report.times, dict):
             raise ValueError("not a report: its times are not a mapping")
