@@ -574,7 +574,7 @@ def test_trees_connected_by_a_unix_stream_are_connected_again(tmp_path: Path) ->
     import base64
     import socket
 
-    from seamless.collect.resources import UnixPeer, streams_between
+    from seamless.collect.resources import UnixPeer, nonblocking_sockets, streams_between
 
     app, db = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -588,6 +588,11 @@ def test_trees_connected_by_a_unix_stream_are_connected_again(tmp_path: Path) ->
         assert base64.b64decode(mine["queue"]) == b"row" and mine["peer"] == d
         assert app.recv(16) == b"row"  # peeked, not taken
         assert streams_between([me, 4242], table) == []  # both ends in one tree
+        # the database waits in epoll and reads a non-blocking socket; the application
+        # reads a blocking one: each gets a socket like its own
+        db.setblocking(False)
+        assert nonblocking_sockets([me], [a, d]) == [d]
+        assert nonblocking_sockets([me], [a]) == []
     finally:
         app.close()
         db.close()
@@ -598,6 +603,7 @@ def test_trees_connected_by_a_unix_stream_are_connected_again(tmp_path: Path) ->
         info = json.loads(info_file.read_text())
         info["streams"] = [{"inode": inode, "peer": peer,
                             "queue": base64.b64encode(queue).decode()}]
+        info["nonblocking"] = [22] if pid == 200 else []
         info_file.write_text(json.dumps(info))
     handed: dict[str, int] = {}
 
@@ -613,6 +619,7 @@ def test_trees_connected_by_a_unix_stream_are_connected_again(tmp_path: Path) ->
     first = socket.socket(fileno=handed["socket:[11]"])
     second = socket.socket(fileno=handed["socket:[22]"])
     try:
+        assert os.get_blocking(first.fileno()) and not os.get_blocking(second.fileno())
         assert first.recv(16) == b"row" and second.recv(16) == b"Q"
         first.sendall(b"again")
         assert second.recv(16) == b"again"

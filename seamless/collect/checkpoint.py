@@ -42,6 +42,7 @@ from seamless.collect.resources import (
     UnixPeer,
     foreign_files,
     journald_streams,
+    nonblocking_sockets,
     peer_paths,
     socket_dirs,
     streams_between,
@@ -94,6 +95,8 @@ def tree_info(tree: ProcessTree, options: CriuOptions, order: int,
         mount_namespace=options.auto_ext_mnt,
         streams=[s for s in streams_between(tree.pids, sockets or {})
                  if f"unix[{s['inode']}]" in options.external],
+        nonblocking=nonblocking_sockets(tree.pids, [
+            int(e[5:-1]) for e in options.external if e.startswith("unix[")]),
         socket_dirs=socket_dirs(tree.pids),
         peer_paths=peer_paths(tree.pids, sockets or {}, options.external),
         fifos=volatile_fifos(tree.pids),

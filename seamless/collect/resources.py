@@ -146,6 +146,27 @@ def streams_between(pids: Iterable[int], sockets: dict[int, UnixPeer], *,
     return list(found.values())
 
 
+def nonblocking_sockets(pids: Iterable[int], inodes: Iterable[int]) -> list[int]:
+    """Of these sockets (by inode) that the processes hold, those open non-blocking
+    (O_NONBLOCK). The restore hands a tree a socket of its own for each (see
+    ``connect_streams``), and CRIU leaves a file it inherits as it gets it: each must be
+    non-blocking again, or a server that waits in epoll and then reads blocks in the read
+    (a PostgreSQL backend then never sees its shutdown, and pg_ctl waits out its 60 s)."""
+    wanted, found = set(inodes), set()
+    for pid in pids:
+        for fd, target in _fds(pid):
+            m = re.fullmatch(r"socket:\[(\d+)\]", target)
+            if m is None or int(m[1]) not in wanted or int(m[1]) in found:
+                continue
+            try:
+                flags = int(_fdinfo(pid, fd).get("flags", "0"), 8)
+            except ValueError:
+                continue
+            if flags & os.O_NONBLOCK:
+                found.add(int(m[1]))
+    return sorted(found)
+
+
 def _peek(pid: int, fd: int) -> bytes:
     """What is queued on ``pid``'s socket ``fd`` for it to read, left where it is."""
     try:

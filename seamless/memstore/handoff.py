@@ -162,6 +162,9 @@ class TreeInfo:
     mount_namespace: bool = False
     #: Unix stream connections to other trees, connected again by the restore.
     streams: list[Entry] = field(default_factory=list)
+    #: Its external unix sockets (inodes) that were open non-blocking: the restore's
+    #: new socket for each is made non-blocking too.
+    nonblocking: list[int] = field(default_factory=list)
     #: The directories of its bound unix sockets, made again when the boot has none.
     socket_dirs: list[Entry] = field(default_factory=list)
     #: Sockets of the running system it is connected to, which CRIU connects by path.
@@ -196,6 +199,7 @@ class TreeInfo:
         info.root = int(info.root)
         info.order = int(data.get("order", info.root))
         info.pids = [int(p) for p in info.pids]
+        info.nonblocking = [int(i) for i in info.nonblocking]
         info.unit = None if info.unit is None else str(info.unit)
         info.mount_namespace = bool(info.mount_namespace)
         return info

@@ -493,6 +493,8 @@ def _restore_tree(
             end = streams.pop(int(inode), None) if streams and inode.isdigit() else None
             fd = end if end is not None else _open_stream(stream, tree)
             fds.append(fd)
+            # as the socket it replaces was: CRIU leaves an inherited file as it is
+            os.set_blocking(fd, not inode.isdigit() or int(inode) not in info.nonblocking)
             inherit.append(InheritFd(f"socket:[{inode}]", fd))
         lazy = pager(images_dir) if pager is not None else None
         try:
