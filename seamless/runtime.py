@@ -9,8 +9,8 @@ A service keeps state the kernel does not hold for it and CRIU does not copy:
 - files on tmpfs it holds open (cron locks /run/crond.pid): CRIU reopens them by
   path, and refuses one whose size changed;
 - its private /tmp and /var/tmp (``PrivateTmp=``): the new boot's tmpfiles removes
-  every ``systemd-private-*`` directory, and the restore binds them again into the
-  service's mount namespace.
+  every ``systemd-private-*`` directory of an earlier boot, and the restore binds
+  them again into the service's mount namespace (the directories are read off it).
 
 /run and the tmpfs mounts are empty in the new boot, and /tmp is cleaned: the
 restore makes these again, as they were, before the tree runs. Small files only
@@ -39,18 +39,18 @@ RUN = "/run"
 
 
 def unit_paths(units: Iterable[str | None]) -> dict[str, list[str]]:
-    """The PID file, runtime directories and private temporary directories of each
-    service unit, asked of systemd once for all (nothing when it does not answer)."""
+    """The PID file and runtime directories of each service unit, asked of systemd once
+    for all (nothing when it does not answer). Its private /tmp and /var/tmp are read off
+    its mount namespace (:func:`seamless.collect.namespaces.private_tmp_dirs`)."""
     names = sorted({u for u in units if u and u.endswith(".service")})
     if not names:
         return {}
     try:
-        out = run(["systemctl", "show", "--property=Id,PIDFile,RuntimeDirectory,PrivateTmp",
+        out = run(["systemctl", "show", "--property=Id,PIDFile,RuntimeDirectory",
                    "--", *names]).stdout.decode(errors="replace")
     except (CommandError, OSError) as e:
         log.warning("could not ask systemd for the units' runtime files: %s", e)
         return {}
-    boot = _boot_id()
     found: dict[str, list[str]] = {}
     for block in out.split("\n\n"):
         props = dict(line.partition("=")[::2] for line in block.splitlines() if "=" in line)
@@ -59,12 +59,6 @@ def unit_paths(units: Iterable[str | None]) -> dict[str, list[str]]:
             continue
         paths = [p for p in [props.get("PIDFile", "")] if p.startswith("/")]
         paths += [f"{RUN}/{d}" for d in props.get("RuntimeDirectory", "").split() if d]
-        if props.get("PrivateTmp") == "yes" and boot:
-            for tmp in ("/tmp", "/var/tmp"):
-                # named after the boot the service started in: this one, or an earlier
-                # one for a service restored by an earlier upgrade and not restarted
-                name = f"{tmp}/systemd-private-{{}}-{glob.escape(unit)}-*"
-                paths += sorted(glob.glob(name.format(boot)) or glob.glob(name.format("*")))
         found[unit] = paths
     return found
 
@@ -82,13 +76,6 @@ def pid_files(pids: Iterable[int], run_dir: str = RUN) -> list[str]:
         except OSError:
             continue
     return found
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")
-    except OSError:
-        return ""
 
 
 def _entry(path: str, st: os.stat_result) -> dict[str, Any]:

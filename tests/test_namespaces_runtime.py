@@ -3,7 +3,6 @@ fake systemctl (seamless.collect.namespaces, seamless.runtime)."""
 
 from __future__ import annotations
 
-import glob
 import os
 import subprocess
 from pathlib import Path
@@ -49,39 +48,46 @@ def test_a_tree_in_the_hosts_namespace_skips_nothing(tmp_path: Path) -> None:
     assert namespaces.skipped_mounts(7, ["/run/seamless/store"], proc) == []
 
 
-def test_unit_paths_find_private_tmp_of_this_boot_or_else_an_earlier_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_unit_paths_are_its_pid_file_and_runtime_directories(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A service restored by an earlier upgrade and not restarted since has the private
-    /tmp named after the boot it started in."""
-    tmp, var_tmp = tmp_path / "tmp", tmp_path / "var/tmp"
-    for d in (tmp, var_tmp):
-        d.mkdir(parents=True)
-    (tmp / "systemd-private-NEW-nginx.service-a").mkdir()
-    (tmp / "systemd-private-OLD-nginx.service-b").mkdir()
-    (var_tmp / "systemd-private-OLD-nginx.service-c").mkdir()
-    (tmp / "systemd-private-OLD-other.service-d").mkdir()
-    shown = ("Id=nginx.service\nPIDFile=/run/nginx.pid\nRuntimeDirectory=nginx x\n"
-             "PrivateTmp=yes\n\nId=cron.service\nPIDFile=\nRuntimeDirectory=\n"
-             "PrivateTmp=no\n")
+    shown = ("Id=nginx.service\nPIDFile=/run/nginx.pid\nRuntimeDirectory=nginx x\n\n"
+             "Id=cron.service\nPIDFile=\nRuntimeDirectory=\n")
 
     def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
         assert argv[:2] == ["systemctl", "show"]
         return subprocess.CompletedProcess(argv, 0, shown.encode(), b"")
 
-    real_glob = glob.glob
     monkeypatch.setattr(runtime, "run", run)
-    monkeypatch.setattr(runtime, "_boot_id", lambda: "NEW")
-    monkeypatch.setattr(glob, "glob",
-                        lambda p: [x.replace(str(tmp_path), "")
-                                   for x in real_glob(str(tmp_path) + p)])
     found = runtime.unit_paths(["nginx.service", "cron.service", None, "x.scope"])
-    assert found == {
-        "nginx.service": ["/run/nginx.pid", "/run/nginx", "/run/x",
-                          "/tmp/systemd-private-NEW-nginx.service-a",
-                          "/var/tmp/systemd-private-OLD-nginx.service-c"],
-        "cron.service": [],
-    }
+    assert found == {"nginx.service": ["/run/nginx.pid", "/run/nginx", "/run/x"],
+                     "cron.service": []}
+
+
+#: memcached restored by an earlier upgrade (boot OLD) and adopted by its unit, which made
+#: private directories of this boot (NEW) that no process of it uses.
+RESTORED = """\
+146 130 254:0 / / ro,relatime master:1 - ext4 /dev/vda rw
+168 146 0:33 /systemd-private-OLD-mc.service-a/tmp /tmp rw master:18 - tmpfs tmpfs rw
+169 146 254:0 /var/tmp/systemd-private-OLD-mc.service-b/tmp /var/tmp rw master:1 - ext4 /dev/vda rw
+170 146 0:25 /memcached /run/memcached rw master:5 - tmpfs tmpfs rw
+"""
+
+
+def test_private_tmp_is_what_the_namespace_binds_not_the_units_newest(tmp_path: Path) -> None:
+    """A service carried twice without a restart: its /tmp and /var/tmp are the
+    directories of the boot it started in (on tmpfs, and on disk), whatever newer ones
+    its unit has."""
+    proc = fake_proc(tmp_path, own_mnt=True)
+    (proc / "7" / "mountinfo").write_text(RESTORED)
+    (proc / "self" / "mountinfo").write_text(HOST)
+    assert namespaces.private_tmp_dirs(7, proc) == [
+        "/tmp/systemd-private-OLD-mc.service-a",
+        "/var/tmp/systemd-private-OLD-mc.service-b"]
+    # a process in the host's namespace, or one whose /tmp is the host's, has none
+    assert namespaces.private_tmp_dirs(7, fake_proc(tmp_path / "x", own_mnt=False)) == []
+    (proc / "7" / "mountinfo").write_text(HOST)
+    assert namespaces.private_tmp_dirs(7, proc) == []
 
 
 EARLYOOM = """\

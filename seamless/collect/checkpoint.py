@@ -34,7 +34,12 @@ from typing import Protocol
 
 from seamless import faults, runtime, stop
 from seamless.collect.freeze import Freezer, describe
-from seamless.collect.namespaces import own_namespace, skipped_mounts, tmpfs_bind_sources
+from seamless.collect.namespaces import (
+    own_namespace,
+    private_tmp_dirs,
+    skipped_mounts,
+    tmpfs_bind_sources,
+)
 from seamless.collect.processes import ProcessTree
 from seamless.collect.resources import (
     GHOST_LIMIT,
@@ -101,7 +106,8 @@ def tree_info(tree: ProcessTree, options: CriuOptions, order: int,
         peer_paths=peer_paths(tree.pids, sockets or {}, options.external),
         fifos=volatile_fifos(tree.pids),
         runtime_files=runtime.collect(
-            [*unit_paths, *tmpfs_bind_sources(tree.root.pid), *runtime.pid_files(tree.pids)],
+            [*unit_paths, *private_tmp_dirs(tree.root.pid), *tmpfs_bind_sources(tree.root.pid),
+             *runtime.pid_files(tree.pids)],
             volatile_files(tree.pids)),
         addresses=network.addresses(tree.pids),
         connections=network.established(tree.pids),

@@ -189,6 +189,32 @@ def tmpfs_bind_sources(pid: int, proc: Path = Path("/proc")) -> list[str]:
     return sorted(found)
 
 
+def private_tmp_dirs(pid: int, proc: Path = Path("/proc")) -> list[str]:
+    """The host's directories behind ``pid``'s private /tmp and /var/tmp (``PrivateTmp=``:
+    ``/tmp/systemd-private-BOOT-UNIT-X``, on disk for /var/tmp), read off its mount
+    namespace. The new boot's tmpfiles removes every such directory of an earlier boot,
+    and the restore binds them again from their paths: they are made again before it
+    (see :mod:`seamless.runtime`). Read from the namespace, not guessed from the unit's
+    name: a service restored by an earlier upgrade keeps the directories of the boot it
+    started in, and systemd has made others for the unit since (its adoption)."""
+    if not own_namespace(pid, "mnt", proc):
+        return []
+    host = mountinfo("self", proc)
+    found = set()
+    for m in mountinfo(pid, proc):
+        if m.target not in ("/tmp", "/var/tmp") or m.root == "/":
+            continue
+        for h in host:
+            base = h.root.rstrip("/")
+            if h.device == m.device and (m.root == h.root or m.root.startswith(base + "/")):
+                path = os.path.normpath(h.target.rstrip("/") + m.root[len(base):])
+                parent = os.path.dirname(path)
+                if os.path.basename(parent).startswith("systemd-private-"):
+                    found.add(parent)
+                break
+    return sorted(found)
+
+
 def unreachable_binds(pid: int, proc: Path = Path("/proc")) -> list[str]:
     """The mount points in ``pid``'s own mount namespace that bind a directory of a
     filesystem mounted nowhere else, neither there nor in the host's: CRIU cannot dump
