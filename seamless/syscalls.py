@@ -217,6 +217,19 @@ def chown_fd(fd: int, uid: int, gid: int) -> None:
     _check(rc, "fchownat")
 
 
+#: umount2(2) flags (include/linux/fs.h).
+MNT_DETACH = 0x2
+UMOUNT_NOFOLLOW = 0x8
+
+
+def detach_mount(target: str) -> None:
+    """Detach the mount at ``target`` from the tree now (umount2 with MNT_DETACH); the
+    unmount propagates to its peers and slaves as any unmount does."""
+    rc: int = _libc.umount2(ctypes.c_char_p(os.fsencode(target)),
+                            ctypes.c_int(MNT_DETACH | UMOUNT_NOFOLLOW))
+    _check(rc, f"umount2 {target}")
+
+
 def remount_readonly(target: str, flags: int = 0) -> int:
     """Remount the filesystem at ``target`` read-only, keeping the per-mount ``flags``.
 

@@ -21,6 +21,7 @@ MOUNTINFO = """\
 42 30 0:42 / /run/seamless/store rw master:22 - ext4 /dev/pmem0 rw
 43 22 0:43 / /tmp rw master:23 - tmpfs tmpfs rw
 44 30 0:44 / /run/credentialsx rw master:24 - tmpfs tmpfs rw
+45 43 0:45 / /tmp/.criu.mntns.Ab12Cd rw master:25 - tmpfs none rw
 """
 
 
@@ -37,10 +38,12 @@ def test_a_services_namespace_leaves_out_logins_credentials_and_the_store(
     tmp_path: Path,
 ) -> None:
     """Mounts made in the host after the service started propagate into its namespace:
-    a login's /run/user/UID, systemd 257's credentials of journald, the store."""
+    a login's /run/user/UID, systemd 257's credentials of journald, the store, a yard
+    an earlier CRIU restore left in /tmp."""
     proc = fake_proc(tmp_path, own_mnt=True)
     assert namespaces.skipped_mounts(7, ["/run/seamless/store"], proc) == [
-        "/run/credentials/systemd-journald.service", "/run/seamless/store", "/run/user/102"]
+        "/run/credentials/systemd-journald.service", "/run/seamless/store", "/run/user/102",
+        "/tmp/.criu.mntns.Ab12Cd"]
 
 
 def test_a_tree_in_the_hosts_namespace_skips_nothing(tmp_path: Path) -> None:

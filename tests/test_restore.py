@@ -724,3 +724,46 @@ def test_peer_paths_are_the_running_system_s_sockets_a_tree_is_connected_to() ->
     finally:
         client.close()
         other.close()
+
+
+def test_the_restore_takes_away_the_yards_once_every_criu_is_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What CRIU mounted in /tmp while it made the trees is taken away once the last
+    CRIU is done (a held tree's CRIU still uses its own), a yard that was there before
+    is left alone, and a restore without a namespace tree does not look."""
+    from seamless.criu import yards
+
+    def write(own: bool) -> None:
+        for pid, order in ((300, 0), (200, 1)):
+            write_tree(tmp_path, pid, order, [])
+            info_file = tmp_path / str(pid) / TREE_INFO
+            info = json.loads(info_file.read_text())
+            info["mount_namespace"] = own and pid == 300
+            info_file.write_text(json.dumps(info))
+
+    mounted = {"/tmp/.criu.mntns.OLD"}
+    events: list[str] = []
+
+    class Mounting(FakeCriu):
+        def restore(self, images_dir: Path, options: CriuOptions | None = None,
+                    on_notify: Mapping[str, NotifyHandler] | None = None) -> CriuResult:
+            mounted.add(f"/tmp/.criu.mntns.{images_dir.name}")
+            events.append(f"restore {images_dir.name}")
+            return super().restore(images_dir, options, on_notify)
+
+    monkeypatch.setattr(yards, "yards", lambda: set(mounted))
+    monkeypatch.setattr(yards, "release",
+                        lambda targets: events.append(f"release {sorted(targets)}"))
+    write(own=True)
+    assert restore_all(tmp_path, Mounting(fail=set()), stream=lambda *_: 0).ok
+    assert events == ["restore 300", "restore 200",
+                      "release ['/tmp/.criu.mntns.200', '/tmp/.criu.mntns.300']"]
+    events.clear()
+    for d in tmp_path.iterdir():
+        for f in d.iterdir():
+            f.unlink()
+        d.rmdir()
+    write(own=False)
+    assert restore_all(tmp_path, Mounting(fail=set()), stream=lambda *_: 0).ok
+    assert events == ["restore 300", "restore 200"]

@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from seamless.criu import yards
 from seamless.mounts import unescape
 from seamless.procfs import fd_targets
 
@@ -37,7 +38,8 @@ from seamless.procfs import fd_targets
 #: for long-running units too: journald, networkd, getty), which propagate into every
 #: namespace made before them, and which the new boot has not made yet when the trees
 #: are restored. (A unit's own credentials are read at its start, not carried.)
-FOREIGN_MOUNTS = ("/run/user/", "/run/credentials/")
+#: CRIU's yards too, when an earlier restore left them (see :mod:`seamless.criu.yards`).
+FOREIGN_MOUNTS = ("/run/user/", "/run/credentials/", yards.PREFIX)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from seamless.criu import (
     NetworkLock,
     Notification,
     NotifyHandler,
+    yards,
 )
 from seamless.errors import SeamlessError
 from seamless.log import log
@@ -357,6 +358,9 @@ def restore_all(
     unready = {d.name: why for d, i in todo if (why := make_paths(i)) is not None}
     locked, loopback = lock_connections(todo, nft)
     streams = connect_streams([i for _, i in todo])
+    # CRIU's yards it leaves behind, taken away once every CRIU is done (see
+    # seamless.criu.yards): while trees are held, each CRIU still uses its own
+    yards_before = yards.yards() if any(i.mount_namespace for _, i in todo) else None
 
     def restore_one(images_dir: Path, info: TreeInfo, tree: TreeRestore) -> None:
         try:
@@ -422,6 +426,8 @@ def restore_all(
             netlock.unlock_loopback(nft)
         for fd in streams.values():  # an end whose tree was not restored
             os.close(fd)
+        if yards_before is not None:
+            yards.release(yards.yards() - yards_before)
     report.seconds = time.monotonic() - start
     return report
 
