@@ -24,6 +24,9 @@ def test_the_yards_are_read_off_mountinfo(tmp_path: Path) -> None:
     assert yards.yards(info) == {"/tmp/.criu.mntns.DY2ZxD",
                                  "/tmp/.criu.mntns.DY2ZxD/mnt-0000000371"}
     assert yards.yards(tmp_path / "gone") == set()
+    # a mount point whose name is not UTF-8 does not stop it
+    info.write_bytes(MOUNTINFO.encode() + b"111 43 0:51 / /tmp/\xff rw - tmpfs none rw\n")
+    assert len(yards.yards(info)) == 2
 
 
 def test_release_detaches_deepest_first_and_a_failure_is_not_raised(

@@ -26,9 +26,10 @@ PREFIX = "/tmp/.criu.mntns."
 
 
 def yards(mountinfo: Path = Path("/proc/self/mountinfo")) -> set[str]:
-    """The yards mounted in this mount namespace."""
+    """The yards mounted in this mount namespace (none when it cannot be read: the
+    restore goes on either way)."""
     try:
-        lines = mountinfo.read_text().splitlines()
+        lines = os.fsdecode(mountinfo.read_bytes()).splitlines()
     except OSError:
         return set()
     targets = (unescape(line.split()[4]) for line in lines if len(line.split()) > 4)
@@ -42,7 +43,7 @@ def release(targets: set[str]) -> None:
     for target in sorted(targets, key=len, reverse=True):
         try:
             syscalls.detach_mount(target)
-        except syscalls.SyscallError as e:
+        except (syscalls.SyscallError, ValueError) as e:
             log.warning("could not take away CRIU's leftover mount %s: %s", target, e)
             continue
         try:

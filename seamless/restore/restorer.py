@@ -356,11 +356,11 @@ def restore_all(
     # Every path a tree needs is made before the first tree runs: a tree that runs could
     # put its own links there (see seamless.safepath).
     unready = {d.name: why for d, i in todo if (why := make_paths(i)) is not None}
-    locked, loopback = lock_connections(todo, nft)
-    streams = connect_streams([i for _, i in todo])
     # CRIU's yards it leaves behind, taken away once every CRIU is done (see
     # seamless.criu.yards): while trees are held, each CRIU still uses its own
     yards_before = yards.yards() if any(i.mount_namespace for _, i in todo) else None
+    locked, loopback = lock_connections(todo, nft)
+    streams = connect_streams([i for _, i in todo])
 
     def restore_one(images_dir: Path, info: TreeInfo, tree: TreeRestore) -> None:
         try:
