@@ -181,14 +181,21 @@ def tmpfs_bind_sources(pid: int, proc: Path = Path("/proc")) -> list[str]:
     for m in mountinfo(pid, proc):
         if m.fstype != "tmpfs":
             continue
-        for h in host:
-            base = h.root.rstrip("/")
-            if h.device == m.device and (m.root == h.root or m.root.startswith(base + "/")):
-                path = os.path.normpath(h.target.rstrip("/") + m.root[len(base):])
-                if path not in targets and not (path + "/").startswith(FOREIGN_MOUNTS):
-                    found.add(path)
-                break
+        path = host_path(m, host)
+        if path is not None and path not in targets \
+                and not (path + "/").startswith(FOREIGN_MOUNTS):
+            found.add(path)
     return sorted(found)
+
+
+def host_path(m: MountEntry, host: list[MountEntry]) -> str | None:
+    """Where in the host (its mounts ``host``) the directory that namespace mount ``m``
+    binds is: the first host mount of its filesystem whose root holds it."""
+    for h in host:
+        base = h.root.rstrip("/")
+        if h.device == m.device and (m.root == h.root or m.root.startswith(base + "/")):
+            return os.path.normpath(h.target.rstrip("/") + m.root[len(base):])
+    return None
 
 
 def private_tmp_dirs(pid: int, proc: Path = Path("/proc")) -> list[str]:
@@ -206,14 +213,10 @@ def private_tmp_dirs(pid: int, proc: Path = Path("/proc")) -> list[str]:
     for m in mountinfo(pid, proc):
         if m.target not in ("/tmp", "/var/tmp") or m.root == "/":
             continue
-        for h in host:
-            base = h.root.rstrip("/")
-            if h.device == m.device and (m.root == h.root or m.root.startswith(base + "/")):
-                path = os.path.normpath(h.target.rstrip("/") + m.root[len(base):])
-                parent = os.path.dirname(path)
-                if os.path.basename(parent).startswith("systemd-private-"):
-                    found.add(parent)
-                break
+        path = host_path(m, host)
+        parent = os.path.dirname(path or "")
+        if os.path.basename(parent).startswith("systemd-private-"):
+            found.add(parent)
     return sorted(found)
 
 
