@@ -135,3 +135,23 @@ def test_a_unix_socket_of_the_hosts_network_namespace_is_named(tmp_path: Path) -
     assert namespaces.foreign_unix_sockets([7], 7, proc) == []
     os.symlink("socket:[3623]", proc / "7" / "fd" / "1")
     assert namespaces.foreign_unix_sockets([7], 7, proc) == [7]
+
+
+SANDBOX = """\
+146 130 254:0 / / ro,relatime master:1 - ext4 /dev/vda rw
+147 146 0:25 / /run rw master:5 - tmpfs tmpfs rw
+148 147 0:25 /nginx /run/nginx rw master:5 - tmpfs tmpfs rw
+149 147 0:25 /user/102 /run/user/102 rw master:5 - tmpfs tmpfs rw
+150 146 0:33 /systemd-private-x-nginx.service-y/tmp /tmp rw master:18 - tmpfs tmpfs rw
+151 146 0:99 / /srv/own rw - tmpfs tmpfs rw
+"""
+
+
+def test_tmpfs_binds_are_found_at_their_host_paths(tmp_path: Path) -> None:
+    """The parts of the host's tmpfs mounts bound into the namespace, at their paths in
+    the host; whole host mounts, a login's /run/user and a tmpfs of its own are not."""
+    proc = fake_proc(tmp_path, own_mnt=True)
+    (proc / "7" / "mountinfo").write_text(SANDBOX)
+    (proc / "self" / "mountinfo").write_text(HOST)
+    assert namespaces.tmpfs_bind_sources(7, proc) == [
+        "/run/nginx", "/tmp/systemd-private-x-nginx.service-y/tmp"]
