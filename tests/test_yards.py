@@ -19,14 +19,15 @@ MOUNTINFO = """\
 
 
 def test_the_yards_are_read_off_mountinfo(tmp_path: Path) -> None:
-    info = tmp_path / "mountinfo"
+    info = tmp_path / "self" / "mountinfo"
+    info.parent.mkdir()
     info.write_text(MOUNTINFO)
-    assert yards.yards(info) == {"/tmp/.criu.mntns.DY2ZxD",
-                                 "/tmp/.criu.mntns.DY2ZxD/mnt-0000000371"}
+    assert yards.yards(tmp_path) == {"/tmp/.criu.mntns.DY2ZxD",
+                                     "/tmp/.criu.mntns.DY2ZxD/mnt-0000000371"}
     assert yards.yards(tmp_path / "gone") == set()
     # a mount point whose name is not UTF-8 does not stop it
     info.write_bytes(MOUNTINFO.encode() + b"111 43 0:51 / /tmp/\xff rw - tmpfs none rw\n")
-    assert len(yards.yards(info)) == 2
+    assert len(yards.yards(tmp_path)) == 2
 
 
 def test_release_detaches_deepest_first_and_a_failure_is_not_raised(

@@ -25,11 +25,10 @@ from __future__ import annotations
 import fcntl
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 from seamless.criu import yards
-from seamless.mounts import unescape
+from seamless.mounts import MountEntry, mountinfo
 from seamless.procfs import fd_targets
 
 #: Mount points, in any namespace, whose mounts are never a service's own: CRIU is told
@@ -40,46 +39,6 @@ from seamless.procfs import fd_targets
 #: are restored. (A unit's own credentials are read at its start, not carried.)
 #: CRIU's yards too, when an earlier restore left them (see :mod:`seamless.criu.yards`).
 FOREIGN_MOUNTS = ("/run/user/", "/run/credentials/", yards.PREFIX)
-
-
-@dataclass(frozen=True)
-class MountEntry:
-    """One line of /proc/PID/mountinfo."""
-
-    mount_id: int
-    parent_id: int
-    device: str  # MAJOR:MINOR
-    root: str
-    target: str
-    fstype: str
-    shared: int | None
-    master: int | None
-
-
-def mountinfo(pid: int | str = "self", proc: Path = Path("/proc")) -> list[MountEntry]:
-    """The mounts of ``pid``'s mount namespace, in mount order; empty when it is gone."""
-    try:
-        text = (proc / str(pid) / "mountinfo").read_text()
-    except OSError:
-        return []
-    entries = []
-    for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        fields = left.split()
-        if not sep or len(fields) < 6:
-            continue
-        shared = master = None
-        for tag in fields[6:]:
-            key, _, value = tag.partition(":")
-            if key == "shared" and value.isdigit():
-                shared = int(value)
-            elif key == "master" and value.isdigit():
-                master = int(value)
-        entries.append(MountEntry(int(fields[0]), int(fields[1]), fields[2],
-                                  unescape(fields[3]),
-                                  unescape(fields[4]), right.split()[0] if right else "?",
-                                  shared, master))
-    return entries
 
 
 def namespace(pid: int | str, kind: str, proc: Path = Path("/proc")) -> str | None:

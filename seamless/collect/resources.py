@@ -28,6 +28,7 @@ from seamless.collect.processes import ProcessInfo, ProcessTree
 from seamless.errors import SeamlessError
 from seamless.log import log
 from seamless.memstore.handoff import JOURNALD_STDOUT
+from seamless.mounts import mountinfo
 from seamless.run import CommandError, run
 from seamless.syscalls import pidfd_getfd
 
@@ -186,7 +187,7 @@ def _peek(pid: int, fd: int) -> bytes:
 def mounts() -> list[tuple[str, str]]:
     """(mount point, filesystem type) of this mount namespace, longest mount point
     first."""
-    return sorted(((m.target, m.fstype) for m in namespaces.mountinfo()),
+    return sorted(((m.target, m.fstype) for m in mountinfo()),
                   key=lambda m: len(m[0]), reverse=True)
 
 
@@ -233,7 +234,7 @@ def socket_dirs(
 
 
 def _mount_ids(pid: int) -> set[int]:
-    return {m.mount_id for m in namespaces.mountinfo(pid)}
+    return {m.mount_id for m in mountinfo(pid)}
 
 
 def _fd_mount_id(pid: int, fd: str) -> int | None:

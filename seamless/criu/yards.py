@@ -20,20 +20,15 @@ from pathlib import Path
 
 from seamless import syscalls
 from seamless.log import log
-from seamless.mounts import unescape
+from seamless.mounts import mountinfo
 
 PREFIX = "/tmp/.criu.mntns."
 
 
-def yards(mountinfo: Path = Path("/proc/self/mountinfo")) -> set[str]:
+def yards(proc: Path = Path("/proc")) -> set[str]:
     """The yards mounted in this mount namespace (none when it cannot be read: the
     restore goes on either way)."""
-    try:
-        lines = os.fsdecode(mountinfo.read_bytes()).splitlines()
-    except OSError:
-        return set()
-    targets = (unescape(line.split()[4]) for line in lines if len(line.split()) > 4)
-    return {t for t in targets if t.startswith(PREFIX)}
+    return {m.target for m in mountinfo("self", proc) if m.target.startswith(PREFIX)}
 
 
 def release(targets: set[str]) -> None:
