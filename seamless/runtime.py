@@ -85,7 +85,10 @@ def _entry(path: str, st: os.stat_result) -> dict[str, Any]:
 def collect(paths: Sequence[str], volatile_open: Sequence[str] = ()) -> list[dict[str, Any]]:
     """The entries that make ``paths`` (files, or directories with all beneath them) and
     the open tmpfs files ``volatile_open`` again: directories (with their parents under
-    /run), regular files with their bytes, symbolic links; parents first."""
+    /run), regular files with their bytes, symbolic links; parents first.
+
+    The open files come first: CRIU cannot restore a tree without them, while a file of
+    a runtime directory left out for the limits is only missing (and logged)."""
     entries: dict[str, dict[str, Any]] = {}
     total = 0
 
@@ -118,7 +121,7 @@ def collect(paths: Sequence[str], volatile_open: Sequence[str] = ()) -> list[dic
             return  # sockets are bound again by CRIU, pipes made by the restorer
         entries[path] = entry
 
-    for path in [*paths, *volatile_open]:
+    for path in [*volatile_open, *paths]:
         parents = Path(path).parents
         for parent in reversed(parents[:-1]):  # "/run", "/run/x" ... not "/"
             if str(parent) in ("/tmp", "/var", "/var/tmp", RUN):

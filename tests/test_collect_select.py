@@ -219,3 +219,47 @@ def test_the_services_left_out_by_the_operator_are_the_ones_stopped_before_the_k
         "redis-server.service", "postgresql@17-main.service"]  # sessions are scopes
     assert left_out_services(make_plan(table, Selection(), StoreSpace("/dev/pmem0", 1 << 30),
                                        coordinator=303), table, coordinator=303) == []
+
+
+def test_open_tmpfs_files_more_than_a_tree_carries_block_the_plan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each open file on tmpfs is small enough to carry, but the tree carries only so
+    much of them: the restore would miss one, so the plan names them, largest first."""
+    from seamless import runtime
+    from seamless.collect import resources
+    from seamless.collect.processes import ProcessTree
+
+    table = [("/", "ext4"), (str(tmp_path), "tmpfs")]
+    small, large = tmp_path / "small.lock", tmp_path / "large.state"
+    small.write_bytes(bytes(100))
+    large.write_bytes(bytes(3000))
+    me = ProcessInfo(os.getpid(), 1, "app", ("app",), "root", "/system.slice/a.service", 1)
+    with open(small, "rb"), open(large, "rb"):
+        assert resources.carried_files_findings(ProcessTree(me, [me]), table) == []
+        monkeypatch.setattr(runtime, "TREE_LIMIT", 2048)
+        [finding] = resources.carried_files_findings(ProcessTree(me, [me]), table)
+    assert finding.blocking and finding.pid == os.getpid()
+    assert finding.resource == f"2 open files on tmpfs or in /tmp ({large}, {small})"
+    assert "--exclude unit:a.service" in finding.hint
+
+
+def test_open_files_are_carried_before_runtime_directories(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When a tree's runtime files are more than it carries, what is left out is a file
+    of a runtime directory (only missing afterwards), never a file the tree holds open
+    (without which CRIU cannot restore it)."""
+    from seamless import runtime
+
+    rundir, held = tmp_path / "run" / "app", tmp_path / "crond.pid"
+    rundir.mkdir(parents=True)
+    (rundir / "a").write_bytes(bytes(1500))
+    (rundir / "b").write_bytes(bytes(1500))
+    held.write_bytes(bytes(1500))
+    monkeypatch.setattr(runtime, "TREE_LIMIT", 4000)
+    entries = runtime.collect([str(rundir)], [str(held)])
+    files = [e["path"] for e in entries if e.get("kind") == "file"]
+    assert files == [str(held), str(rundir / "a")]
+    paths = [e["path"] for e in entries]
+    assert paths.index(str(rundir)) < paths.index(str(rundir / "a"))  # parents first

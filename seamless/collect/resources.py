@@ -8,6 +8,7 @@ streams).  Each finding says what to do about it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import ipaddress
 import json
 import os
@@ -528,6 +529,7 @@ def inspect(
     for tree in trees:
         findings += sandbox_findings(tree)
         findings += replaced_files_findings(tree)
+        findings += carried_files_findings(tree, table)
     for pid in sorted(chosen):
         fds = list(_fds(pid))
         for fd, target in fds:
@@ -700,6 +702,26 @@ def replaced_files_findings(tree: ProcessTree) -> list[Finding]:
                     "the disk no longer has them",
                     f"carried in the images as ghost files ({total / (1 << 20):.1f} MiB)",
                     blocking=False)]
+
+
+def carried_files_findings(tree: ProcessTree, table: list[tuple[str, str]]) -> list[Finding]:
+    """Each open file on tmpfs or in /tmp is small enough to carry (see
+    :func:`_carried`), but together they may be more than one tree carries: one left out
+    would make the tree's restore fail, so the plan refuses it."""
+    sizes = {}
+    for path in volatile_files(tree.pids, table):
+        with contextlib.suppress(OSError):
+            sizes[path] = os.stat(path).st_size
+    total = sum(sizes.values())
+    if total <= runtime.TREE_LIMIT:
+        return []
+    largest = sorted(sizes, key=lambda p: sizes[p], reverse=True)
+    names = ", ".join(largest[:3]) + (", ..." if len(largest) > 3 else "")
+    return [Finding(tree.root.pid, f"{len(sizes)} open files on tmpfs or in /tmp ({names})",
+                    f"{total / (1 << 20):.1f} MiB in all: more than the "
+                    f"{runtime.TREE_LIMIT >> 20} MiB a tree carries of such files",
+                    f"move the larger ones to a disk-backed path; or {_exclusion(tree)}",
+                    blocking=True)]
 
 
 def _exclusion(tree: ProcessTree) -> str:
