@@ -4,11 +4,13 @@ them, sandboxing and all, carried across `seamless upgrade`."""
 from __future__ import annotations
 
 import json
+import struct
 
 import pytest
 
 from vmtest import config, qemu
 from vmtest.log import record
+from vmtest.probe import exchange, free_port, measure_blackouts
 from vmtest.qemu import BootGuest
 
 pytestmark = pytest.mark.vm
@@ -39,6 +41,31 @@ printf '[Service]\\nPrivateTmp=yes\\nPrivateNetwork=no\\n' \\
     > /etc/systemd/system/earlyoom.service.d/sandbox.conf
 systemctl daemon-reload
 systemctl restart postgresql@PG-main redis-server mariadb earlyoom
+"""
+
+#: Each service as a client on the host sees it, through a port forwarded into the guest:
+#: the port it listens on, what the client sends and what the service answers (a regular
+#: expression). PostgreSQL answers an SSLRequest with N or S; MariaDB speaks first, a
+#: greeting (protocol 10) or an error packet; redis in protected mode answers DENIED.
+PROBES = {
+    "ssh": (22, b"", rb"SSH-2\.0-"),
+    "apache2": (80, b"GET / HTTP/1.0\r\n\r\n", rb"HTTP/1\.1 200"),
+    "nginx": (8080, b"GET / HTTP/1.0\r\n\r\n", rb"HTTP/1\.1 200"),
+    "postgresql": (5432, struct.pack("!II", 8, 80877103), rb"[NS]"),
+    "redis": (6379, b"PING\r\n", rb"\+PONG|-DENIED"),
+    "memcached": (11211, b"version\r\n", rb"VERSION "),
+    "mariadb": (3306, b"", rb"....[\x0a\xff]"),
+}
+
+#: Debian's databases and caches listen on loopback only: they listen on the guest's
+#: address too, as on a server that serves its network, for the host's probes.
+LISTEN = """
+sed -i 's/^-l 127.0.0.1$/-l 0.0.0.0/' /etc/memcached.conf
+sed -i 's/^bind 127.0.0.1 -::1$/bind 0.0.0.0 -::1/' /etc/redis/redis.conf
+echo "listen_addresses = '*'" > /etc/postgresql/PG/main/conf.d/listen.conf
+printf '[mariadbd]\\nbind-address=0.0.0.0\\nskip-name-resolve\\n' \\
+    > /etc/mysql/mariadb.conf.d/91-listen.cnf
+systemctl restart memcached
 """
 
 MEMCACHED = "timeout 5 bash -c 'exec 3<>/dev/tcp/127.0.0.1/11211; cat >&3; cat <&3'"
@@ -135,10 +162,12 @@ def test_a_stock_debian_server_keeps_its_packaged_services(boot_stock: BootGuest
     checkpoint agree, and after `seamless upgrade` to B (booting initramfs-tools'
     initramfs, as Debian does) every unit has the same main PID
     and its in-memory state (redis's key, memcached's item, a MariaDB MEMORY table), the
-    psql session its TEMP table and the HTTP client its connection. Afterwards each unit
+    psql session its TEMP table and the HTTP client its connection; a client on the
+    host probing each service sees it answer again (its blackout recorded). Afterwards each unit
     is its own again: `systemctl restart` starts it afresh and it serves; and the units
     so restarted go back to A with their PIDs, and on to B again."""
-    g = boot_stock("A", region=REGION)
+    g = boot_stock("A", region=REGION, forwards={port: free_port() for port, _, _ in
+                                                 PROBES.values()})
     g.settled()
     refused = g.channel.run(["seamless", "plan", "--json"])
     assert refused.returncode != 0
@@ -157,7 +186,7 @@ def test_a_stock_debian_server_keeps_its_packaged_services(boot_stock: BootGuest
     for remedy in remedies:
         assert remedy in hints, hints
 
-    g.sh(with_pg(g, REMEDIES), timeout=300)
+    g.sh(with_pg(g, LISTEN + REMEDIES), timeout=300)
     g.sh(LOAD_STATE, timeout=120)
     # A package upgrade before the kernel's: libc replaced on disk, as dpkg does it (a
     # new file renamed over the old): every running process maps a deleted libc.
@@ -187,9 +216,19 @@ def test_a_stock_debian_server_keeps_its_packaged_services(boot_stock: BootGuest
     assert_state(g)
     port, answered = http_client(g)
 
-    _, seconds = g.switch_kernel(["seamless", "upgrade", "--kernel", B.vmlinuz, "--yes",
-                                  "--no-pre-dump"])
+    # Each service probed from the host twice a second across the upgrade: each answers
+    # again, and its blackout as a client sees it is recorded.
+    asks = {name: exchange(g.spec.forwards[port], request, reply, timeout=2)
+            for name, (port, request, reply) in PROBES.items()}
+    switched: list[float] = []
+    blackouts = measure_blackouts(asks, lambda: switched.append(g.switch_kernel(
+        ["seamless", "upgrade", "--kernel", B.vmlinuz, "--yes", "--no-pre-dump"])[1]),
+        interval=0.5)
+    seconds = switched[0]
     assert g.run("uname", "-r").strip() == B.release, g.channel.run(["seamless", "status"]).out
+    for name, blackout in blackouts.items():
+        record(f"stock server upgrade: blackout of {name} seen from the host, from "
+               f"{blackout.began:.1f} s after the command", blackout.seconds)
     all_up(g)
     status = json.loads(g.run("seamless", "status", "--json"))
     assert status["ok"], status
