@@ -155,7 +155,12 @@ def dump_options(tree: ProcessTree, journald: Sequence[int] = (),
         ext_masters=mount_namespace,
         skip_mnt=tuple(skip_mounts),
         pid=tree.root.pid,
-        ext_unix_sk=bool(journald),
+        # Always: besides the streams above, a daemon that logs through syslog() holds a
+        # datagram socket connected to /dev/log (journald's), outside the tree, which
+        # CRIU dumps only with this and connects again by its path at restore. A tree
+        # whose stdout is a journal stream had it from that; chronyd, Postfix's master
+        # and others point their stdout at /dev/null and failed the dump.
+        ext_unix_sk=True,
         external=tuple(f"unix[{inode}]" for inode in journald) + tuple(foreign),
         leave_running=True,  # thawed when we answer post-dump (or never: the kexec)
         shell_job=True,  # terminals and sessions of interactive programs
