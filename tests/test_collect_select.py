@@ -75,6 +75,17 @@ def test_plumbing_is_marked_restarted() -> None:
     assert restarted == {100, 110, 400}
 
 
+def test_unattended_upgrades_is_started_afresh_not_carried() -> None:
+    """Debian's unattended-upgrades.service holds a system bus connection (which cannot
+    be carried: the bus is restarted) and no state: it is left to the new boot."""
+    table = [*TABLE, proc(600, 1, "unattended-upgr",
+                          "/system.slice/unattended-upgrades.service")]
+    choice = choose(table, coordinator=303)
+    [left] = [e for e in choice.excluded if e.pid == 600]
+    assert left.restarted and "system bus" in left.reason
+    assert 600 not in {t.root.pid for t in choice.trees}
+
+
 def test_exclude_rules_win_and_say_which_rule() -> None:
     sel = Selection.from_texts([], ["unit:redis-server.service", "user:alice"])
     assert set(roots(sel)) == {500}
@@ -164,6 +175,11 @@ def test_unix_stream_peers_same_tree_other_tree_outside_and_journald() -> None:
     assert other is not None and not other.blocking and "another tree" in other.resource
     outside = finding(30)
     assert outside is not None and outside.blocking and "dbus-daemon" in outside.resource
+    assert "--exclude pid:500" in outside.hint
+    # a service's: the remedy leaves its unit out, for systemd to start afresh
+    unit = _unix_finding(500, "3", 30, sockets, tree_of, names, "app.service")
+    assert unit is not None and "--exclude unit:app.service" in unit.hint
+    assert "pid:" not in unit.hint
     journald = finding(40)
     assert journald is not None and not journald.blocking
     assert finding(50) is None  # datagram sockets are not half connections
@@ -263,3 +279,102 @@ def test_open_files_are_carried_before_runtime_directories(
     assert files == [str(held), str(rundir / "a")]
     paths = [e["path"] for e in entries]
     assert paths.index(str(rundir)) < paths.index(str(rundir / "a"))  # parents first
+
+
+def test_io_uring_remedy_is_mariadbs_setting_or_a_syscall_filter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MariaDB is told its own setting; any other program (BIND 9.20: libuv batches
+    epoll_ctl in a ring, with no setting to turn it off) a drop-in that makes
+    io_uring_setup fail, after which it uses epoll."""
+    from seamless.collect import namespaces, resources
+    from seamless.collect.processes import ProcessTree
+
+    monkeypatch.setattr(namespaces, "uses_io_uring", lambda pid, proc=None: pid == 999_999_902)
+
+    def hint(name: str, unit: str) -> str:
+        root = ProcessInfo(999_999_901, 1, name, (name,), "root", f"/system.slice/{unit}", 1)
+        child = ProcessInfo(999_999_902, 999_999_901, name, (name,), "root",
+                            f"/system.slice/{unit}", 1)
+        [finding] = [f for f in resources.sandbox_findings(ProcessTree(root, [root, child]))
+                     if f.resource == "io_uring"]
+        assert finding.blocking and finding.pid == 999_999_902
+        return finding.hint
+
+    assert "innodb_use_native_aio=0" in hint("mariadbd", "mariadb.service")
+    named = hint("named", "named.service")
+    assert "SystemCallFilter=~io_uring_setup:ENOSYS" in named
+    assert "systemctl edit named.service" in named and "--exclude unit:named.service" in named
+
+
+PHP_FPM_MAPS = """\
+557136c00000-55713ac00000 r-xs 08000000 00:01 1051                       /dev/zero (deleted)
+55713ad25000-55713ae08000 r--p 00000000 fe:00 13745                      /usr/sbin/php-fpm8.4
+55713ae08000-55713b16a000 r-xp 000e3000 fe:00 13745                      /usr/sbin/php-fpm8.4
+7fac26c04000-7fac26c1a000 r-xp 00004000 fe:00 7109                       /usr/lib/x.so
+ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsyscall]
+"""
+
+
+def test_a_shared_code_mapping_below_the_programs_code_blocks_the_plan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PHP 8.4's opcache keeps a 64 MiB JIT buffer, shared and executable, below
+    php-fpm's own code: CRIU writes its parasite's first instructions into the lowest
+    executable mapping and cannot write to a shared one (POKEDATA: EIO), so the dump
+    fails. The plan says so, with PHP's setting."""
+    from seamless.collect import resources
+    from seamless.collect.processes import ProcessTree
+
+    (tmp_path / "7").mkdir()
+    (tmp_path / "7" / "maps").write_text(PHP_FPM_MAPS)
+    assert resources.first_code_mapping(7, tmp_path) == ("r-xs", "/dev/zero (deleted)")
+    (tmp_path / "7" / "maps").write_text(PHP_FPM_MAPS.split("\n", 1)[1])
+    assert resources.first_code_mapping(7, tmp_path) == ("r-xp", "/usr/sbin/php-fpm8.4")
+    (tmp_path / "7" / "maps").write_text(PHP_FPM_MAPS.splitlines()[-1] + "\n")
+    assert resources.first_code_mapping(7, tmp_path) is None  # the vsyscall page is not one
+    assert resources.first_code_mapping(8, tmp_path) is None  # gone
+
+    shared = {999_999_902: ("r-xs", "/dev/zero (deleted)")}
+    monkeypatch.setattr(resources, "first_code_mapping", lambda pid: shared.get(pid))
+    unit = "/system.slice/php8.4-fpm.service"
+    root = ProcessInfo(999_999_901, 1, "php-fpm8.4", ("php-fpm",), "root", unit, 1)
+    child = ProcessInfo(999_999_902, 999_999_901, "php-fpm8.4", ("php-fpm",), "www-data",
+                        unit, 1)
+    [finding] = [f for f in resources.sandbox_findings(ProcessTree(root, [root, child]))
+                 if "executable" in f.resource]
+    assert finding.blocking and finding.pid == 999_999_902
+    assert "opcache.jit_buffer_size=0" in finding.hint
+    assert "--exclude unit:php8.4-fpm.service" in finding.hint
+    shared.clear()
+    assert not [f for f in resources.sandbox_findings(ProcessTree(root, [root, child]))
+                if "executable" in f.resource]
+
+
+def test_a_memfd_is_left_to_criu_and_a_deleted_foreign_file_blocks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A memfd ("/memfd:NAME (deleted)", on a mount of the kernel's that no namespace
+    shows: php-fpm's opcache lock) is no file of another namespace: CRIU carries it, and
+    the restore must not try to open its name. A file opened in another namespace and
+    deleted since (HAProxy's startup log buffer, in /dev/shm) cannot be opened again:
+    the plan refuses it."""
+    from seamless.collect import resources
+    from seamless.collect.processes import ProcessTree
+
+    fd = os.memfd_create("opcache_lock")
+    try:
+        assert os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:opcache_lock")
+        assert str(fd) not in {f for f, *_ in resources._path_files(os.getpid())}
+    finally:
+        os.close(fd)
+
+    me = ProcessInfo(os.getpid(), 1, "haproxy", ("haproxy",), "root",
+                     "/system.slice/haproxy.service", 1)
+    shm = "/dev/shm/haproxy_startup_logs_421 (deleted)"
+    monkeypatch.setattr(resources, "foreign_files", lambda pids: {
+        "file[1d9:4]": {"path": shm, "kind": "file", "flags": 0o500002, "pos": 0}})
+    findings = [f for f in resources.inspect([ProcessTree(me, [me])], [me])
+                if f.resource == shm]
+    assert len(findings) == 1 and findings[0].blocking
+    assert "--exclude unit:haproxy.service" in findings[0].hint

@@ -259,10 +259,11 @@ def _fdinfo(pid: int, fd: str) -> dict[str, str]:
 
 def _path_files(pid: int) -> Iterator[tuple[str, str, os.stat_result, int | None, set[int]]]:
     """The files ``pid`` holds by path: (fd, path, its stat, the fd's mount ID, the mount
-    IDs of the process's own namespace)."""
+    IDs of the process's own namespace). Not a memfd: its "/memfd:NAME" is no path, and
+    it lives on a mount of the kernel's that no namespace shows; CRIU carries it."""
     ids = _mount_ids(pid)
     for fd, target in _fds(pid):
-        if not target.startswith("/"):
+        if not target.startswith("/") or target.startswith("/memfd:"):
             continue
         try:
             st = os.stat(f"/proc/{pid}/fd/{fd}")
@@ -518,6 +519,7 @@ def inspect(
     """What would stop these trees from being checkpointed and restored."""
     trees = list(trees)
     tree_of = {pid: tree.root.pid for tree in trees for pid in tree.pids}
+    units = {pid: tree.root.unit for tree in trees for pid in tree.pids}
     chosen = set(tree_of)
     names = {p.pid: p.name for p in everyone}
     sockets = unix_sockets()
@@ -535,7 +537,8 @@ def inspect(
         for fd, target in fds:
             m = re.fullmatch(r"socket:\[(\d+)\]", target)
             if m and sockets is not None:
-                finding = _unix_finding(pid, fd, int(m.group(1)), sockets, tree_of, names)
+                finding = _unix_finding(pid, fd, int(m.group(1)), sockets, tree_of, names,
+                                        units.get(pid))
                 if finding:
                     findings.append(finding)
                 continue
@@ -558,6 +561,13 @@ def inspect(
                 blocking=False))
         foreign = foreign_files([pid])
         for f in sorted(foreign.values(), key=lambda f: str(f["path"])):
+            if str(f["path"]).endswith(procfs.DELETED):
+                findings.append(Finding(
+                    pid, f["path"], "a file opened in another mount namespace and deleted "
+                    "since (HAProxy's startup log buffer): CRIU cannot dump it, and the "
+                    "restore cannot open it again", _exclusion_of(units.get(pid), pid),
+                    blocking=True))
+                continue
             findings.append(Finding(
                 pid, f["path"], "a {} opened in another mount namespace ({}): CRIU cannot "
                 "dump it as it is".format(*FOREIGN_KINDS[f["kind"]]),
@@ -623,6 +633,19 @@ def sandbox_findings(tree: ProcessTree) -> list[Finding]:
                 "innodb_buffer_pool_size_max = innodb_buffer_pool_size in its [mariadbd] "
                 f"section, then restart it); or {exclude}", blocking=True))
             break
+    for pid in tree.pids:
+        code = first_code_mapping(pid)
+        if code is not None and "s" in code[0]:
+            name = next((p.name for p in tree.members if p.pid == pid), "")
+            how = ("PHP: opcache.jit_buffer_size=0 in an ini file of its conf.d, then "
+                   "restart it" if name.startswith("php") else
+                   "turn off the program's JIT, then restart it")
+            found.append(Finding(
+                pid, f"a shared executable mapping ({code[1] or 'anonymous'})",
+                "the lowest executable mapping is shared (a JIT's code buffer): CRIU "
+                "writes its parasite's first instructions there, and cannot write to a "
+                "shared one", f"{how}; or {exclude}", blocking=True))
+            break
     disconnected = namespaces.unreachable_binds(tree.root.pid)
     if disconnected:
         found.append(Finding(
@@ -641,10 +664,18 @@ def sandbox_findings(tree: ProcessTree) -> list[Finding]:
             _drop_in(unit, "PrivateNetwork=no") + f"; or {exclude}", blocking=True))
     uring = [pid for pid in tree.pids if namespaces.uses_io_uring(pid)]
     if uring:
+        name = next((p.name for p in tree.members if p.pid == uring[0]), "")
+        if name in ("mariadbd", "mysqld"):
+            how = "innodb_use_native_aio=0 in its [mariadbd] section, then restart it"
+        else:
+            # libuv (BIND 9.20's event loop) uses a ring to batch epoll_ctl, with no
+            # setting to turn it off, and goes back to plain epoll when it gets none.
+            how = (_drop_in(unit, "SystemCallFilter=~io_uring_setup:ENOSYS") + ": a "
+                   "program that finds no io_uring falls back to epoll, as libuv's (BIND) "
+                   "does; the plan shows whether it did")
         found.append(Finding(
             uring[0], "io_uring", "an io_uring instance: CRIU cannot checkpoint io_uring",
-            "configure the program not to use io_uring (MariaDB: innodb_use_native_aio=0 "
-            f"in its [mariadbd] section, then restart it); or {exclude}", blocking=True))
+            f"keep the program from io_uring ({how}); or {exclude}", blocking=True))
     return found
 
 
@@ -664,6 +695,28 @@ def largest_mapping(pid: int) -> int:
     except (OSError, ValueError):
         pass
     return largest
+
+
+#: The user address space's end on x86-64 (the vsyscall page lies above it), and the
+#: least CRIU takes as room for its parasite's code.
+TASK_SIZE = 0x7FFFFFFFF000
+PARASITE_ROOM = 4096
+
+
+def first_code_mapping(pid: int, proc: Path = Path("/proc")) -> tuple[str, str] | None:
+    """The permissions and path of ``pid``'s lowest executable mapping, the one CRIU
+    injects its parasite through (None when it has none or is gone)."""
+    try:
+        with open(proc / str(pid) / "maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                start, _, end = fields[0].partition("-")
+                low, high = int(start, 16), int(end, 16)
+                if "x" in fields[1] and high <= TASK_SIZE and high - low >= PARASITE_ROOM:
+                    return fields[1], fields[5].strip() if len(fields) > 5 else ""
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 #: Deleted-but-mapped files (libraries replaced by the upgrade) travel as ghost files in
@@ -725,8 +778,11 @@ def carried_files_findings(tree: ProcessTree, table: list[tuple[str, str]]) -> l
 
 
 def _exclusion(tree: ProcessTree) -> str:
-    unit = tree.root.unit
-    how = f"--exclude unit:{unit}" if unit else f"--exclude pid:{tree.root.pid}"
+    return _exclusion_of(tree.root.unit, tree.root.pid)
+
+
+def _exclusion_of(unit: str | None, pid: int) -> str:
+    how = f"--exclude unit:{unit}" if unit else f"--exclude pid:{pid}"
     return f"leave it out ({how}) and let systemd start it afresh after the upgrade"
 
 
@@ -753,8 +809,10 @@ def volatile_files(pids: Iterable[int], table: list[tuple[str, str]] | None = No
 
 def _unix_finding(
     pid: int, fd: str, inode: int, sockets: dict[int, UnixPeer],
-    tree_of: dict[int, int], names: dict[int, str],
+    tree_of: dict[int, int], names: dict[int, str], unit: str | None = None,
 ) -> Finding | None:
+    """What the plan says of ``pid``'s socket ``inode`` (``unit``: the systemd unit of
+    ``pid``'s tree, which the remedy then names)."""
     sock = sockets.get(inode)
     if sock is None or not sock.stream or sock.peer == 0:
         return None
@@ -777,5 +835,4 @@ def _unix_finding(
         pid, f"fd {fd} -> unix stream socket to {outside}",
         "a stream unix socket to a process that is not checkpointed "
         "(CRIU can't dump half of a stream connection)",
-        "include the peer in the checkpoint, or exclude this process "
-        f"(--exclude pid:{pid})", blocking=True)
+        f"{_exclusion_of(unit, pid)}; or include the peer in the checkpoint", blocking=True)

@@ -45,6 +45,8 @@ PLUMBING: dict[str, str] = {
     "systemd-timesyncd.service": "clock synchronisation: restarted",
     "polkit.service": "authorisation daemon: restarted on demand",
     "rsyslog.service": "the syslog daemon: restarted, messages continue in the new boot",
+    "unattended-upgrades.service": "waits on the system bus for the shutdown, holding "
+    "no state: started afresh",
     "getty@.service": "login prompts are started fresh on each boot",
     "serial-getty@.service": "login prompts are started fresh on each boot",
 }
@@ -61,6 +63,7 @@ PLUMBING_COMMS: dict[str, str] = {
     "systemd-timesyn": "systemd-timesyncd.service",
     "polkitd": "polkit.service",
     "rsyslogd": "rsyslog.service",
+    "unattended-upgr": "unattended-upgrades.service",
     "agetty": "getty@.service",
 }
 USER_MANAGER_REASON = "the per-user service manager: systemd starts a new one at login"
