@@ -46,9 +46,12 @@ systemctl restart postgresql@PG-main redis-server mariadb earlyoom
 #: Each service as a client on the host sees it, through a port forwarded into the guest:
 #: the port it listens on, what the client sends and what the service answers (a regular
 #: expression). PostgreSQL answers an SSLRequest with N or S; MariaDB speaks first, a
-#: greeting (protocol 10) or an error packet; redis in protected mode answers DENIED.
+#: greeting (protocol 10) or an error packet; redis in protected mode answers DENIED;
+#: sshd its greeting, or the refusal of OpenSSH 10's PerSourcePenalties: the probes'
+#: connections that never log in soon get the host's address penalized, and its listener
+#: then refuses it (without a fork) for a while.
 PROBES = {
-    "ssh": (22, b"", rb"SSH-2\.0-"),
+    "ssh": (22, b"", rb"SSH-2\.0-|Not allowed at this time"),
     "apache2": (80, b"GET / HTTP/1.0\r\n\r\n", rb"HTTP/1\.1 200"),
     "nginx": (8080, b"GET / HTTP/1.0\r\n\r\n", rb"HTTP/1\.1 200"),
     "postgresql": (5432, struct.pack("!II", 8, 80877103), rb"[NS]"),
