@@ -107,6 +107,29 @@ while True:
 '
 """
 
+#: A sandboxed daemon as chronyd and php-fpm are: its stdout at /dev/null and its log
+#: through syslog() (a datagram socket connected to journald's /dev/log, with no journal
+#: stream beside it), and a memfd (php-fpm's opcache lock is one), in a mount namespace
+#: of its own. It logs a tick every two seconds.
+SYSLOGGER = """
+systemd-run --unit=syslogger -p PrivateTmp=yes -p StandardOutput=null -p StandardError=null \
+    python3 -c '
+import os, syslog, time
+fd = os.memfd_create("lock")
+os.write(fd, b"kept")
+syslog.openlog("syslogger")
+n = 0
+while True:
+    n += 1
+    syslog.syslog(f"tick {n}")
+    time.sleep(2)
+'
+"""
+
+#: The syslogger's memfd, read through its descriptor.
+MEMFD = ("p=$(systemctl show -P MainPID syslogger); for f in /proc/$p/fd/*; do"
+         " case $(readlink $f) in /memfd:lock*) cat $f;; esac; done")
+
 PG_SESSION = "create temp table session (v text); insert into session values ('kept');"
 
 
@@ -165,7 +188,8 @@ def test_a_stock_debian_server_keeps_its_packaged_services(boot_stock: BootGuest
     checkpoint agree, and after `seamless upgrade` to B (booting initramfs-tools'
     initramfs, as Debian does) every unit has the same main PID
     and its in-memory state (redis's key, memcached's item, a MariaDB MEMORY table), the
-    psql session its TEMP table and the HTTP client its connection; a client on the
+    psql session its TEMP table and the HTTP client its connection, a sandboxed daemon
+    logging through syslog() its memfd and its log; a client on the
     host probing each service sees it answer again (its blackout recorded). Afterwards each unit
     is its own again: `systemctl restart` starts it afresh and it serves; and the units
     so restarted go back to A with their PIDs, and on to B again."""
@@ -195,7 +219,7 @@ def test_a_stock_debian_server_keeps_its_packaged_services(boot_stock: BootGuest
     # new file renamed over the old): every running process maps a deleted libc.
     g.sh("lib=$(readlink -f /usr/lib/x86_64-linux-gnu/libc.so.6);"
          " cp -p $lib $lib.dpkg-new && mv $lib.dpkg-new $lib")
-    g.sh(CLIENTS)
+    g.sh(CLIENTS + SYSLOGGER)
     g.sh(f"echo \"{PG_SESSION}\" >> /var/lib/postgresql/commands")
     assert psql_in_session(g, "select v from session", "/var/lib/postgresql/s1") == "kept\n"
     g.sh("for i in $(seq 100); do test -s /root/http && exit 0; sleep 0.2; done; exit 1")
@@ -209,7 +233,8 @@ def test_a_stock_debian_server_keeps_its_packaged_services(boot_stock: BootGuest
     assert not clients & {f["pid"] for f in replaced}, replaced
     assert any("libc.so.6" in f["resource"] for f in replaced), replaced
     planned = {t["unit"] for t in plan["trees"]}
-    assert set(units(g)) | {"pgclient.service", "httpclient.service"} <= planned, planned
+    assert set(units(g)) | {"pgclient.service", "httpclient.service",
+                            "syslogger.service"} <= planned, planned
     # The plan never lies: what it calls ready, a checkpoint carries.
     checked = g.channel.run(["seamless", "checkpoint", "--leave-running", "--no-pre-dump"],
                             timeout=600)
@@ -218,6 +243,8 @@ def test_a_stock_debian_server_keeps_its_packaged_services(boot_stock: BootGuest
     before = main_pids(g)
     assert_state(g)
     port, answered = http_client(g)
+    syslogger = g.run("systemctl", "show", "-P", "MainPID", "syslogger").strip()
+    assert g.sh(MEMFD) == "kept"
 
     # Each service probed from the host twice a second across the upgrade: each answers
     # again, and its blackout as a client sees it is recorded.
@@ -248,6 +275,12 @@ def test_a_stock_debian_server_keeps_its_packaged_services(boot_stock: BootGuest
     g.sh(f"for i in $(seq 100); do set -- $(cat /root/http); test $2 -gt {answered + 2}"
          " && exit 0; sleep 0.2; done; exit 1")
     assert http_client(g)[0] == port
+    # The syslogger: the same process, its memfd, and its syslog socket connected again
+    # to the new boot's journal, which has its ticks.
+    assert g.run("systemctl", "show", "-P", "MainPID", "syslogger").strip() == syslogger
+    assert g.sh(MEMFD) == "kept"
+    g.sh("for i in $(seq 60); do journalctl -b -t syslogger | grep -q tick && exit 0;"
+         " sleep 0.5; done; exit 1")
     # The adoption drop-ins served their one start and are gone (seamless-adopted.service
     # removes them and reloads once the boot has finished).
     assert g.sh("for i in $(seq 120); do n=$(ls /run/systemd/system/*.d/50-seamless-adopt"
