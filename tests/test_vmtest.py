@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -265,3 +266,57 @@ def test_the_benchmark_table_says_what_the_way_back_costs() -> None:
     assert "no-back" in text and "whole dump, --no-way-back: phases" in text
     # the ratios are the default's (with its way back): 21 / 60
     assert "   0.35" in text.splitlines()[5]
+
+
+def test_the_kvm_probe_s_answer_is_kept_for_the_host_s_boot(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SEAMLESS_VM_ACCEL", raising=False)
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(os, "access", lambda path, mode: True)
+    probes: list[Path] = []
+
+    def probe(kernel: Path) -> bool:
+        probes.append(kernel)
+        return False
+
+    monkeypatch.setattr(qemu, "_probe_kvm", probe)
+    for kernel in (Path("/a"), Path("/b")):
+        qemu.kvm_works.cache_clear()
+        assert qemu.kvm_works(kernel) is False
+    assert probes == [Path("/a")]  # the second process-wide cache miss read the file
+    kept = tmp_path / "kvm-probe.json"
+    kept.write_text(kept.read_text().replace('"boot_id": "', '"boot_id": "another-boot-'))
+    qemu.kvm_works.cache_clear()
+    qemu.kvm_works(Path("/c"))
+    assert probes == [Path("/a"), Path("/c")]
+    qemu.kvm_works.cache_clear()
+
+
+def test_the_kvm_probe_ends_at_qemu_s_internal_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QEMU on a broken /dev/kvm prints the emulation failure and waits; the probe does
+    not wait out its timeout."""
+    fake = tmp_path / "qemu-system-x86_64"
+    fake.write_text("#!/bin/sh\necho 'KVM internal error. Suberror: 1'\necho 'Code=05 83'\n"
+                    "exec sleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setattr(qemu, "KVM_PROBE_TIMEOUT", 20.0)
+    start = time.monotonic()
+    assert qemu._probe_kvm(Path("/vmlinuz")) is False
+    assert time.monotonic() - start < 10
+    fake.write_text("#!/bin/sh\necho 'Linux version 6.12'\nexec sleep 60\n")
+    assert qemu._probe_kvm(Path("/vmlinuz")) is True
+
+
+def test_a_booted_snapshot_is_one_per_kind_of_guest(tmp_path: Path) -> None:
+    img = image.Image(tmp_path)
+    spec = qemu.GuestSpec(image=str(tmp_path))
+    here = qemu.snapshot_dir(img, spec)
+    assert here.parent == tmp_path / "snapshots"
+    assert qemu.snapshot_dir(img, qemu.GuestSpec(image=str(tmp_path), forwards={22: 2222})) == here
+    others = [qemu.GuestSpec(image=str(tmp_path), memory="3G"),
+              qemu.GuestSpec(image=str(tmp_path), region="512M!1G"),
+              qemu.GuestSpec(image=str(tmp_path), kernel="B"),
+              qemu.GuestSpec(image=str(tmp_path), append="quiet")]
+    assert here not in {qemu.snapshot_dir(img, other) for other in others}

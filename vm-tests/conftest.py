@@ -63,13 +63,15 @@ def stock_image() -> image.Image:
 
 
 def _booting(img: image.Image, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BootGuest]:
-    """Boot guests of ``img`` for one test; stop them all after it."""
+    """Boot guests of ``img`` for one test; stop them all after it. Each is resumed from
+    the booted snapshot of its kind when an earlier test saved one (see
+    :data:`qemu.SNAPSHOTS`)."""
     guests: list[qemu.Guest] = []
 
     def boot(kernel: str = "A", **kwargs: object) -> qemu.Guest:
         spec = qemu.GuestSpec(image=str(img.directory), kernel=kernel, **kwargs)  # type: ignore[arg-type]
         run_dir = tmp_path_factory.mktemp(f"guest-{kernel}")
-        guest = qemu.boot(img, spec, run_dir)
+        guest = qemu.boot(img, spec, run_dir, snapshot=True)
         guests.append(guest)
         return guest
 

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import functools
+import hashlib
 import json
 import os
 import re
+import select
+import shlex
 import shutil
 import signal
 import socket
@@ -66,35 +70,74 @@ echo "seamless-restore.service still $s after 900 s" >&2; exit 1
 RESTORE_WAIT = 960.0
 
 
+#: What QEMU prints when KVM cannot run the guest (a nested, paravirtual /dev/kvm): it
+#: then pauses the guest and waits, instead of exiting.
+KVM_BROKEN = (b"KVM internal error", b"emulation failure", b"Code=")
+KVM_PROBE_TIMEOUT = 30.0
+
+
 @functools.cache
 def kvm_works(probe_kernel: Path | None = None) -> bool:
     """True only where KVM really runs a guest (not the nested paravirtual /dev/kvm here).
 
     The probe boots ``probe_kernel`` without a root under KVM: a working KVM gets
-    as far as the kernel's banner in seconds; a broken one makes QEMU abort.
-    SEAMLESS_VM_ACCEL=tcg|kvm overrides the probe.
+    as far as the kernel's banner in seconds; a broken one makes QEMU report an internal
+    error (or abort). The probe ends at whichever comes first, and its answer is kept
+    for the host's boot in the cache (every test process asked it again, 30 s each,
+    when it waited for its timeout). SEAMLESS_VM_ACCEL=tcg|kvm overrides the probe.
     """
     forced = os.environ.get("SEAMLESS_VM_ACCEL")
     if forced in ("tcg", "kvm"):
         return forced == "kvm"
     if probe_kernel is None or not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False
+    kept = config.CACHE_DIR / "kvm-probe.json"
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        answer = json.loads(kept.read_text())
+        if answer["boot_id"] == boot_id:
+            return bool(answer["works"])
+    works = _probe_kvm(probe_kernel)
+    log.info("KVM %s; using %s", "works" if works else "does not run guests here",
+             "KVM" if works else "TCG")
+    with contextlib.suppress(OSError):
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        tmp = kept.with_suffix(f".{os.getpid()}")
+        tmp.write_text(json.dumps({"boot_id": boot_id, "works": works}))
+        tmp.rename(kept)
+    return works
+
+
+def _probe_kvm(probe_kernel: Path) -> bool:
     try:
-        r = subprocess.run(
+        proc = subprocess.Popen(
             ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "256", "-nodefaults",
              "-no-reboot", "-display", "none", "-serial", "stdio", "-kernel", str(probe_kernel),
              "-append", "console=ttyS0 panic=-1 root=/dev/nonexistent"],
-            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else ""
-        return "Linux version" in out
     except OSError:
         return False
-    works = "Linux version" in r.stdout
-    log.info("KVM %s; using %s", "works" if works else "does not run guests here",
-             "KVM" if works else "TCG")
-    return works
+    assert proc.stdout is not None
+    out = b""
+    deadline = time.monotonic() + KVM_PROBE_TIMEOUT
+    try:
+        os.set_blocking(proc.stdout.fileno(), False)
+        while time.monotonic() < deadline:
+            if b"Linux version" in out:
+                return True
+            if any(mark in out for mark in KVM_BROKEN):
+                return False
+            ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+            chunk = proc.stdout.read() if ready else b""
+            if ready and not chunk:  # QEMU exited
+                return b"Linux version" in out
+            out += chunk or b""
+        return b"Linux version" in out
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
 
 
 def parse_size(text: str) -> int:
@@ -415,12 +458,30 @@ def qemu_argv(image: Image, spec: GuestSpec, run_dir: Path) -> list[str]:
     ]
 
 
+#: Tests resume a booted guest instead of booting it (SEAMLESS_VM_SNAPSHOTS=0: they boot):
+#: the first boot of each kind of guest (image, kernel, memory, region, command line) is
+#: saved once it has settled, its RAM and its disk, and the next test that boots the same
+#: kind resumes it. Under TCG a boot takes 35-45 s; a resume takes a few.
+SNAPSHOTS = os.environ.get("SEAMLESS_VM_SNAPSHOTS", "1") != "0"
+SNAPSHOT_SAVE_TIMEOUT = 180.0
+
+
+def snapshot_dir(image: Image, spec: GuestSpec) -> Path:
+    """Where the booted snapshot of ``spec``'s kind of guest is kept: in the image's own
+    directory, so that it goes with it. Forwarded ports are the host's side only."""
+    what = [spec.kernel, spec.memory, spec.region, spec.smp, spec.cmdline(),
+            os.environ.get("SEAMLESS_VM_CPU", TCG_CPU), TCG_THREAD]
+    key = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
+    return image.directory / "snapshots" / key
+
+
 def boot(image: Image, spec: GuestSpec, run_dir: Path, *, detach: bool = False,
-         timeout: float = BOOT_TIMEOUT) -> Guest:
+         timeout: float = BOOT_TIMEOUT, snapshot: bool = False) -> Guest:
     """Boot a guest from a fresh overlay on ``image``; returns once its agent answers.
 
     With ``detach`` QEMU outlives this process (``vm boot``); otherwise it dies
-    with it.
+    with it. With ``snapshot`` (and :data:`SNAPSHOTS`) the guest is resumed from the
+    booted snapshot of its kind when there is one, and saved as one when there is not.
     """
     spec.validate()
     if shutil.which("qemu-system-x86_64") is None:
@@ -429,17 +490,56 @@ def boot(image: Image, spec: GuestSpec, run_dir: Path, *, detach: bool = False,
     if existing is not None:
         raise VMError(f"a guest is already running from {run_dir} (pid {existing.spec.pid})",
                       hint="stop it first (vm stop)")
+    saved = snapshot_dir(image, spec) if snapshot and SNAPSHOTS else None
+    if saved is not None and (saved / "done").exists():
+        try:
+            return _resume(image, spec, run_dir, saved, timeout)
+        except VMError as e:
+            log.warning("could not resume the booted snapshot %s, booting instead: %s",
+                        saved, e)
+            shutil.rmtree(saved, ignore_errors=True)
+    _fresh_run_dir(run_dir, image, None)
+    start = time.monotonic()
+    guest = _start(image, spec, run_dir, detach=detach)
+    try:
+        info = guest.wait_ready(timeout)
+        record(f"boot {info.release} to agent ready", time.monotonic() - start)
+        # The package's seamless-arm.service makes the store ready at every boot, as on
+        # a server; the agent answers earlier (sysinit.target), so this waits for the
+        # boot's own start of it to finish, as an operator's login would come after it.
+        guest.channel.run(["systemctl", "start", "seamless-arm.service"], timeout=timeout,
+                          check=True)
+        if saved is not None:
+            _save(guest, saved)
+    except BaseException:
+        guest.stop()
+        raise
+    return guest
+
+
+def _fresh_run_dir(run_dir: Path, image: Image, disk: Path | None) -> None:
+    """An empty run directory with the guest's disk: a new overlay on the image, or a
+    copy of ``disk`` (a snapshot's overlay, on the same image)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in ("disk.qcow2", "console.log", "agent.sock", "qmp.sock"):
         (run_dir / name).unlink(missing_ok=True)
+    if disk is not None:
+        shutil.copyfile(disk, run_dir / "disk.qcow2")
+        return
     subprocess.run(
         ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image.rootfs),
          str(run_dir / "disk.qcow2")],
         check=True, stdin=subprocess.DEVNULL,
     )
+
+
+def _start(image: Image, spec: GuestSpec, run_dir: Path, *, detach: bool = False,
+           incoming: Path | None = None) -> Guest:
+    """Start QEMU (``incoming``: loading the state saved there) and wait for its sockets."""
     argv = qemu_argv(image, spec, run_dir)
+    if incoming is not None:
+        argv += ["-incoming", f"exec:cat {shlex.quote(str(incoming))}"]
     log.debug("+ %s", " ".join(argv))
-    start = time.monotonic()
     proc = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=open(run_dir / "qemu.log", "wb"),  # noqa: SIM115 - QEMU owns it from here
@@ -449,21 +549,83 @@ def boot(image: Image, spec: GuestSpec, run_dir: Path, *, detach: bool = False,
     guest = Guest(run_dir, spec, proc)
     try:
         deadline = time.monotonic() + 30
-        while not guest.socket.exists():
+        while not (guest.socket.exists() and (run_dir / "qmp.sock").exists()):
             if not guest.running():
                 qemu_err = (run_dir / "qemu.log").read_text(errors="replace").strip()
                 raise VMError(f"QEMU did not start: {qemu_err[-2000:]}")
             if time.monotonic() > deadline:
-                raise VMError("QEMU did not create the agent socket within 30 s")
+                raise VMError("QEMU did not create its sockets within 30 s")
             time.sleep(0.05)
         (run_dir / "guest.json").write_text(json.dumps(asdict(spec), indent=2))
+    except BaseException:
+        guest.stop()
+        raise
+    return guest
+
+
+def _migration_done(guest: Guest, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = guest.qmp("query-migrate")
+        status = answer.get("status") if isinstance(answer, dict) else None
+        if status == "completed":
+            return
+        if status == "failed" or time.monotonic() > deadline:
+            raise VMError(f"QEMU's migration {status or 'did not start'}: {answer}")
+        time.sleep(0.1)
+
+
+def _save(guest: Guest, saved: Path) -> None:
+    """Save the booted ``guest`` (settled) as the snapshot of its kind, unless another
+    test is saving it; the guest runs on."""
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    with open(saved.parent / f"{saved.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+        if (saved / "done").exists():
+            return
+        try:
+            guest.settled(timeout=120)
+        except VMError:
+            return  # a boot that does not settle is not one to start the others from
+        start = time.monotonic()
+        work = saved.with_name(saved.name + ".work")
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        guest.qmp("stop")
+        try:
+            guest.qmp("migrate", uri=f"exec:cat > {shlex.quote(str(work / 'state'))}")
+            _migration_done(guest, SNAPSHOT_SAVE_TIMEOUT)
+            # the disks are flushed and let go at the end of the migration: a copy now
+            # is the disk as the saved RAM knows it
+            shutil.copyfile(guest.run_dir / "disk.qcow2", work / "disk.qcow2")
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        finally:
+            guest.qmp("cont")
+        (work / "done").write_text(json.dumps(asdict(guest.spec)))
+        shutil.rmtree(saved, ignore_errors=True)
+        work.rename(saved)
+        record("saving a booted guest as a snapshot", time.monotonic() - start)
+
+
+def _resume(image: Image, spec: GuestSpec, run_dir: Path, saved: Path,
+            timeout: float) -> Guest:
+    """Start a guest from the snapshot in ``saved``; its clock is set to the host's."""
+    _fresh_run_dir(run_dir, image, saved / "disk.qcow2")
+    start = time.monotonic()
+    guest = _start(image, spec, run_dir, incoming=saved / "state")
+    try:
+        _migration_done(guest, timeout)
+        guest.qmp("cont")
         info = guest.wait_ready(timeout)
-        record(f"boot {info.release} to agent ready", time.monotonic() - start)
-        # The package's seamless-arm.service makes the store ready at every boot, as on
-        # a server; the agent answers earlier (sysinit.target), so this waits for the
-        # boot's own start of it to finish, as an operator's login would come after it.
-        guest.channel.run(["systemctl", "start", "seamless-arm.service"], timeout=timeout,
-                          check=True)
+        # The guest's clock stood still while it was saved.
+        guest.run("date", "-u", "-s", f"@{time.time():.3f}")
+        record(f"resume {info.release} from a booted snapshot to agent ready",
+               time.monotonic() - start)
     except BaseException:
         guest.stop()
         raise
