@@ -101,6 +101,17 @@ def guest_a(boot_guest: BootGuest) -> qemu.Guest:
     return boot_guest("A")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long VM tests first: with two at a time (pytest -n 2), the run ends when its
+    last test does, and a long one started last made it end minutes after the other
+    worker was done."""
+    def seconds(item: pytest.Item) -> float:
+        mark = item.get_closest_marker("long")
+        return float(mark.args[0]) if mark else 0.0
+
+    items.sort(key=seconds, reverse=True)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """The controller names the file the workers' timings go to (pytest -n N)."""
     if not hasattr(config, "workerinput") and TIMINGS_FILE not in os.environ:

@@ -20,6 +20,7 @@ A, B = config.KERNELS["A"], config.KERNELS["B"]
 ROLLOUT = "seamless.kernel.rolling_upgrade"
 
 
+@pytest.mark.long(500)
 def test_a_rolling_upgrade_of_two_hosts_and_a_rollout_that_stops_at_the_first_failure(
     boot_guest: BootGuest, tmp_path: Path,
 ) -> None:

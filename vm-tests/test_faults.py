@@ -56,6 +56,7 @@ def assert_all_run_thawed(g: qemu.Guest, pids: dict[str, int], what: str) -> Non
         assert read_counter(g, f"/root/{unit}") > before, f"{what}: {unit} does not run"
 
 
+@pytest.mark.long(270)
 def test_faults_before_the_kexec_lose_nothing_and_a_dead_coordinator_s_kernel_restores_nothing(
     boot_guest: BootGuest,
 ) -> None:
@@ -129,6 +130,7 @@ def refused_and_back_on_a(g: qemu.Guest, pids: dict[str, int], reason: str) -> d
     return status
 
 
+@pytest.mark.long(250)
 def test_b_runs_every_tree_or_none_and_goes_back_to_a_with_all_of_them(
     boot_guest: BootGuest,
 ) -> None:

@@ -33,6 +33,7 @@ def existing(g: qemu.Guest) -> set[str]:
     return set(out.split())
 
 
+@pytest.mark.long(320)
 def test_apt_purge_keeps_the_processes_and_leaves_a_boot_without_seamless(
     boot_guest: BootGuest,
 ) -> None:
