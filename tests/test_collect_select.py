@@ -383,3 +383,20 @@ def test_a_memfd_is_left_to_criu_and_a_deleted_foreign_file_blocks(
                 if f.resource == shm]
     assert len(findings) == 1 and findings[0].blocking
     assert "--exclude unit:haproxy.service" in findings[0].hint
+
+
+def test_processes_left_out_alike_are_one_line_with_their_pids() -> None:
+    from seamless.collect.plan import _excluded_lines
+    from seamless.collect.select import Excluded
+
+    workers = [Excluded(300 + i, "(udev-worker)", "systemd-udevd.service",
+                        "plumbing: systemd starts it afresh", True) for i in range(12)]
+    init = Excluded(1, "/sbin/init", None, "PID 1", False)
+    lines = _excluded_lines([init, *workers, Excluded(2000, "(udev-worker)", None,
+                                                      "another reason", False)])
+    assert len(lines) == 4, lines
+    assert lines[0].split()[:2] == ["1", "/sbin/init"]
+    assert lines[1].split()[:2] == ["300", "(udev-worker)"]
+    assert lines[2].split() == ["and", "11", "alike:", "301,", "302,", "303,", "304,",
+                                "305,", "306,", "307,", "308", "and", "3", "more"]
+    assert lines[3].split()[0] == "2000" and "another reason" in lines[3]

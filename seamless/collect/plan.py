@@ -10,7 +10,7 @@ from typing import Any
 from seamless.collect.freeze import own_cgroup
 from seamless.collect.processes import ProcessInfo, ProcessTree, ancestors
 from seamless.collect.resources import Finding, inspect
-from seamless.collect.select import Choice, Selection, choose
+from seamless.collect.select import Choice, Excluded, Selection, choose
 
 #: Images are larger than the resident memory (page maps, metadata): plan with a margin.
 IMAGE_OVERHEAD = 1.10
@@ -136,6 +136,22 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.0f} MiB"
 
 
+def _excluded_lines(excluded: Sequence[Excluded], shown: int = 8) -> list[str]:
+    """A line per process left out; processes alike (the same command, left out for the
+    same reason: udev's workers, say) as one line with their PIDs after it."""
+    alike: dict[tuple[str, str], list[Excluded]] = {}
+    for e in excluded:
+        alike.setdefault((e.command[:40], e.reason), []).append(e)
+    lines = []
+    for (command, reason), group in alike.items():
+        lines.append(f"  {group[0].pid:>7}  {command:<40}  {reason}")
+        if len(group) > 1:
+            pids = ", ".join(str(e.pid) for e in group[1:shown + 1])
+            more = f" and {len(group) - 1 - shown} more" if len(group) - 1 > shown else ""
+            lines.append(f"  {'':>7}  and {len(group) - 1} alike: {pids}{more}")
+    return lines
+
+
 def render(plan: CheckpointPlan) -> str:
     lines = [f"checkpoint {len(plan.trees)} process trees:"]
     lines.append(f"  {'ROOT':>7} {'PROCS':>5} {'MEMORY':>9}  {'UNIT':<28} COMMAND")
@@ -150,8 +166,7 @@ def render(plan: CheckpointPlan) -> str:
                      + ("; frozen by CRIU as its dump starts (cgroup shared): "
                         + ", ".join(map(str, shared)) if shared else ""))
     lines.append(f"left out ({len(plan.choice.excluded)}):")
-    for e in plan.choice.excluded:
-        lines.append(f"  {e.pid:>7}  {e.command[:40]:<40}  {e.reason}")
+    lines += _excluded_lines(plan.choice.excluded)
     if plan.findings:
         lines.append("resources:")
         for f in plan.findings:
