@@ -255,12 +255,15 @@ def null_stream() -> int:
 
 
 def restore_options(inherit: tuple[InheritFd, ...], lazy: bool = False,
-                    mount_namespace: bool = False, peers: bool = False) -> CriuOptions:
+                    mount_namespace: bool = False) -> CriuOptions:
     """``mount_namespace``: the tree has a mount namespace of its own (a sandboxed
     service): CRIU makes it again, its root the real root (this process's, chrooted
-    there), binding each mount the dump found external from the same path. ``peers``:
-    the tree has sockets connected to paths outside it (syslog's /dev/log), which CRIU
-    connects again as external sockets."""
+    there), binding each mount the dump found external from the same path.
+
+    --ext-unix-sk always, as the dump has it: CRIU's restore refuses any socket whose
+    peer the dump found outside the tree ("External socket found in image") without it,
+    whether the peer is bound at a path (syslog's /dev/log) or at an abstract name, and
+    it changes nothing for a tree without one."""
     return CriuOptions(
         root="/" if mount_namespace else None,
         auto_ext_mnt=mount_namespace,
@@ -271,7 +274,7 @@ def restore_options(inherit: tuple[InheritFd, ...], lazy: bool = False,
         tcp_established=True,
         network_lock=NetworkLock.NFTABLES,  # as dumped: see dump_options
         file_locks=True,
-        ext_unix_sk=bool(inherit) or peers,
+        ext_unix_sk=True,  # as dumped: see dump_options
         inherit_fd=inherit,
         manage_cgroups=CgroupMode.SOFT,  # back into the unit's cgroup, created if missing
         # A network namespace's sysctl that the new kernel lacks (going back from 6.12
@@ -505,8 +508,7 @@ def _restore_tree(
         lazy = pager(images_dir) if pager is not None else None
         try:
             result = criu.restore(images_dir, restore_options(tuple(inherit), lazy is not None,
-                                                  info.mount_namespace,
-                                                  bool(info.peer_paths)),
+                                                  info.mount_namespace),
                                   {"post-restore": before_it_runs}
                                   if gate is not None or hold is not None else None)
         except BaseException:
