@@ -475,13 +475,14 @@ def build(extra: tuple[str, ...] = (), *, stock: bool = False, force: bool = Fal
     """
     config.CACHE_DIR.mkdir(parents=True, exist_ok=True)
     with open(config.CACHE_DIR / "lock", "w") as lock:
-        if not _try_lock(lock):
+        if not try_lock(lock):
             log.info("waiting for another build of the guest image to finish")
             fcntl.flock(lock, fcntl.LOCK_EX)
         return _build(extra + config.STOCK_PACKAGES if stock else extra, stock, force)
 
 
-def _try_lock(lock: IO[str]) -> bool:
+def try_lock(lock: IO[str]) -> bool:
+    """Take ``lock`` (exclusive) if no one holds it; False if someone does."""
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import functools
 import hashlib
 import json
@@ -30,7 +29,7 @@ from pathlib import Path
 from vmtest import config
 from vmtest.channel import Channel, GuestInfo, GuestRebooted
 from vmtest.errors import LostVMError, VMError
-from vmtest.image import Image
+from vmtest.image import Image, try_lock
 from vmtest.log import log, record
 
 #: What a guest kernel dies of, now and then, when QEMU's multi-threaded TCG runs one vCPU
@@ -129,8 +128,8 @@ def _probe_kvm(probe_kernel: Path) -> bool:
             if any(mark in out for mark in KVM_BROKEN):
                 return False
             ready, _, _ = select.select([proc.stdout], [], [], 0.2)
-            chunk = proc.stdout.read() if ready else b""
-            if ready and not chunk:  # QEMU exited
+            chunk = proc.stdout.read() if ready else None  # None: nothing to read yet
+            if chunk == b"":  # QEMU exited
                 return b"Linux version" in out
             out += chunk or b""
         return b"Linux version" in out
@@ -469,7 +468,7 @@ SNAPSHOT_SAVE_TIMEOUT = 180.0
 def snapshot_dir(image: Image, spec: GuestSpec) -> Path:
     """Where the booted snapshot of ``spec``'s kind of guest is kept: in the image's own
     directory, so that it goes with it. Forwarded ports are the host's side only."""
-    what = [spec.kernel, spec.memory, spec.region, spec.smp, spec.cmdline(),
+    what = [spec.kernel, spec.memory, spec.smp, spec.cmdline(),  # the region: memmap=
             os.environ.get("SEAMLESS_VM_CPU", TCG_CPU), TCG_THREAD]
     key = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
     return image.directory / "snapshots" / key
@@ -583,9 +582,7 @@ def _save(guest: Guest, saved: Path) -> None:
     test is saving it; the guest runs on."""
     saved.parent.mkdir(parents=True, exist_ok=True)
     with open(saved.parent / f"{saved.name}.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not try_lock(lock):
             return
         if (saved / "done").exists():
             return
