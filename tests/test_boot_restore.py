@@ -40,7 +40,7 @@ from seamless.memstore.generation import MANIFEST, Generation
 from seamless.memstore.handoff import TREE_INFO, Report
 from seamless.memstore.records import FileEntry, Manifest, TreeRecord
 from seamless.memstore.store import GENERATIONS, Store
-from seamless.restore import adopt, boot, lazy
+from seamless.restore import adopt, boot, bootfs, lazy
 
 SOURCE = "6.1.0-55-cloud-amd64"
 
@@ -546,6 +546,26 @@ def test_before_init_a_tree_connected_to_a_socket_the_boot_makes_later_is_deferr
     sock = env.root / "run/systemd/journal/dev-log"
     sock.parent.mkdir(parents=True)
     sock.touch()
+    assert boot.trees_after_init(gen, env.root) == []
+
+
+def test_before_init_a_tree_on_a_filesystem_mounted_later_is_deferred(
+    env: BootEnv, reports: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before init only the root is mounted: a tree with files on /srv, which fstab
+    mounts, waits with the others for seamless-restore.service (after local-fs.target).
+    Once /srv is mounted, nothing is deferred."""
+    on_srv = tree(505, 2, "app.service", "app")
+    on_srv["mounts"] = ["/srv"]
+    others = [json.loads((env.gen.final / d / TREE_INFO).read_text()) for d in ("101", "202")]
+    gen = seal_generation(env.store.generations_dir / "gen-4", [*others, on_srv])
+    mounted: set[Path] = set()
+    monkeypatch.setattr(bootfs, "is_mount", lambda p: p in mounted)
+    assert boot.trees_after_init(gen, env.root) == [
+        "app.service: its files on /srv, mounted after init"]
+    report = boot.boot_restore(4, criu=(criu := FakeRestorer()), root=env.root)
+    assert criu.calls == [] and "app.service: its files on /srv" in (report.deferred or "")
+    mounted.add(env.root / "srv")
     assert boot.trees_after_init(gen, env.root) == []
 
 

@@ -49,7 +49,7 @@ def test_a_record_written_before_it_was_typed_reads_whole() -> None:
     assert info.connections[0]["dport"] == 51000
     # nothing is lost on the way: it writes what it read, a version, and the fields
     # added since (empty)
-    assert info.to_json() == {**WRITTEN_BEFORE, "version": 1, "nonblocking": []}
+    assert info.to_json() == {**WRITTEN_BEFORE, "version": 1, "nonblocking": [], "mounts": []}
 
 
 def test_a_record_round_trips(tmp_path: Path) -> None:

@@ -329,6 +329,28 @@ def test_what_the_new_boot_does_not_have() -> None:
     assert not lost_at_boot("/proc/1/status", table)
 
 
+def test_the_disk_mounts_a_tree_uses_are_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mount points, other than the root's, of the disk filesystems under a tree's
+    working directory and open files: a restore before init waits for them. A tmpfs
+    (carried along) and the kernel's own filesystems are not recorded."""
+    from seamless.collect.resources import disk_mounts
+
+    for d in ("srv", "data", "shm", "unused"):
+        (tmp_path / d).mkdir()
+    monkeypatch.chdir(tmp_path / "srv")
+    table = sorted([(str(tmp_path / d), fs) for d, fs in (
+        ("srv", "xfs"), ("data", "ext4"), ("shm", "tmpfs"), ("unused", "ext4"))]
+        + [("/proc", "proc"), ("/", "ext4")], key=lambda m: len(m[0]), reverse=True)
+    with open(tmp_path / "data/db", "w"), open(tmp_path / "shm/lock", "w"):
+        assert disk_mounts([os.getpid()], table) == [str(tmp_path / "data"),
+                                                      str(tmp_path / "srv")]
+    monkeypatch.chdir("/")
+    assert disk_mounts([os.getpid()], table) == []
+    assert disk_mounts([2**22 + 1], table) == []  # no such process
+
+
 def test_named_pipes_on_tmpfs_are_recorded_and_made_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

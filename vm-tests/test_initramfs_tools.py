@@ -100,3 +100,51 @@ def test_upgrade_with_an_initramfs_tools_initramfs_restores_before_init(
                            "--json"], timeout=600)
     assert again.returncode == 0, again.stderr.decode(errors="replace")
     assert {t["root"] for t in json.loads(again.stdout)["trees"]} >= set(pids.values())
+
+
+#: Appends a count to a file of its working directory, twice a second, holding it open.
+APPENDER = 'exec 3>>count; n=0; while :; do n=$((n+1)); echo $n >&3; sleep 0.5; done'
+
+
+def test_a_tree_on_a_filesystem_of_its_own_in_fstab_comes_back_after_switch_root(
+    boot_guest: BootGuest,
+) -> None:
+    """/srv/data is a filesystem of its own in fstab (a loop-mounted image here), which
+    the boot mounts only after init: a tree working there is not restored before init,
+    where only the root is mounted, but with the others by seamless-restore.service once
+    local-fs.target has it, and before the boot's tmpfiles (not after journald's flush).
+    It keeps its PID and its open file."""
+    g = boot_guest("A")
+    g.sh("truncate -s 32M /var/lib/srv.img && mkfs.ext4 -q /var/lib/srv.img"
+         " && mkdir -p /srv/data && echo '/var/lib/srv.img /srv/data ext4 loop 0 0'"
+         " >> /etc/fstab && systemctl daemon-reload && mount /srv/data")
+    pids = {"ondisk": start_service(g, "ondisk", "-p", "WorkingDirectory=/srv/data",
+                                    "/bin/sh", "-c", APPENDER),
+            "web": start_web_unit(g)}
+    http(g, PORT, "POST")
+    plan = json.loads(g.run("seamless", "plan", "--json"))
+    assert plan["ok"], plan["findings"]
+
+    g.switch_kernel(["seamless", "upgrade", "--kernel", B.vmlinuz, "--initrd",
+                     B.initramfs_tools_initrd, "--yes"])
+
+    assert g.run("uname", "-r").strip() == B.release
+    status = json.loads(g.run("seamless", "status", "--json"))
+    assert status["ok"] and status["stage"] == "systemd", status
+    assert "ondisk.service: its files on /srv/data, mounted after init" in \
+        status["deferred"], status
+    for unit, pid in pids.items():
+        assert main_pid(g, unit) == pid, f"{unit} is not its restored process"
+    g.run("findmnt", "/srv/data")
+    count = "tail -n 1 /srv/data/count"
+    before = int(g.sh(count))
+    time.sleep(1.5)
+    assert int(g.sh(count)) > before, "the tree on /srv/data does not run"
+    assert http(g, PORT) == 1
+    restored = int(g.run("systemctl", "show", "-P", "ActiveEnterTimestampMonotonic",
+                         "seamless-restore.service"))
+    tmpfiles = int(g.run("systemctl", "show", "-P", "InactiveExitTimestampMonotonic",
+                         "systemd-tmpfiles-setup.service"))
+    assert 0 < restored <= tmpfiles, (restored, tmpfiles)
+    for name, value in status["phases"].items():
+        record(f"upgrade with a tree on an fstab filesystem, phase: {name}", value)

@@ -794,6 +794,36 @@ def _carried(path: str) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_size <= runtime.FILE_LIMIT
 
 
+#: Filesystems of the kernel's own, which no disk holds (with VOLATILE_FS).
+VIRTUAL_FS = {"proc", "sysfs", "devpts", "mqueue", "cgroup", "cgroup2", "debugfs", "tracefs",
+              "securityfs", "pstore", "bpf", "configfs", "fusectl", "hugetlbfs", "autofs",
+              "binfmt_misc", "efivarfs", "nsfs"}
+
+
+def _used_paths(pid: int) -> set[str]:
+    """What ``pid`` uses by path: its working directory, root and executable, the files
+    it holds open and those it maps."""
+    found = {t for _, t in _fds(pid) if t.startswith("/")} | _mapped_files(pid)
+    for link in ("cwd", "root", "exe"):
+        with contextlib.suppress(OSError):
+            found.add(os.readlink(f"/proc/{pid}/{link}"))
+    return {p.removesuffix(" (deleted)") for p in found}
+
+
+def disk_mounts(pids: Iterable[int], table: list[tuple[str, str]] | None = None) -> list[str]:
+    """The mount points, other than "/", of the disk (or network) filesystems under which
+    these processes use a path: the boot mounts them (fstab) only after init."""
+    table = mounts() if table is None else table
+    found = set()
+    for pid in pids:
+        for path in _used_paths(pid):
+            point = next((p for p, _ in table
+                          if path == p or path.startswith(p.rstrip("/") + "/")), "/")
+            if point != "/" and fs_type(point, table) not in VOLATILE_FS | VIRTUAL_FS:
+                found.add(point)
+    return sorted(found)
+
+
 def volatile_files(pids: Iterable[int], table: list[tuple[str, str]] | None = None) -> list[str]:
     """The regular files on tmpfs or in /tmp these processes hold open or map, small
     enough to be carried (see :mod:`seamless.runtime`)."""

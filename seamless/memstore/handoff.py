@@ -169,6 +169,10 @@ class TreeInfo:
     socket_dirs: list[Entry] = field(default_factory=list)
     #: Sockets of the running system it is connected to, which CRIU connects by path.
     peer_paths: list[str] = field(default_factory=list)
+    #: The mount points, other than the root's, of the disk filesystems holding its
+    #: files (working directory, executables, files open or mapped): a restore before
+    #: init, when the boot has mounted only the root, leaves the tree to the unit.
+    mounts: list[str] = field(default_factory=list)
     #: Its named pipes on tmpfs, made again.
     fifos: list[Entry] = field(default_factory=list)
     #: Its unit's runtime files, PID files, tmpfs files it holds (see seamless/runtime.py).

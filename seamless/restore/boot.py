@@ -172,12 +172,17 @@ def trees_after_init(gen: Generation, root: Path = Path("/")) -> list[str]:
     """The generation's trees that cannot be restored before init, each with why: a
     mount namespace of its own (a sandboxed service), or a socket connected to one the
     running system binds and the boot makes only after init (syslog's
-    /run/systemd/journal/dev-log, which an sshd session holds)."""
+    /run/systemd/journal/dev-log, which an sshd session holds), or files on a
+    filesystem the boot mounts only after init (/home, /var or /srv of its own in
+    fstab: before init only the root is mounted)."""
     found = []
     for _, info in trees_in(gen.final, gen.manifest().trees):
         missing = [p for p in info.peer_paths if not (root / p.lstrip("/")).exists()]
+        unmounted = [m for m in info.mounts if not bootfs.is_mount(root / m.lstrip("/"))]
         if info.mount_namespace:
             found.append(f"{info.name}: a mount namespace of its own")
+        elif unmounted:
+            found.append(f"{info.name}: its files on {unmounted[0]}, mounted after init")
         elif missing:
             found.append(f"{info.name}: connected to {missing[0]}, made after init")
     return found
@@ -412,7 +417,8 @@ class BootRestore:
         report.ok, report.trees = restored.ok, restored.to_json()["trees"]
         report.adopted = adopt_services(restored, self.root)
         if any(t.restored for t in restored.trees):
-            bootfs.keep_tmp(self.root, before_init=report.stage == "initramfs")
+            # at boot, the restore runs before the boot's tmpfiles (either stage)
+            bootfs.keep_tmp(self.root, before_tmpfiles=self.at_boot and self.retry is None)
         # The trees run: say so at once. Handing the services to systemd and overwriting
         # the generation take seconds, and the boot's services start meanwhile.
         write_report(dataclasses.replace(report, finishing=True), self.store)

@@ -5,7 +5,8 @@ Restored before init (initramfs-tools), the trees run before systemd has mounted
 anything: their files in /tmp, /run/lock and /dev/shm would land in directories that
 systemd then mounts a fresh tmpfs over, and the boot's tmpfiles would empty /tmp and the
 services' private /tmp under them. Restored after switch-root (dracut), those mounts
-exist already, and only the aging of the private /tmp of an earlier boot is left.
+exist already; seamless-restore.service still runs before the boot's tmpfiles, so its
+cleaning of /tmp is kept off what the trees hold in the same way.
 
 Debian 12 and 13 differ here: 13 mounts a tmpfs on /tmp and /run/lock (systemd's
 tmp.mount and run-lock.mount, enabled by its package), 12 keeps /tmp on disk and empties
@@ -87,7 +88,8 @@ def boot_tmpfs(root: Path = Path("/")) -> list[Tmpfs]:
     return found
 
 
-def _is_mount(path: Path) -> bool:
+def is_mount(path: Path) -> bool:
+    """Whether something is mounted at ``path`` (a bind mount too)."""
     return any(m.target == str(path) for m in mounts())
 
 
@@ -98,7 +100,7 @@ def mount_boot_tmpfs(root: Path = Path("/")) -> list[str]:
     mounted = []
     for fs in boot_tmpfs(root):
         target = root / fs.target.lstrip("/")
-        if not target.is_dir() or _is_mount(target):
+        if not target.is_dir() or is_mount(target):
             continue
         if any(target.iterdir()):
             # what the initramfs or the disk has there stays visible: a tmpfs over it
@@ -128,17 +130,19 @@ TMPFILES_KEEP = {
 KEEP_FILE = "seamless-keep.conf"
 
 
-def keep_tmp(root: Path = Path("/"), *, before_init: bool) -> list[Path]:
+def keep_tmp(root: Path = Path("/"), *, before_tmpfiles: bool) -> list[Path]:
     """Keep /tmp as the restored processes have it, for this boot (/run/tmpfiles.d).
 
-    Before init: the distribution's lines that would empty /tmp and the services'
-    private /tmp are overridden (a file of /run/tmpfiles.d replaces the one of the same
-    name), and every entry of /tmp is excluded. Either way, the private /tmp and /var/tmp
-    of the services restored (named after the boot they started in, not this one) are
-    excluded from the aging of later cleanups. An operator's own file in /etc/tmpfiles.d
-    wins, as always. Returns the files written."""
+    Before the boot's tmpfiles has run (restored before init, or by
+    seamless-restore.service, which is ordered before systemd-tmpfiles-setup.service
+    rather than after it and journald's flush): the distribution's lines that would
+    empty /tmp and the services' private /tmp are overridden (a file of /run/tmpfiles.d
+    replaces the one of the same name), and every entry of /tmp is excluded. Either
+    way, the private /tmp and /var/tmp of the services restored (named after the boot
+    they started in, not this one) are excluded from the aging of later cleanups. An
+    operator's own file in /etc/tmpfiles.d wins, as always. Returns the files written."""
     written = []
-    if before_init:
+    if before_tmpfiles:
         written += _override_distribution(root)
     keep: list[str] = []
     for d in ("tmp", "var/tmp"):
@@ -147,7 +151,7 @@ def keep_tmp(root: Path = Path("/"), *, before_init: bool) -> list[Path]:
         except OSError:
             continue
         for entry in entries:
-            if entry.name.startswith("systemd-private-") or (before_init and d == "tmp"):
+            if entry.name.startswith("systemd-private-") or (before_tmpfiles and d == "tmp"):
                 keep.append(f"x /{d}/{entry.name}")
     if keep:
         target = root / "run/tmpfiles.d" / KEEP_FILE
