@@ -29,6 +29,7 @@ from seamless.collect.cli import pre_dump_option, selection_from, selection_opti
 from seamless.collect.inhibitors import inhibitors
 from seamless.collect.plan import CheckpointPlan, StoreSpace, left_out_services, make_plan, render
 from seamless.collect.processes import ProcessInfo, read_table
+from seamless.collect.resources import after_init_reasons
 from seamless.collect.select import Selection
 from seamless.criu import Criu, CriuError, kernels
 from seamless.criu.modules import load_criu_modules
@@ -205,7 +206,8 @@ def upgrade_command(kernel: Path, initrd_path: Path | None, append: str | None,
             source_release=result["from"], target_release=ready.image.release,
             lazy_pages=lazy_pages, times=times,
             stopped_units=left_out_services(ready.plan, ready.table), result=result,
-            last_pid=ready.last_pid, way_back=ready.back, requires=gates)
+            last_pid=ready.last_pid, way_back=ready.back, requires=gates,
+            after_init=ready.after_init)
         _enter(held, ready.gen, ready.store.root, record, as_json)
         return  # only where loader.enter is faked: the real one does not come back
     _finish_dry_run(held, ready.gen, result)
@@ -238,6 +240,8 @@ class Ready:
     #: The one-time token on the new command line (the store gets only its digest).
     token: str
     cmdline: str
+    #: Why trees wait for seamless-restore.service (the command line says so).
+    after_init: list[str]
 
     def result(self, manifest: Manifest, *, dry_run: bool, lazy_pages: bool,
                requires: list[str]) -> dict[str, Any]:
@@ -299,12 +303,16 @@ def preflight(kernel: Path, initrd_path: Path | None, append: str | None,
     # children forked before the freeze).
     last_pid = max((p for t in plan.trees for p in t.pids), default=0) + cmdline.PID_MARGIN
     token = handoff.new_token()  # its digest goes into the store just before the kexec
-    new_cmdline = cmdline.join(cmdline.with_restore(args, number, last_pid, token))
+    # The initramfs need not start a restorer only to find that a tree waits for the
+    # real root (a sandboxed service): seconds of the blackout on a stock server.
+    after_init = after_init_reasons(plan.trees)
+    new_cmdline = cmdline.join(cmdline.with_restore(args, number, last_pid, token,
+                                                    after_init=bool(after_init)))
     cmdline.check_length(new_cmdline, image.max_cmdline)
     with complete_step(f"loading {image.release} with kexec_file_load"):
         loader.load(image.path, initrd_used, new_cmdline)
     return Ready(image, store, number, gen, initrd_used, rebuilt, table, plan, back,
-                 last_pid, token, new_cmdline)
+                 last_pid, token, new_cmdline, after_init)
 
 
 def _confirm(ready: Ready, yes: bool) -> None:

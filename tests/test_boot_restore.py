@@ -569,6 +569,23 @@ def test_before_init_a_tree_on_a_filesystem_mounted_later_is_deferred(
     assert boot.trees_after_init(gen, env.root) == []
 
 
+def test_a_generation_the_upgrade_left_to_the_unit_is_reported_with_the_upgrade_s_reasons(
+    env: BootEnv, reports: tuple[Path, Path]
+) -> None:
+    """The command line said the trees wait for the real root (seamless.after_init): the
+    initramfs left its note and started no restorer; the unit restores every tree and
+    reports why, as the upgrade's plan found it."""
+    upgrade_record(env, after_init=["redis-server.service: a mount namespace of its own"])
+    (env.root / "run/systemd/system").mkdir(parents=True)
+    boot.DEFERRED.parent.mkdir(parents=True, exist_ok=True)
+    boot.DEFERRED.write_text(boot.PLANNED + "\n")
+    report = env.restore(criu := FakeRestorer())
+    assert sorted(criu.calls) == ["101", "202"] and report["ok"]
+    assert report["stage"] == "systemd" and report["deferred"] == (
+        "1 tree not restorable before init (redis-server.service: a mount namespace of its "
+        "own): restored after switch-root")
+
+
 def test_a_page_image_too_short_for_criu_is_reported_as_corrupt(
     env: BootEnv, reports: tuple[Path, Path]
 ) -> None:

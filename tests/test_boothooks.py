@@ -193,3 +193,14 @@ def test_the_modules_start_loading_in_the_background(tmp_path: Path) -> None:
              "SEAMLESS_MODULE_LIST": str(kernel_modules.LIST)},
         capture_output=True, text=True, check=True, timeout=30).stdout.split()
     assert out[0] == "-a" and out[1:] == shell_modules()
+
+
+def test_the_initramfs_leaves_a_planned_generation_to_the_unit_as_python_reads_it() -> None:
+    """The command line's word and the note the initramfs leaves for the unit are the
+    ones Python writes and reads."""
+    from seamless.kexec import cmdline
+    from seamless.restore import boot
+
+    text = (LIB / "seamless-lib.sh").read_text()
+    assert f'*" {cmdline.AFTER_INIT_ARG} "*)' in text
+    assert f'echo "{boot.PLANNED}" >{boot.DEFERRED}' in text

@@ -216,6 +216,10 @@ def test_restore_argument_is_seamless_own() -> None:
     assert cmdline.with_restore(args, 7, token="t") == [
         "ro", "panic=10", "seamless.restore=7", "seamless.token=t", "--", "single"]
     assert cmdline.with_restore(args, None) == ["ro", "--", "single"]
+    assert cmdline.with_restore(["ro", "seamless.after_init"], 2, after_init=True) == [
+        "ro", "panic=10", "seamless.restore=2", "seamless.after_init"]
+    assert cmdline.with_restore(["ro", "seamless.after_init"], 2) == [
+        "ro", "panic=10", "seamless.restore=2"]
     # the operator's own panic= is theirs (one for init is not the kernel's)
     assert cmdline.with_restore(["ro", "panic=0"], 0) == ["ro", "panic=0", "seamless.restore=0"]
     assert cmdline.with_restore(["ro", "--", "panic=0"], 0) == [

@@ -351,6 +351,26 @@ def test_the_disk_mounts_a_tree_uses_are_recorded(
     assert disk_mounts([2**22 + 1], table) == []  # no such process
 
 
+def test_the_upgrade_tells_which_trees_wait_for_the_real_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tree working on a filesystem of its own (not /usr, which the initramfs mounts)
+    is named with the mount point; one working on the root's is not."""
+    from seamless.collect import resources
+    from seamless.collect.processes import ProcessInfo, ProcessTree
+
+    (tmp_path / "srv").mkdir()
+    me = ProcessInfo(os.getpid(), 1, "app", ("app",), "root", "/system.slice/app.service", 0)
+    tree = ProcessTree(me, [me])
+    monkeypatch.setattr(resources, "mounts", lambda: [
+        (str(tmp_path / "srv"), "ext4"), ("/usr", "ext4"), ("/", "ext4")])
+    monkeypatch.chdir(tmp_path / "srv")
+    assert resources.after_init_reasons([tree]) == [
+        f"app.service: its files on {tmp_path / 'srv'}, mounted after init"]
+    monkeypatch.chdir("/usr")
+    assert resources.after_init_reasons([tree]) == []
+
+
 def test_named_pipes_on_tmpfs_are_recorded_and_made_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -71,7 +71,7 @@ def no_real_effects(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for name in ("loader", "take_checkpoint", "_criu_check", "_lazy_pages_check",
                  "load_criu_modules",
                  "find_region", "open_store", "read_table", "make_plan", "check_policy",
-                 "prepare_initrd", "way_back"):
+                 "prepare_initrd", "way_back", "after_init_reasons"):
         monkeypatch.setattr(upgrade, name, forbidden)
     umask = os.umask(0o022)
     os.umask(umask)
@@ -146,6 +146,8 @@ class World:
     busy: list[Inhibitor] = field(default_factory=list)
     #: The services the plan leaves out, and the systemctl commands run for them.
     left_out: list[str] = field(default_factory=list)
+    #: What the plan's trees show that keeps them from a restore before init.
+    after_init: list[str] = field(default_factory=list)
     systemctl: list[list[str]] = field(default_factory=list)
     #: The running command lines the way back was asked for.
     way_backs: list[list[str]] = field(default_factory=list)
@@ -219,6 +221,7 @@ def world(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> World:
     monkeypatch.setattr(upgrade, "check_policy", lambda: None)
     monkeypatch.setattr(upgrade, "inhibitors", lambda: w.busy)
     monkeypatch.setattr(upgrade, "left_out_services", lambda plan, table: w.left_out)
+    monkeypatch.setattr(upgrade, "after_init_reasons", lambda trees: w.after_init)
 
     def systemctl(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
         assert argv[0] == "systemctl"
@@ -278,6 +281,25 @@ def test_no_region_loads_nothing(world: World) -> None:
     assert exit_status(result) == ExitCode.UNCHANGED
     assert "no preserved region" in message(result)
     assert world.loader.calls == [] and world.checkpoints == [] and world.criu_checked == 0
+
+
+def test_trees_that_wait_for_the_real_root_are_named_on_the_command_line(
+        world: World) -> None:
+    """A plan's tree that cannot be restored before init (a sandboxed service) puts
+    seamless.after_init on the new command line: the initramfs then starts no restorer
+    only to find that out, and the record keeps why for the report."""
+    assert "seamless.after_init" not in invoke_args(world)
+    world.after_init = ["redis-server.service: a mount namespace of its own"]
+    assert "seamless.after_init" in invoke_args(world)
+    record = json.loads((world.store.root / UPGRADE_RECORD).read_text())
+    assert record["after_init"] == world.after_init
+
+
+def invoke_args(world: World) -> list[str]:
+    world.loader.calls.clear()
+    result = invoke(world, "--kernel", world.image, "--yes")
+    assert exit_status(result) == 0, result.output
+    return list(world.loader.calls[0][3].split())
 
 
 def test_a_region_not_reserved_now_loads_nothing(world: World) -> None:

@@ -113,7 +113,8 @@ def test_a_tree_on_a_filesystem_of_its_own_in_fstab_comes_back_after_switch_root
     the boot mounts only after init: a tree working there is not restored before init,
     where only the root is mounted, but with the others by seamless-restore.service once
     local-fs.target has it, and before the boot's tmpfiles (not after journald's flush).
-    It keeps its PID and its open file."""
+    The upgrade saw it coming: the initramfs started no restorer only to find that out.
+    The tree keeps its PID and its open file."""
     g = boot_guest("A")
     g.sh("truncate -s 32M /var/lib/srv.img && mkfs.ext4 -q /var/lib/srv.img"
          " && mkdir -p /srv/data && echo '/var/lib/srv.img /srv/data ext4 loop 0 0'"
@@ -133,6 +134,9 @@ def test_a_tree_on_a_filesystem_of_its_own_in_fstab_comes_back_after_switch_root
     assert status["ok"] and status["stage"] == "systemd", status
     assert "ondisk.service: its files on /srv/data, mounted after init" in \
         status["deferred"], status
+    kernel_log = g.run("dmesg")
+    assert "after switch-root, as the upgrade planned" in kernel_log, kernel_log
+    assert "seamless: restoring generation" not in kernel_log, kernel_log
     for unit, pid in pids.items():
         assert main_pid(g, unit) == pid, f"{unit} is not its restored process"
     g.run("findmnt", "/srv/data")

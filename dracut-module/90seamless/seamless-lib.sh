@@ -58,6 +58,17 @@ seamless_restore() {
         seamless_log "generation $_gen is restored by seamless-restore.service after switch-root"
         return 0
     fi
+    # The upgrade found trees that only the real root's systemd can have back (a
+    # sandboxed service's mount namespace, files on /srv of its own): all of them wait
+    # for seamless-restore.service, which the note below tells why, and no restorer
+    # starts here only to find that out.
+    read -r _cmdline </proc/cmdline
+    case " $_cmdline " in *" seamless.after_init "*)
+        mkdir -p /run/seamless && echo "after switch-root, as the upgrade planned" >/run/seamless/deferred
+        seamless_log "generation $_gen is restored by seamless-restore.service after switch-root, as the upgrade planned"
+        return 0
+        ;;
+    esac
     if [ ! -x "$_root/usr/bin/seamless" ] && [ ! -x "$_root/usr/local/bin/seamless" ]; then
         seamless_log "no seamless on the real root at $_root: nothing restored"
         return 1
@@ -85,7 +96,6 @@ seamless_restore() {
     # seamless.debug on the command line: every step, and the time of every import
     # (python's -X importtime) on the console. Read now: /proc moves away below.
     _debug=""
-    read -r _cmdline </proc/cmdline
     case " $_cmdline " in *" seamless.debug "*) _debug=1 ;; esac
     seamless_log "restoring generation $_gen"
     # The initramfs's /dev, /proc, /sys and /run are moved into the real root for the

@@ -28,7 +28,7 @@ from seamless.collect import namespaces
 from seamless.collect.processes import ProcessInfo, ProcessTree
 from seamless.errors import SeamlessError
 from seamless.log import log
-from seamless.memstore.handoff import JOURNALD_STDOUT
+from seamless.memstore.handoff import JOURNALD_STDOUT, after_init_reason
 from seamless.mounts import mountinfo
 from seamless.run import CommandError, run
 from seamless.syscalls import pidfd_getfd
@@ -822,6 +822,27 @@ def disk_mounts(pids: Iterable[int], table: list[tuple[str, str]] | None = None)
             if point != "/" and fs_type(point, table) not in VOLATILE_FS | VIRTUAL_FS:
                 found.add(point)
     return sorted(found)
+
+
+#: Mounted before init too: initramfs-tools and dracut mount a /usr of its own.
+MOUNTED_BEFORE_INIT = ("/usr",)
+
+
+def after_init_reasons(trees: Iterable[ProcessTree]) -> list[str]:
+    """Why some of these trees cannot be restored before init, as their processes show
+    it now: a mount namespace of their own, or files on a filesystem the boot mounts only
+    after init. The new boot's restore finds the rest (see seamless.restore.boot)."""
+    table = mounts()
+    found = []
+    for tree in trees:
+        why = after_init_reason(
+            tree.root.unit or tree.root.command or "?",
+            mount_namespace=namespaces.own_namespace(tree.root.pid, "mnt"),
+            unmounted=[m for m in disk_mounts(tree.pids, table)
+                       if m not in MOUNTED_BEFORE_INIT])
+        if why is not None:
+            found.append(why)
+    return found
 
 
 def volatile_files(pids: Iterable[int], table: list[tuple[str, str]] | None = None) -> list[str]:

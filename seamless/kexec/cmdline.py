@@ -18,6 +18,9 @@ ONE_SHOT_PREFIXES = ("BOOT_IMAGE=", "initrd=", "seamless.")
 RESTORE_ARG = "seamless.restore="
 LAST_PID_ARG = "seamless.last_pid="
 TOKEN_ARG = "seamless.token="
+#: Some trees cannot be restored before init: the initramfs leaves them all to
+#: seamless-restore.service, without starting a restorer to find that out.
+AFTER_INIT_ARG = "seamless.after_init"
 #: Seconds a panicking new kernel waits before it resets the machine.
 PANIC_REBOOT = "panic=10"
 #: Room above the highest checkpointed PID for children forked before the freeze.
@@ -73,15 +76,19 @@ def running_cmdline(path: Path | None = None) -> str:
 
 
 def with_restore(args: Sequence[str], generation: int | None,
-                 last_pid: int | None = None, token: str | None = None) -> list[str]:
+                 last_pid: int | None = None, token: str | None = None, *,
+                 after_init: bool = False) -> list[str]:
     """``args`` with ``seamless.restore=GENERATION`` (or with none, for a plain kexec),
-    ``seamless.last_pid=N`` (the initramfs keeps PIDs up to N free for the restore) and
+    ``seamless.last_pid=N`` (the initramfs keeps PIDs up to N free for the restore),
     ``seamless.token=`` (the one-time proof that this boot is the upgrade's: see
-    :mod:`seamless.memstore.handoff`), and ``panic=10`` unless a panic= is there.
+    :mod:`seamless.memstore.handoff`), ``seamless.after_init`` when ``after_init``
+    (the restore waits for seamless-restore.service), and ``panic=10`` unless a panic=
+    is there.
 
     seamless owns these arguments: any given by the operator is replaced.
     """
-    kept = [a for a in args if not a.startswith((RESTORE_ARG, LAST_PID_ARG, TOKEN_ARG))]
+    kept = [a for a in args if not a.startswith((RESTORE_ARG, LAST_PID_ARG, TOKEN_ARG))
+            and a != AFTER_INIT_ARG]
     if generation is None:
         return kept
     if not any(a.startswith("panic=") for a in _kernel_args(kept)):
@@ -94,6 +101,8 @@ def with_restore(args: Sequence[str], generation: int | None,
         kept = _insert_before_init_args(kept, f"{LAST_PID_ARG}{last_pid}")
     if token is not None:
         kept = _insert_before_init_args(kept, f"{TOKEN_ARG}{token}")
+    if after_init:
+        kept = _insert_before_init_args(kept, AFTER_INIT_ARG)
     return kept
 
 

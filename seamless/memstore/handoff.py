@@ -21,6 +21,7 @@ import hmac
 import json
 import os
 import secrets
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,10 @@ class UpgradeRecord:
     refused: dict[str, Any] | None = None
     #: The boot that restored it: a record is used once.
     used_by_boot: str | None = None
+    #: Why trees cannot be restored before init, as the upgrade's plan found: the
+    #: command line then tells the initramfs to leave them all to
+    #: seamless-restore.service (see :func:`after_init_reason`).
+    after_init: list[str] = field(default_factory=list)
     version: int = 1
 
     def to_json(self) -> dict[str, Any]:
@@ -136,6 +141,21 @@ class UpgradeRecord:
 #: A socket, address, file or connection as :mod:`seamless.collect.resources` and
 #: :mod:`seamless.runtime` read it and the restore makes it again.
 Entry = dict[str, Any]
+
+
+def after_init_reason(name: str, *, mount_namespace: bool, unmounted: Sequence[str] = (),
+                      missing: Sequence[str] = ()) -> str | None:
+    """Why a tree cannot be restored before init, or None: a mount namespace of its own
+    (CRIU makes it again only from the real root), files on a filesystem the boot mounts
+    only after init (``unmounted``), or a socket connected to a path the running system
+    binds only after init (``missing``)."""
+    if mount_namespace:
+        return f"{name}: a mount namespace of its own"
+    if unmounted:
+        return f"{name}: its files on {unmounted[0]}, mounted after init"
+    if missing:
+        return f"{name}: connected to {missing[0]}, made after init"
+    return None
 
 
 @dataclass

@@ -50,6 +50,10 @@ HANDED_OVER_ENV = "SEAMLESS_HANDED_OVER"
 #: Written by a restore before init that leaves the trees to seamless-restore.service
 #: (it says why): the unit runs when it is there, although the report is not.
 DEFERRED = Path("/run/seamless/deferred")
+#: What the initramfs writes there when the command line says the upgrade found trees
+#: that cannot be restored before init (``seamless.after_init``, see seamless-lib.sh):
+#: it then starts no restorer of its own.
+PLANNED = "after switch-root, as the upgrade planned"
 #: How long the restore of a generation's trees may take at boot: no tree is begun
 #: after it (each is reported), and the boot goes on. Below seamless-restore.service's
 #: TimeoutStartSec (15 min), with room for the store, the checks and the report.
@@ -177,15 +181,19 @@ def trees_after_init(gen: Generation, root: Path = Path("/")) -> list[str]:
     fstab: before init only the root is mounted)."""
     found = []
     for _, info in trees_in(gen.final, gen.manifest().trees):
-        missing = [p for p in info.peer_paths if not (root / p.lstrip("/")).exists()]
-        unmounted = [m for m in info.mounts if not bootfs.is_mount(root / m.lstrip("/"))]
-        if info.mount_namespace:
-            found.append(f"{info.name}: a mount namespace of its own")
-        elif unmounted:
-            found.append(f"{info.name}: its files on {unmounted[0]}, mounted after init")
-        elif missing:
-            found.append(f"{info.name}: connected to {missing[0]}, made after init")
+        why = handoff.after_init_reason(
+            info.name, mount_namespace=info.mount_namespace,
+            unmounted=[m for m in info.mounts if not bootfs.is_mount(root / m.lstrip("/"))],
+            missing=[p for p in info.peer_paths if not (root / p.lstrip("/")).exists()])
+        if why is not None:
+            found.append(why)
     return found
+
+
+def deferred_text(reasons: list[str]) -> str:
+    """The report's word on trees left to seamless-restore.service, and why."""
+    return (f"{count(len(reasons), 'tree')} not restorable before init "
+            f"({'; '.join(reasons[:3])}): restored after switch-root")
 
 
 def restore_stage(root: Path = Path("/")) -> str:
@@ -327,15 +335,18 @@ class BootRestore:
                 # again by its peer's path: every tree is restored after switch-root, as
                 # with dracut (the PIDs stay reserved until then). All of them, so no
                 # connection between two trees waits for its peer.
-                why = (f"{count(len(deferred), 'tree')} not restorable before init "
-                       f"({'; '.join(deferred[:3])}): restored after switch-root")
+                why = deferred_text(deferred)
                 log.info("generation %d: %s, by seamless-restore.service", self.n, why)
                 DEFERRED.parent.mkdir(parents=True, exist_ok=True)
                 DEFERRED.write_text(why + "\n")
                 self.report.deferred = why
                 return True
         if DEFERRED.is_file():
-            self.report.deferred = DEFERRED.read_text().strip()
+            said = DEFERRED.read_text().strip()
+            if said == PLANNED:  # the initramfs left them at the upgrade's word
+                planned = self.upgrade.after_init if self.upgrade is not None else []
+                said = deferred_text(planned) if planned else said
+            self.report.deferred = said
         return False
 
     def claim(self) -> None:
