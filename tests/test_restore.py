@@ -371,6 +371,27 @@ def test_the_upgrade_tells_which_trees_wait_for_the_real_root(
     assert resources.after_init_reasons([tree]) == []
 
 
+def test_a_tree_working_on_a_network_filesystem_is_refused_by_the_plan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The restore runs before the network: a tree on NFS cannot come back, so the plan
+    says so, with how to leave it out; one on a local filesystem of its own is fine."""
+    from seamless.collect import resources
+    from seamless.collect.processes import ProcessInfo, ProcessTree
+
+    (tmp_path / "home").mkdir()
+    me = ProcessInfo(os.getpid(), 1, "tmux", ("tmux",), "root", "/user.slice/a.scope", 0)
+    tree = ProcessTree(me, [me])
+    table = [(str(tmp_path / "home"), "nfs4"), ("/", "ext4")]
+    monkeypatch.chdir(tmp_path / "home")
+    [finding] = resources.network_fs_findings(tree, table)
+    assert finding.blocking and finding.pid == os.getpid()
+    assert finding.resource == f"files on {tmp_path / 'home'} (nfs4)"
+    assert "--exclude unit:a.scope" in finding.hint
+    assert resources.network_fs_findings(tree, [(str(tmp_path / "home"), "xfs"),
+                                                ("/", "ext4")]) == []
+
+
 def test_named_pipes_on_tmpfs_are_recorded_and_made_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -532,6 +532,7 @@ def inspect(
         findings += sandbox_findings(tree)
         findings += replaced_files_findings(tree)
         findings += carried_files_findings(tree, table)
+        findings += network_fs_findings(tree, table)
     for pid in sorted(chosen):
         fds = list(_fds(pid))
         for fd, target in fds:
@@ -822,6 +823,23 @@ def disk_mounts(pids: Iterable[int], table: list[tuple[str, str]] | None = None)
             if point != "/" and fs_type(point, table) not in VOLATILE_FS | VIRTUAL_FS:
                 found.add(point)
     return sorted(found)
+
+
+#: Filesystems the boot mounts once the network is up (remote-fs.target).
+NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "ceph", "glusterfs", "lustre", "afs",
+              "fuse.sshfs", "fuse.glusterfs", "fuse.ceph", "fuse.s3fs", "fuse.rclone"}
+
+
+def network_fs_findings(tree: ProcessTree, table: list[tuple[str, str]]) -> list[Finding]:
+    """A tree working on a network filesystem (a /home over NFS): the restore runs
+    before any network is configured, so the filesystem is not mounted yet and the
+    tree cannot come back; with the way back, it would send every tree back."""
+    return [Finding(
+        tree.root.pid, f"files on {point} ({fs_type(point, table)})",
+        "a network filesystem: the new boot mounts it only once the network is up, after "
+        "the restore, which cannot open the tree's files then",
+        _exclusion(tree), blocking=True)
+        for point in disk_mounts(tree.pids, table) if fs_type(point, table) in NETWORK_FS]
 
 
 #: Mounted before init too: initramfs-tools and dracut mount a /usr of its own.
