@@ -1348,3 +1348,37 @@ def test_node_exporter_gets_the_last_upgrade_as_metrics(
     assert "seamless_store_free_bytes " in text
     assert oct((metrics_in_tmp / "seamless.prom").stat().st_mode & 0o777) == "0o644"
     assert [p.name for p in metrics_in_tmp.iterdir()] == ["seamless.prom"]
+
+
+def test_leased_addresses_put_back_are_kept_as_networkd_starts(
+    env: BootEnv, reports: tuple[Path, Path], booted_with: list[str],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A boot whose restore put a leased address back tells networkd, for this boot, to
+    keep the dynamic addresses it finds (it would remove them until its DHCP client has
+    the lease again); a .network file whose KeepConfiguration= someone set is left as
+    it is, and a restore that put no address back writes nothing."""
+    from seamless.restore import restorer
+
+    network = env.root / "usr/lib/systemd/network"
+    network.mkdir(parents=True)
+    (network / "10-dhcp.network").write_text("[Match]\nName=en*\n[Network]\nDHCP=yes\n")
+    own = env.root / "etc/systemd/network/20-static.network.d"
+    own.mkdir(parents=True)
+    (own.parent / "20-static.network").write_text("[Network]\nAddress=192.0.2.1/24\n")
+    (own / "keep.conf").write_text("[Network]\nKeepConfiguration=static\n")
+    upgrade_record(env)
+    booted_with.append(f"seamless.token={TOKEN}")
+    added: list[str] = []
+    monkeypatch.setattr(restorer, "bring_up_addresses", lambda addresses: added)
+    keep = env.root / "run/systemd/network/10-dhcp.network.d" / restorer.NETWORKD_KEEP
+
+    report = boot.boot_restore(3, criu=FakeRestorer(), root=env.root, keep=True, at_boot=True)
+    assert report.ok and report.networkd_keeps is None and not keep.exists()
+
+    added.append("10.0.2.15/24 on eth0")
+    upgrade_record(env)  # the generation was kept (keep=True): its upgrade once more
+    report = boot.boot_restore(3, criu=FakeRestorer(), root=env.root, keep=True, at_boot=True)
+    assert report.networkd_keeps == [str(keep)]
+    assert "KeepConfiguration=dhcp" in keep.read_text().splitlines()
+    assert not (env.root / "run/systemd/network/20-static.network.d").exists()

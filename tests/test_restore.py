@@ -267,6 +267,34 @@ def test_leased_addresses_are_the_dynamic_ones_in_use() -> None:
     assert leased_addresses("[]") == {}
 
 
+#: ``networkctl --json=short`` (systemd 257) after a boot that kept the leases
+#: (KeepConfiguration=dhcp): the DHCPv4 address has no lifetime, its lease a renewal time;
+#: a static one and the NDisc one (whose lifetime the kernel shows) are not networkd's
+#: leases to add.
+NETWORKCTL_JSON = """{"Interfaces": [
+ {"Name": "lo", "Addresses": [{"Address": [127, 0, 0, 1], "ConfigSource": "foreign"}]},
+ {"Name": "eth0", "DHCPv4Client": {"Lease": {"LeaseTimestampUSec": 107944798,
+   "Timeout1USec": 43307944798, "Timeout2USec": 75707944798}},
+  "Addresses": [
+   {"Address": [10, 0, 2, 15], "ConfigSource": "DHCPv4", "ConfigState": "configured"},
+   {"Address": [10, 0, 2, 100], "ConfigSource": "static"},
+   {"Address": [254, 192, 0, 0, 0, 0, 0, 0, 80, 84, 0, 255, 254, 18, 52, 86],
+    "ConfigSource": "NDisc", "ValidLifetimeUSec": 86508951458}]},
+ {"Name": "eth1", "Addresses": [{"Address": [192, 0, 2, 7], "ConfigSource": "DHCPv4"}]}
+]}"""
+
+
+def test_networkd_s_kept_leases_count_as_leased_until_their_renewal() -> None:
+    """networkd keeping its leases gives them no lifetime in the kernel: the lease is
+    read off networkd instead, valid until its renewal (T1) at the latest."""
+    from seamless.collect.resources import networkd_leases
+
+    assert networkd_leases(NETWORKCTL_JSON, boottime=200.0) == {
+        "eth0": {"10.0.2.15": (43107, 43107)}}
+    assert networkd_leases(NETWORKCTL_JSON, boottime=43400.0) == {}  # due for renewal
+    assert networkd_leases("", boottime=1.0) == {} == networkd_leases("[]", boottime=1.0)
+
+
 def test_uplinks_are_the_default_route_s_interfaces_and_the_network_devices(
         tmp_path: Path) -> None:
     from seamless.collect.resources import uplink_interfaces

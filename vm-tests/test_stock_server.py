@@ -266,6 +266,11 @@ def test_a_stock_debian_server_keeps_its_packaged_services(boot_stock: BootGuest
     # The image boots initramfs-tools' initramfs, as Debian does: the sandboxed units'
     # namespaces need the real root, so every tree came back after switch-root.
     assert status["stage"] == "systemd" and "mount namespace" in status["deferred"], status
+    # The services listen on every address: the restore put the DHCP lease back, and
+    # networkd, told to keep it (not remove it until its own DHCP has it again), did.
+    assert any(p.endswith("/50-seamless-keep-leases.conf")
+               for p in status.get("networkd_keeps") or []), status
+    assert "50-seamless-keep-leases.conf" in g.run("networkctl", "status", "eth0")
     for name, value in status["phases"].items():
         record(f"stock server upgrade phase: {name}", value)
     assert main_pids(g) == before

@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import stat
+import subprocess
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -391,6 +392,41 @@ def leased_addresses(ip_json: str | None = None) -> dict[str, dict[str, tuple[in
     return found
 
 
+def networkd_leases(networkctl_json: str | None = None, boottime: float | None = None
+                    ) -> dict[str, dict[str, tuple[int, int]]]:
+    """The IPv4 addresses systemd-networkd leased over DHCP that the kernel shows as
+    permanent: told to keep its dynamic addresses (``KeepConfiguration=dhcp``, which the
+    restore sets for the boot it restores into, see
+    ``restore.restorer.keep_leases_through_networkd``), networkd gives its lease an
+    unlimited lifetime. The lease is surely valid until networkd renews it (its T1):
+    that is the time left given, as :func:`leased_addresses` gives it."""
+    if networkctl_json is None:
+        try:
+            # read while the trees are frozen: a networkd that does not answer at once
+            # leaves its leases as the kernel shows them
+            networkctl_json = run(["networkctl", "--json=short"], timeout=5).stdout.decode()
+        except (CommandError, OSError, subprocess.TimeoutExpired):
+            return {}
+    now = time.clock_gettime(time.CLOCK_BOOTTIME) if boottime is None else boottime
+    found: dict[str, dict[str, tuple[int, int]]] = {}
+    try:
+        links = json.loads(networkctl_json or "{}").get("Interfaces") or []
+    except (ValueError, AttributeError):
+        return {}
+    for link in links:
+        renewal = ((link.get("DHCPv4Client") or {}).get("Lease") or {}).get("Timeout1USec")
+        left = int(renewal / 1e6 - now) if isinstance(renewal, int) else 0
+        if left <= 0:
+            continue
+        for a in link.get("Addresses") or []:
+            octets = a.get("Address") or []
+            if a.get("ConfigSource") == "DHCPv4" and a.get("ValidLifetimeUSec") is None \
+                    and len(octets) == 4:
+                found.setdefault(link.get("Name", "?"), {})[".".join(map(str, octets))] = (
+                    left, left)
+    return found
+
+
 def uplink_interfaces(gateways: Mapping[str, str],
                       sys_class_net: Path = Path("/sys/class/net")) -> set[str]:
     """The interfaces clients reach this machine through: those with a default route
@@ -419,8 +455,14 @@ class Network:
     @classmethod
     def read(cls) -> Network:
         gateways = default_gateways()
+        leases = leased_addresses()
+        if not any(":" not in a for kept in leases.values() for a in kept):
+            # no IPv4 lease as the kernel shows them: networkd may be keeping its own
+            for name, kept in networkd_leases().items():
+                for address, times in kept.items():
+                    leases.setdefault(name, {}).setdefault(address, times)
         return cls(psutil.net_connections("inet"), psutil.net_if_addrs(), gateways,
-                   uplink_interfaces(gateways), leased_addresses(), time.time())
+                   uplink_interfaces(gateways), leases, time.time())
 
     def addresses(self, pids: Iterable[int]) -> list[dict[str, Any]]:
         """The interface addresses the TCP sockets of these processes need, with each

@@ -266,6 +266,9 @@ class Report:
     refused: dict[str, Any] | None = None
     #: Why the restore before init left the trees to seamless-restore.service.
     deferred: str | None = None
+    #: The drop-ins that keep networkd from removing, as it starts, the leased addresses
+    #: the restore put back (this boot only).
+    networkd_keeps: list[str] | None = None
     no_way_back: str | None = None
     #: The files of the generation that did not verify.
     corrupt: list[str] | None = None

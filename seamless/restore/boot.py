@@ -35,6 +35,7 @@ from seamless.restore.restorer import (
     Hold,
     Restorer,
     RestoreReport,
+    keep_leases_through_networkd,
     restore_all,
     trees_in,
 )
@@ -430,6 +431,8 @@ class BootRestore:
         if any(t.restored for t in restored.trees):
             # at boot, the restore runs before the boot's tmpfiles (either stage)
             bootfs.keep_tmp(self.root, before_tmpfiles=self.at_boot and self.retry is None)
+        if self.at_boot and any(t.addresses for t in restored.trees):
+            report.networkd_keeps = [str(p) for p in keep_leases_through_networkd(self.root)]
         # The trees run: say so at once. Handing the services to systemd and overwriting
         # the generation take seconds, and the boot's services start meanwhile.
         write_report(dataclasses.replace(report, finishing=True), self.store)

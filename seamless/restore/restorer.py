@@ -693,6 +693,47 @@ def bring_up_addresses(addresses: list[dict[str, Any]],
     return added
 
 
+#: Where systemd-networkd reads its .network files; a drop-in of /run applies to a file
+#: of the same name in any of them.
+NETWORKD_DIRS = ("etc/systemd/network", "run/systemd/network", "usr/local/lib/systemd/network",
+                 "usr/lib/systemd/network", "lib/systemd/network")
+NETWORKD_KEEP = "50-seamless-keep-leases.conf"
+
+
+def keep_leases_through_networkd(root: Path = Path("/")) -> list[Path]:
+    """Once the restore has put leased addresses back (see :func:`bring_up_addresses`):
+    systemd-networkd, as it starts, removes every address it did not configure itself,
+    and adds the same one again only once its DHCP client has the lease back, so a
+    restored service would not answer for that long (measured: removed, then added again
+    0.2 s later with QEMU's DHCP; a real network's DHCP takes longer). For this boot
+    (/run), every .network file keeps the dynamic addresses it finds
+    (``KeepConfiguration=dhcp``, which systemd 252 and 257 read alike; networkd then
+    gives its own lease an unlimited lifetime until the next boot). An operator's own
+    KeepConfiguration= is left as it is. Returns the drop-ins written."""
+    names = sorted({f.name for d in NETWORKD_DIRS if (root / d).is_dir()
+                    for f in (root / d).glob("*.network")})
+    written = []
+    for name in names:
+        if _sets_keep_configuration(root, name):
+            continue  # the operator's choice
+        target = root / "run/systemd/network" / f"{name}.d" / NETWORKD_KEEP
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("# seamless: the leased addresses the restore put back stay while "
+                          "networkd starts (this boot)\n[Network]\nKeepConfiguration=dhcp\n")
+        written.append(target)
+    return written
+
+
+def _sets_keep_configuration(root: Path, name: str) -> bool:
+    for d in NETWORKD_DIRS:
+        for f in [root / d / name, *sorted((root / d / f"{name}.d").glob("*.conf"))]:
+            with contextlib.suppress(OSError):
+                if f.name != NETWORKD_KEEP and re.search(r"(?m)^\s*KeepConfiguration\s*=",
+                                                         f.read_text()):
+                    return True
+    return False
+
+
 def _local_addresses() -> set[str]:
     import psutil  # only here: its import is a tenth of the restorer's start
 
