@@ -405,8 +405,6 @@ class BootEnv:
     unmounted: list[Path] = field(default_factory=list)
     handed_over: list[list[str]] = field(default_factory=list)
     modules_loaded: int = 0
-    #: The roots whose /run directories tmpfiles.d names were made (ahead of the boot's).
-    runtime_dirs: list[Path] = field(default_factory=list)
 
     def restore(self, criu: FakeRestorer, number: int | None = 3,
                 keep: bool = False) -> dict[str, Any]:
@@ -434,11 +432,6 @@ def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> BootEnv:
     monkeypatch.setattr(boot, "unmount", e.unmounted.append)
     monkeypatch.setattr(boot, "hand_over", e.handed_over.append)
     monkeypatch.setattr(boot, "load_criu_modules", load_criu_modules)
-    def make_runtime_dirs(root: Path) -> bool:
-        e.runtime_dirs.append(root)
-        return True
-
-    monkeypatch.setattr(bootfs, "make_runtime_dirs", make_runtime_dirs)
     return e
 
 
@@ -1386,9 +1379,6 @@ def test_leased_addresses_put_back_are_kept_as_networkd_starts(
     added.append("10.0.2.15/24 on eth0")
     upgrade_record(env)  # the generation was kept (keep=True): its upgrade once more
     report = boot.boot_restore(3, criu=FakeRestorer(), root=env.root, keep=True, at_boot=True)
-    # restored by the unit this time (the first restore made the runtime units): ahead of
-    # the boot's tmpfiles, whose /run directories a sandbox's mounts need, made first
-    assert report.stage == "systemd" and env.runtime_dirs == [env.root]
     assert report.networkd_keeps == [str(keep)]
     assert "KeepConfiguration=dhcp" in keep.read_text().splitlines()
     assert not (env.root / "run/systemd/network/20-static.network.d").exists()

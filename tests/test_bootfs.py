@@ -4,14 +4,12 @@ and tmpfiles.d's cleaning of /tmp (seamless.restore.bootfs)."""
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from seamless.restore import bootfs
-from seamless.run import CommandError
 
 TMP_MOUNT = """[Unit]
 Description=Temporary Directory /tmp
@@ -139,26 +137,3 @@ def test_after_the_boots_tmpfiles_only_the_earlier_boots_private_tmp_is_kept(
     os.remove(written[0])
     (tmp_path / "tmp/systemd-private-OLD-cron.service-x").rmdir()
     assert bootfs.keep_tmp(tmp_path, before_tmpfiles=False) == []
-
-
-def test_the_directories_of_run_are_made_as_tmpfiles_d_names_them(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """seamless-restore.service runs before the boot's tmpfiles: the /run directories a
-    sandbox's mounts need (/run/user) are made first, created only, in the given root;
-    a tmpfiles that cannot run is a warning, not a failed restore."""
-    calls: list[list[str]] = []
-
-    def run(argv: list[str], **_: object) -> subprocess.CompletedProcess[bytes]:
-        calls.append(argv)
-        return subprocess.CompletedProcess(argv, 1, b"", b"a line failed")
-
-    monkeypatch.setattr(bootfs, "run", run)
-    assert bootfs.make_runtime_dirs(tmp_path)
-    assert calls == [["systemd-tmpfiles", "--create", "--boot", "--prefix=/run",
-                      f"--root={tmp_path}"]]
-
-    def missing(argv: list[str], **_: object) -> subprocess.CompletedProcess[bytes]:
-        raise CommandError(argv, 127, "systemd-tmpfiles: command not found")
-
-    monkeypatch.setattr(bootfs, "run", missing)
-    assert not bootfs.make_runtime_dirs()

@@ -384,9 +384,6 @@ class BootRestore:
         load_criu_modules()
         if report.stage == "initramfs" and self.retry is None:
             report.mounted = bootfs.mount_boot_tmpfs(self.root)
-        elif self.at_boot and self.retry is None:
-            # seamless-restore.service runs before the boot's tmpfiles
-            bootfs.make_runtime_dirs(self.root)
         criu = self.criu or Criu(timeout=RESTORE_TIMEOUT)
         lazy = bool(self.lazy) and lazy_pages_work(criu)
         skip = corrupt_trees(bad)

@@ -17,14 +17,13 @@ from a version.
 from __future__ import annotations
 
 import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from seamless.log import log
 from seamless.mounts import mounts
 from seamless.restore.adopt import UNIT_DIRS
-from seamless.run import CommandError, run
+from seamless.run import run
 
 
 @dataclass(frozen=True)
@@ -115,27 +114,6 @@ def mount_boot_tmpfs(root: Path = Path("/")) -> list[str]:
             log.warning("could not mount a tmpfs on %s as %s would: %s", fs.target,
                         fs.unit or "systemd", done.stderr.decode(errors="replace").strip())
     return mounted
-
-
-def make_runtime_dirs(root: Path = Path("/")) -> bool:
-    """Make the directories of /run that tmpfiles.d names (/run/user, /run/sshd,
-    /run/postgresql...), as the boot's systemd-tmpfiles-setup.service will, before the
-    restore that seamless-restore.service runs ahead of it: a sandboxed service's mount
-    namespace has mounts on some of them (ProtectHome= on /run/user), which CRIU mounts
-    again only where the directory is there. Created only, nothing removed; the boot's
-    own run later finds them made. Whether it succeeded."""
-    argv = ["systemd-tmpfiles", "--create", "--boot", "--prefix=/run"]
-    if root != Path("/"):
-        argv.append(f"--root={root}")
-    try:
-        done = run(argv, check=False, timeout=60)
-    except (CommandError, OSError, subprocess.TimeoutExpired) as e:
-        log.warning("could not make the directories of /run as tmpfiles.d has them: %s", e)
-        return False
-    if done.returncode != 0:  # some lines failed: the others are made
-        log.warning("systemd-tmpfiles --create --prefix=/run: %s",
-                    done.stderr.decode(errors="replace").strip()[-500:])
-    return True
 
 
 #: What of the boot's tmpfiles.d removes what the restored processes hold in /tmp and
