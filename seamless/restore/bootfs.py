@@ -5,8 +5,7 @@ Restored before init (initramfs-tools), the trees run before systemd has mounted
 anything: their files in /tmp, /run/lock and /dev/shm would land in directories that
 systemd then mounts a fresh tmpfs over, and the boot's tmpfiles would empty /tmp and the
 services' private /tmp under them. Restored after switch-root (dracut), those mounts
-exist already; seamless-restore.service still runs before the boot's tmpfiles, so its
-cleaning of /tmp is kept off what the trees hold in the same way.
+exist already, and only the aging of the private /tmp of an earlier boot is left.
 
 Debian 12 and 13 differ here: 13 mounts a tmpfs on /tmp and /run/lock (systemd's
 tmp.mount and run-lock.mount, enabled by its package), 12 keeps /tmp on disk and empties
@@ -133,14 +132,13 @@ KEEP_FILE = "seamless-keep.conf"
 def keep_tmp(root: Path = Path("/"), *, before_tmpfiles: bool) -> list[Path]:
     """Keep /tmp as the restored processes have it, for this boot (/run/tmpfiles.d).
 
-    Before the boot's tmpfiles has run (restored before init, or by
-    seamless-restore.service, which is ordered before systemd-tmpfiles-setup.service
-    rather than after it and journald's flush): the distribution's lines that would
-    empty /tmp and the services' private /tmp are overridden (a file of /run/tmpfiles.d
-    replaces the one of the same name), and every entry of /tmp is excluded. Either
-    way, the private /tmp and /var/tmp of the services restored (named after the boot
-    they started in, not this one) are excluded from the aging of later cleanups. An
-    operator's own file in /etc/tmpfiles.d wins, as always. Returns the files written."""
+    Before the boot's tmpfiles has run (restored before init; seamless-restore.service
+    runs after it): the distribution's lines that would empty /tmp and the services'
+    private /tmp are overridden (a file of /run/tmpfiles.d replaces the one of the same
+    name), and every entry of /tmp is excluded. Either way, the private /tmp and
+    /var/tmp of the services restored (named after the boot they started in, not this
+    one) are excluded from the aging of later cleanups. An operator's own file in
+    /etc/tmpfiles.d wins, as always. Returns the files written."""
     written = []
     if before_tmpfiles:
         written += _override_distribution(root)
