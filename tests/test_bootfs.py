@@ -102,7 +102,7 @@ def test_a_restore_before_init_keeps_tmp_for_the_boot(tmp_path: Path) -> None:
     (tmp_path / "tmp/systemd-private-OLD-redis-server.service-x").mkdir()
     (tmp_path / "var/tmp/systemd-private-OLD-redis-server.service-y").mkdir(parents=True)
     (tmp_path / "var/tmp/a-users-file").touch()
-    written = bootfs.keep_tmp(tmp_path, before_tmpfiles=True)
+    written = bootfs.keep_tmp(tmp_path, before_init=True)
     run = tmp_path / "run/tmpfiles.d"
     assert written == [run / "tmp.conf", run / "systemd-tmp.conf", run / bootfs.KEEP_FILE]
     tmp = (run / "tmp.conf").read_text().splitlines()
@@ -120,20 +120,19 @@ def test_a_restore_before_init_keeps_tmp_for_the_boot(tmp_path: Path) -> None:
     (tmp_path / "etc/tmpfiles.d/tmp.conf").write_text("# the operator's\n")
     for f in written:
         f.unlink()
-    assert bootfs.keep_tmp(tmp_path, before_tmpfiles=True) == [run / "systemd-tmp.conf",
+    assert bootfs.keep_tmp(tmp_path, before_init=True) == [run / "systemd-tmp.conf",
                                                            run / bootfs.KEEP_FILE]
 
 
-def test_after_the_boots_tmpfiles_only_the_earlier_boots_private_tmp_is_kept(
-        tmp_path: Path) -> None:
-    """The boot's tmpfiles ran already (a retry by hand); a later cleanup would age the
-    private /tmp of the services restored (named after the boot they started in)."""
+def test_after_switch_root_only_the_earlier_boots_private_tmp_is_kept(tmp_path: Path) -> None:
+    """The boot's tmpfiles ran already; a later cleanup would age the private /tmp of
+    the services restored (named after the boot they started in)."""
     (tmp_path / "tmp/tmux-0").mkdir(parents=True)
     (tmp_path / "tmp/systemd-private-OLD-cron.service-x").mkdir()
-    written = bootfs.keep_tmp(tmp_path, before_tmpfiles=False)
+    written = bootfs.keep_tmp(tmp_path, before_init=False)
     assert [p.name for p in written] == [bootfs.KEEP_FILE]
     assert written[0].read_text().splitlines()[1:] == [
         "x /tmp/systemd-private-OLD-cron.service-x"]
     os.remove(written[0])
     (tmp_path / "tmp/systemd-private-OLD-cron.service-x").rmdir()
-    assert bootfs.keep_tmp(tmp_path, before_tmpfiles=False) == []
+    assert bootfs.keep_tmp(tmp_path, before_init=False) == []

@@ -429,8 +429,7 @@ class BootRestore:
         report.ok, report.trees = restored.ok, restored.to_json()["trees"]
         report.adopted = adopt_services(restored, self.root)
         if any(t.restored for t in restored.trees):
-            # before init, the boot's tmpfiles has not run yet; the unit runs after it
-            bootfs.keep_tmp(self.root, before_tmpfiles=report.stage == "initramfs")
+            bootfs.keep_tmp(self.root, before_init=report.stage == "initramfs")
         if self.at_boot and any(t.addresses for t in restored.trees):
             report.networkd_keeps = [str(p) for p in keep_leases_through_networkd(self.root)]
         # The trees run: say so at once. Handing the services to systemd and overwriting

@@ -129,18 +129,17 @@ TMPFILES_KEEP = {
 KEEP_FILE = "seamless-keep.conf"
 
 
-def keep_tmp(root: Path = Path("/"), *, before_tmpfiles: bool) -> list[Path]:
+def keep_tmp(root: Path = Path("/"), *, before_init: bool) -> list[Path]:
     """Keep /tmp as the restored processes have it, for this boot (/run/tmpfiles.d).
 
-    Before the boot's tmpfiles has run (restored before init; seamless-restore.service
-    runs after it): the distribution's lines that would empty /tmp and the services'
+    Before init: the distribution's lines that would empty /tmp and the services'
     private /tmp are overridden (a file of /run/tmpfiles.d replaces the one of the same
-    name), and every entry of /tmp is excluded. Either way, the private /tmp and
-    /var/tmp of the services restored (named after the boot they started in, not this
-    one) are excluded from the aging of later cleanups. An operator's own file in
-    /etc/tmpfiles.d wins, as always. Returns the files written."""
+    name), and every entry of /tmp is excluded. Either way, the private /tmp and /var/tmp
+    of the services restored (named after the boot they started in, not this one) are
+    excluded from the aging of later cleanups. An operator's own file in /etc/tmpfiles.d
+    wins, as always. Returns the files written."""
     written = []
-    if before_tmpfiles:
+    if before_init:
         written += _override_distribution(root)
     keep: list[str] = []
     for d in ("tmp", "var/tmp"):
@@ -149,7 +148,7 @@ def keep_tmp(root: Path = Path("/"), *, before_tmpfiles: bool) -> list[Path]:
         except OSError:
             continue
         for entry in entries:
-            if entry.name.startswith("systemd-private-") or (before_tmpfiles and d == "tmp"):
+            if entry.name.startswith("systemd-private-") or (before_init and d == "tmp"):
                 keep.append(f"x /{d}/{entry.name}")
     if keep:
         target = root / "run/tmpfiles.d" / KEEP_FILE
