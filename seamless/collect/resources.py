@@ -193,11 +193,17 @@ def mounts() -> list[tuple[str, str]]:
                   key=lambda m: len(m[0]), reverse=True)
 
 
-def fs_type(path: str, table: list[tuple[str, str]]) -> str:
+def mount_of(path: str, table: list[tuple[str, str]]) -> tuple[str, str]:
+    """The mount point holding ``path`` and its filesystem type (``table`` longest mount
+    point first, as :func:`mounts` gives it); ("/", "?") when none does."""
     for point, fstype in table:
         if path == point or path.startswith(point.rstrip("/") + "/"):
-            return fstype
-    return "?"
+            return point, fstype
+    return "/", "?"
+
+
+def fs_type(path: str, table: list[tuple[str, str]]) -> str:
+    return mount_of(path, table)[1]
 
 
 def bound_unix_paths(proc_net_unix: str | None = None) -> dict[int, str]:
@@ -850,7 +856,7 @@ def _used_paths(pid: int) -> set[str]:
     for link in ("cwd", "root", "exe"):
         with contextlib.suppress(OSError):
             found.add(os.readlink(f"/proc/{pid}/{link}"))
-    return {p.removesuffix(" (deleted)") for p in found}
+    return {p.removesuffix(procfs.DELETED) for p in found}
 
 
 def disk_mounts(pids: Iterable[int], table: list[tuple[str, str]] | None = None) -> list[str]:
@@ -860,9 +866,8 @@ def disk_mounts(pids: Iterable[int], table: list[tuple[str, str]] | None = None)
     found = set()
     for pid in pids:
         for path in _used_paths(pid):
-            point = next((p for p, _ in table
-                          if path == p or path.startswith(p.rstrip("/") + "/")), "/")
-            if point != "/" and fs_type(point, table) not in VOLATILE_FS | VIRTUAL_FS:
+            point, fstype = mount_of(path, table)
+            if point != "/" and fstype not in VOLATILE_FS | VIRTUAL_FS:
                 found.add(point)
     return sorted(found)
 
