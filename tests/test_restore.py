@@ -295,6 +295,26 @@ def test_networkd_s_kept_leases_count_as_leased_until_their_renewal() -> None:
     assert networkd_leases("", boottime=1.0) == {} == networkd_leases("[]", boottime=1.0)
 
 
+def test_networkd_is_asked_only_when_it_holds_a_lease(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read while the trees are frozen: no networkctl on a server whose networkd holds
+    no DHCP lease (static addresses, another network manager)."""
+    from seamless.collect import resources
+    from seamless.run import CommandError
+
+    asked: list[list[str]] = []
+
+    def run(argv: list[str], **_: object) -> Any:
+        asked.append(argv)
+        raise CommandError(argv, 1, "networkd does not run")
+
+    monkeypatch.setattr(resources, "run", run)
+    monkeypatch.setattr(resources, "NETWORKD_LEASES", tmp_path)
+    assert resources.networkd_leases() == {} and asked == []
+    (tmp_path / "2").touch()
+    assert resources.networkd_leases() == {} and asked == [["networkctl", "--json=short"]]
+
+
 def test_uplinks_are_the_default_route_s_interfaces_and_the_network_devices(
         tmp_path: Path) -> None:
     from seamless.collect.resources import uplink_interfaces

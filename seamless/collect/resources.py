@@ -398,6 +398,18 @@ def leased_addresses(ip_json: str | None = None) -> dict[str, dict[str, tuple[in
     return found
 
 
+#: Where networkd keeps a file for each DHCPv4 lease it holds (only looked at: its
+#: contents are networkd's own).
+NETWORKD_LEASES = Path("/run/systemd/netif/leases")
+
+
+def _any_entry(directory: Path) -> bool:
+    try:
+        return any(directory.iterdir())
+    except OSError:
+        return False
+
+
 def networkd_leases(networkctl_json: str | None = None, boottime: float | None = None
                     ) -> dict[str, dict[str, tuple[int, int]]]:
     """The IPv4 addresses systemd-networkd leased over DHCP that the kernel shows as
@@ -407,6 +419,8 @@ def networkd_leases(networkctl_json: str | None = None, boottime: float | None =
     unlimited lifetime. The lease is surely valid until networkd renews it (its T1):
     that is the time left given, as :func:`leased_addresses` gives it."""
     if networkctl_json is None:
+        if not _any_entry(NETWORKD_LEASES):
+            return {}  # no networkd, or no DHCP lease: nothing to ask it
         try:
             # read while the trees are frozen: a networkd that does not answer at once
             # leaves its leases as the kernel shows them
