@@ -1,3 +1,3 @@
-from seamless.cli import main
+from seamless.entry import main
 
 main()

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import importlib
-import logging
 import sys
+from typing import Any
 
 import click
 
 from seamless import __version__, stop
+from seamless.entry import guarded
 from seamless.errors import ExitCode, SeamlessError
-from seamless.log import journal_only, log, log_to_journal, setup_logging
+from seamless.log import log_to_journal, setup_logging
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -43,6 +44,18 @@ COMMANDS = {
 JOURNALED = frozenset({"setup", "store", "checkpoint", "restore", "kexec", "upgrade"})
 
 
+class Reported(SeamlessError, click.ClickException):  # type: ignore[misc]  # both set message
+    """A :class:`SeamlessError` on its way through click, which shows and exits with its
+    own exceptions only: the same message, hint and exit code (``error``: the one
+    raised)."""
+
+    def __init__(self, error: SeamlessError) -> None:
+        super().__init__(error.message, hint=error.hint, exit_code=error.status)
+        self.error = error
+        # click declares it a class constant, and reads it from the instance
+        self.exit_code = error.status  # type: ignore[misc]
+
+
 class LazyGroup(click.Group):
     """A group that imports a command's module only when that command runs (or help
     lists it): the boot-time restorer then loads the restore stage alone, which saves
@@ -60,6 +73,12 @@ class LazyGroup(click.Group):
             raise TypeError(f"{COMMANDS[cmd_name]} is not a click command")
         self.add_command(command, cmd_name)
         return command
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SeamlessError as e:
+            raise Reported(e) from e
 
 
 @click.group(cls=LazyGroup, epilog=EXIT_CODES_HELP,
@@ -81,35 +100,23 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def main() -> None:
-    debug = "--debug" in sys.argv[1:]
-    stop.install()  # SIGTERM and SIGHUP stop it as Ctrl-C does: everything put back
+    """Every command but the boot's restore (see :mod:`seamless.entry`)."""
+    rv = guarded(_click_main, "--debug" in sys.argv[1:])
+    sys.exit(rv if isinstance(rv, int) else ExitCode.OK)
+
+
+def _click_main() -> object:
     try:
-        rv = cli.main(standalone_mode=False)
+        return cli.main(standalone_mode=False)
     except click.exceptions.Abort as e:  # click's for Ctrl-C (and stop.Terminated)
-        cause = e.__cause__
-        text = f"Interrupted: {cause}" if isinstance(cause, stop.Terminated) else "Interrupted"
-        journal_only(logging.WARNING, text)
-        click.echo(text, err=True)
-        sys.exit(ExitCode.INTERRUPTED)
-    except stop.Terminated as e:
-        journal_only(logging.WARNING, f"Interrupted: {e}")
-        click.echo(f"Interrupted: {e}", err=True)
-        sys.exit(ExitCode.INTERRUPTED)
-    except KeyboardInterrupt:
-        journal_only(logging.WARNING, "Interrupted")
-        click.echo("Interrupted", err=True)
-        sys.exit(ExitCode.INTERRUPTED)
-    except SeamlessError as e:
-        if debug:
-            log.exception("traceback")
-        journal_only(logging.ERROR, f"Error: {e.message}")
-        e.show()
-        sys.exit(e.status)
+        if isinstance(e.__cause__, stop.Terminated):
+            raise e.__cause__ from None
+        raise KeyboardInterrupt from None
+    except Reported as e:
+        raise e.error from None
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    sys.exit(rv if isinstance(rv, int) else ExitCode.OK)
-
 
 if __name__ == "__main__":
     main()

@@ -24,7 +24,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 import seamless.run
-from seamless import syscalls
+from seamless import stop, syscalls
 from seamless.cli import cli
 from seamless.criu import (
     CriuError,
@@ -1099,20 +1099,50 @@ def test_a_users_unit_named_like_a_system_unit_is_not_adopted(
 
 @pytest.mark.parametrize(("stage", "code"), [("initramfs", 0), ("systemd", ExitCode.CHANGED)])
 def test_a_restore_left_to_the_unit_is_no_failure_of_the_initramfs(
-    monkeypatch: pytest.MonkeyPatch, stage: str, code: int
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], stage: str, code: int
 ) -> None:
     """Before init, a generation left to seamless-restore.service exits 0 (the boot
-    script would say the restore failed); the unit's own restore says how it went."""
-    from seamless.restore import cli as restore_cli
+    script would say the restore failed); the unit's own restore says how it went. The
+    hooks' own call, through seamless.entry (without click), and its --json report."""
+    from seamless import entry
 
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    monkeypatch.setattr(restore_cli, "boot_restore", lambda *a, **k: Report(
-        4, ok=False, deferred="1 tree with a mount namespace of its own", stage=stage))
-    result = CliRunner().invoke(cli, ["restore", "--boot", "--generation", "4"],
-                                standalone_mode=False)
-    status = (result.exception.status if isinstance(result.exception, SeamlessError)
-              else result.exit_code)
-    assert status == code, result.output
+    monkeypatch.setattr(stop, "install", lambda: None)
+    asked = []
+
+    def fake(number: int | None, **kw: object) -> Report:
+        asked.append((number, kw))
+        return Report(4, ok=False, deferred="1 tree with a mount namespace of its own",
+                      stage=stage)
+
+    monkeypatch.setattr(boot, "boot_restore", fake)
+    monkeypatch.setattr(sys, "argv", ["seamless", "restore", "--boot", "--json",
+                                      "--generation", "4"])
+    with pytest.raises(SystemExit) as exc:
+        entry.main()
+    assert exc.value.code == code
+    assert asked == [(4, {"keep": False, "at_boot": True})]
+    assert json.loads(capsys.readouterr().out)["stage"] == stage
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    ([], (None, False, False)),
+    (["--generation", "7", "--keep"], (7, True, False)),
+    (["--json", "--generation=12"], (12, False, True)),
+])
+def test_the_boot_restores_arguments(argv: list[str], expected: tuple[object, ...]) -> None:
+    from seamless import entry
+
+    assert entry.boot_arguments(argv) == expected
+
+
+@pytest.mark.parametrize("argv", [["--generation"], ["--generation", "x"], ["--images", "/x"]])
+def test_the_boot_restore_refuses_what_it_does_not_take(argv: list[str]) -> None:
+    from seamless import entry
+
+    with pytest.raises(SeamlessError) as e:
+        entry.boot_arguments(argv)
+    assert e.value.status == ExitCode.USAGE
 
 
 def test_the_manifest_is_the_truth_a_tree_it_lists_and_no_other(

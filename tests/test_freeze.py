@@ -102,7 +102,7 @@ def test_a_cgroup_that_does_not_freeze_is_thawed_and_refused(tmp_path: Path) -> 
                       root=cg, watchdog=False)
     with pytest.raises(SeamlessError) as e:
         freezer.freeze(timeout=0.2)
-    assert e.value.exit_code == ExitCode.UNCHANGED and "b.service" in str(e.value)
+    assert e.value.status == ExitCode.UNCHANGED and "b.service" in str(e.value)
     assert (a / "cgroup.freeze").read_text() == "0" and (b / "cgroup.freeze").read_text() == "0"
 
 
@@ -141,7 +141,7 @@ def test_a_task_that_stays_in_a_vfork_is_refused_and_everything_thawed(tmp_path:
     freezer = Freezer({100: "/system.slice/a.service"}, root=cg, watchdog=False, proc=proc)
     with pytest.raises(SeamlessError) as e:
         freezer.freeze(timeout=0.1)
-    assert e.value.exit_code == ExitCode.UNCHANGED and "vfork" in str(e.value)
+    assert e.value.status == ExitCode.UNCHANGED and "vfork" in str(e.value)
     # the task in the vfork, not its child (the message's end: the path holds digits)
     assert str(e.value).endswith("a.service: 100)")
     assert (a / "cgroup.freeze").read_text() == "0"

@@ -22,7 +22,7 @@ import seamless
 from seamless import faults, lock, procfs
 from seamless.criu import Criu
 from seamless.criu.modules import load_criu_modules
-from seamless.errors import SeamlessError
+from seamless.errors import ExitCode, SeamlessError
 from seamless.log import complete_step, count, log
 from seamless.memstore import handoff
 from seamless.memstore.generation import Generation, is_page_image
@@ -732,3 +732,18 @@ def phases(report: handoff.Report) -> list[tuple[str, float]]:
         ("retry by hand (seamless restore)", "retry_started", "retry_restored"),
     ]
     return [(name, t[b] - t[a]) for name, a, b in spans if a in t and b in t]
+
+
+def boot_command(number: int | None, *, keep: bool = False, as_json: bool = False) -> None:
+    """``seamless restore --boot``: the boot's restore of generation ``number`` (default:
+    the command line's ``seamless.restore=``), its report as JSON on stdout if asked;
+    a :class:`SeamlessError` (exit code 3) when a tree was not restored."""
+    report = boot_restore(number if number is not None else generation_from_cmdline(),
+                          keep=keep, at_boot=True)
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2), flush=True)
+    if report.deferred and report.stage == "initramfs":
+        return  # seamless-restore.service restores them after switch-root
+    if not report.ok:
+        raise SeamlessError("some trees were not restored (seamless status says which)",
+                            exit_code=ExitCode.CHANGED)

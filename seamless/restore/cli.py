@@ -19,8 +19,8 @@ from seamless.log import complete_step, count
 from seamless.memstore import handoff
 from seamless.memstore.handoff import TREE_INFO
 from seamless.restore.boot import (
+    boot_command,
     boot_restore,
-    generation_from_cmdline,
     last_report,
     phases,
     unrestored_upgrade,
@@ -80,16 +80,8 @@ def restore_command(images_dir: Path | None, number: int | None, boot: bool, kee
     the others. Exits 3 when any tree failed (the others run again).
     """
     need_root("restoring processes")
-    if boot:
-        boot_report = boot_restore(number if number is not None else generation_from_cmdline(),
-                                   keep=keep, at_boot=True)
-        if as_json:
-            click.echo(json.dumps(boot_report.to_json(), indent=2))
-        if boot_report.deferred and boot_report.stage == "initramfs":
-            return  # seamless-restore.service restores them after switch-root
-        if not boot_report.ok:
-            raise SeamlessError("some trees were not restored (seamless status says which)",
-                                exit_code=ExitCode.CHANGED)
+    if boot:  # the hooks' own call takes seamless.entry's way, without click
+        boot_command(number, keep=keep, as_json=as_json)
         return
     if images_dir is not None and not any(images_dir.glob(f"*/{TREE_INFO}")):
         raise SeamlessError(f"{images_dir} holds no checkpointed tree",
