@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -400,3 +401,34 @@ def test_processes_left_out_alike_are_one_line_with_their_pids() -> None:
     assert lines[2].split() == ["and", "11", "alike:", "301,", "302,", "303,", "304,",
                                 "305,", "306,", "307,", "308", "and", "3", "more"]
     assert lines[3].split()[0] == "2000" and "another reason" in lines[3]
+
+
+def test_one_look_reads_each_process_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within one look (a checkpoint's questions about a frozen tree), each process's
+    descriptors and maps are read once, whatever is asked; outside, every time."""
+    from seamless import procfs
+    from seamless.collect import resources
+
+    reads = []
+    fd_targets = procfs.fd_targets
+
+    def counted(pid: int) -> Iterator[tuple[str, str]]:
+        reads.append(pid)
+        return fd_targets(pid)
+
+    monkeypatch.setattr(procfs, "fd_targets", counted)
+    opened = tmp_path / "held"
+    opened.write_text("x")
+    pid = os.getpid()
+    with open(opened):
+        with resources.one_look():
+            first = resources.volatile_files([pid], [("/", "ext4"), (str(tmp_path), "tmpfs")])
+            resources.disk_mounts([pid])
+            resources.socket_dirs([pid], {})
+            maps = resources._mapped_files(pid)
+            assert resources._mapped_files(pid) == maps
+        assert reads == [pid]
+        assert str(opened) in first
+        resources.disk_mounts([pid])
+        resources.disk_mounts([pid])
+    assert reads == [pid, pid, pid]

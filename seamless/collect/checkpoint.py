@@ -49,6 +49,7 @@ from seamless.collect.resources import (
     foreign_files,
     journald_streams,
     nonblocking_sockets,
+    one_look,
     peer_paths,
     socket_dirs,
     streams_between,
@@ -78,6 +79,7 @@ from seamless.memstore.store import MOUNTPOINT as STORE_MOUNTPOINT
 DUMP_TIMEOUT = 600.0
 
 
+@one_look()  # the tree's descriptors and maps, read once for all it asks of them
 def tree_info(tree: ProcessTree, options: CriuOptions, order: int,
               network: Network | None = None,
               unit_paths: Sequence[str] = (),
