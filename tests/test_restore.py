@@ -238,6 +238,47 @@ def test_network_addresses_name_interface_prefix_and_gateway() -> None:
     # listening on every address with no uplink: nothing to bring up
     assert network([conn(12, "0.0.0.0", psutil.CONN_LISTEN)], set()).addresses([12]) == []
 
+    # networkd's .network file of the interface goes with each lease, not a static one
+    managed = Network(conns, interfaces, default_gateways(ROUTES), {"eth0"}, leases, 1000.0,
+                      {"eth0": "10-dhcp.network"})
+    assert [e.get("network_file") for e in managed.addresses([10, 11])] == [
+        "10-dhcp.network", None, "10-dhcp.network"]
+
+
+def test_networkd_s_file_of_each_link(tmp_path: Path) -> None:
+    """networkd's state of each link names the .network file it configures the link
+    with; a link gone since, or a name that is no index, is left out."""
+    import socket
+
+    from seamless.collect.resources import networkd_files
+
+    (tmp_path / "1").write_text("ADMIN_STATE=configured\n"
+                                "NETWORK_FILE=/etc/systemd/network/10-lo.network\n")
+    (tmp_path / "999999").write_text("NETWORK_FILE=/etc/systemd/network/20-gone.network\n")
+    (tmp_path / "lock").write_text("")
+    assert networkd_files(tmp_path) == {socket.if_indextoname(1): "10-lo.network"}
+    assert networkd_files(tmp_path / "none") == {}
+
+
+def test_only_the_network_files_of_the_leases_put_back_keep_them(tmp_path: Path) -> None:
+    """The drop-ins go to the .network files that managed the leases put back; when a
+    lease's file is not known (""), or none is given, to every .network file."""
+    from seamless.restore.restorer import NETWORKD_KEEP, keep_leases_through_networkd
+
+    shipped = tmp_path / "usr/lib/systemd/network"
+    shipped.mkdir(parents=True)
+    for name in ("10-dhcp.network", "80-container-ve.network", "80-vm-vt.network"):
+        (shipped / name).write_text("[Network]\nDHCP=yes\n")
+
+    def kept(files: list[str]) -> list[str]:
+        for old in tmp_path.glob("run/systemd/network/*.d/" + NETWORKD_KEEP):
+            old.unlink()
+        return [p.parent.name for p in keep_leases_through_networkd(tmp_path, files)]
+
+    assert kept(["10-dhcp.network"]) == ["10-dhcp.network.d"]
+    assert kept(["10-dhcp.network", ""]) == kept([]) == [
+        "10-dhcp.network.d", "80-container-ve.network.d", "80-vm-vt.network.d"]
+
 
 IP_ADDR_JSON = """[
  {"ifname": "lo", "addr_info": [{"family": "inet", "local": "127.0.0.1", "prefixlen": 8,
@@ -881,3 +922,34 @@ def test_the_restore_takes_away_the_yards_once_every_criu_is_done(
     write(own=False)
     assert restore_all(tmp_path, Mounting(fail=set()), stream=lambda *_: 0).ok
     assert events == ["restore 300", "restore 200"]
+
+
+def test_a_tree_names_the_network_files_of_the_leases_put_back_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Of the addresses a tree's sockets need, those leased and put back name the
+    .network file that managed them in the old boot ("" when not known); a static one,
+    or one the new boot already has, names none."""
+    from seamless.restore import restorer
+
+    write_tree(tmp_path, 100, 0, [])
+    info_file = tmp_path / "100" / TREE_INFO
+    info = json.loads(info_file.read_text())
+    info["addresses"] = [
+        {"interface": "eth0", "address": "10.0.2.15", "prefix": 24, "valid_until": 9e9,
+         "network_file": "10-dhcp.network"},
+        {"interface": "eth1", "address": "10.0.3.15", "prefix": 24, "valid_until": 9e9},
+        {"interface": "eth0", "address": "192.168.9.9", "prefix": 24},
+        {"interface": "eth2", "address": "10.0.4.15", "prefix": 24, "valid_until": 9e9,
+         "network_file": "30-there.network"},
+    ]
+    info_file.write_text(json.dumps(info))
+    monkeypatch.setattr(restorer, "bring_up_addresses", lambda addresses: [
+        f"{a['address']}/{a['prefix']} on {a['interface']}" for a in addresses
+        if a["interface"] != "eth2"])  # eth2's address: the new boot has it already
+
+    report = restore_all(tmp_path, FakeCriu(fail=set()),
+                         stream=lambda *_: os.open(os.devnull, os.O_WRONLY),
+                         nft=lambda script: None)
+    [tree] = report.trees
+    assert tree.restored and tree.network_files == ["10-dhcp.network", ""]

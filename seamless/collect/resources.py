@@ -18,7 +18,7 @@ import stat
 import subprocess
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -447,6 +447,33 @@ def networkd_leases(networkctl_json: str | None = None, boottime: float | None =
     return found
 
 
+#: systemd-networkd's state of each link it manages, by interface index.
+NETWORKD_LINKS = Path("/run/systemd/netif/links")
+
+
+def networkd_files(links: Path = NETWORKD_LINKS) -> dict[str, str]:
+    """By interface name, the .network file networkd configures it with (its
+    ``NETWORK_FILE=``, as systemd 252 and 257 write it): the restore tells only those
+    to keep the leases it puts back. Nothing without networkd."""
+    try:
+        entries = list(links.iterdir())
+    except OSError:
+        return {}
+    found = {}
+    for entry in entries:
+        if not entry.name.isdigit():
+            continue
+        try:
+            name = socket.if_indextoname(int(entry.name))
+            state = entry.read_text()
+        except OSError:
+            continue  # the link is gone
+        m = re.search(r"(?m)^NETWORK_FILE=(\S+)$", state)
+        if m:
+            found[name] = os.path.basename(m[1])
+    return found
+
+
 def uplink_interfaces(gateways: Mapping[str, str],
                       sys_class_net: Path = Path("/sys/class/net")) -> set[str]:
     """The interfaces clients reach this machine through: those with a default route
@@ -471,6 +498,8 @@ class Network:
     uplinks: set[str]
     leases: Mapping[str, Mapping[str, tuple[int, int]]]
     now: float
+    #: By interface: the name of the .network file systemd-networkd configures it with.
+    network_files: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def read(cls) -> Network:
@@ -482,7 +511,7 @@ class Network:
                 for address, times in kept.items():
                     leases.setdefault(name, {}).setdefault(address, times)
         return cls(psutil.net_connections("inet"), psutil.net_if_addrs(), gateways,
-                   uplink_interfaces(gateways), leases, time.time())
+                   uplink_interfaces(gateways), leases, time.time(), networkd_files())
 
     def addresses(self, pids: Iterable[int]) -> list[dict[str, Any]]:
         """The interface addresses the TCP sockets of these processes need, with each
@@ -529,6 +558,8 @@ class Network:
                         valid, preferred = leases[name][a.address]
                         entry.update(valid_until=round(self.now + valid),
                                      preferred_until=round(self.now + preferred))
+                        if name in self.network_files:
+                            entry["network_file"] = self.network_files[name]
                     found.append(entry)
         return sorted(found, key=lambda e: (e["interface"], e["address"]))
 

@@ -431,7 +431,8 @@ class BootRestore:
         if any(t.restored for t in restored.trees):
             bootfs.keep_tmp(self.root, before_init=report.stage == "initramfs")
         if self.at_boot and any(t.addresses for t in restored.trees):
-            report.networkd_keeps = [str(p) for p in keep_leases_through_networkd(self.root)]
+            report.networkd_keeps = [str(p) for p in keep_leases_through_networkd(
+                self.root, [f for t in restored.trees for f in t.network_files])]
         # The trees run: say so at once. Handing the services to systemd and overwriting
         # the generation take seconds, and the boot's services start meanwhile.
         write_report(dataclasses.replace(report, finishing=True), self.store)

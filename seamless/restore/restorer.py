@@ -14,7 +14,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -66,6 +66,9 @@ class TreeRestore:
     lazy: bool = False
     #: The addresses the restore put up for its sockets ("10.0.2.15/24 on eth0").
     addresses: list[str] = field(default_factory=list)
+    #: For each leased address of them, the .network file networkd managed it with in
+    #: the old boot ("" when not known): the files told to keep it.
+    network_files: list[str] = field(default_factory=list)
     #: Its cgroup in the old boot ("/system.slice/nginx.service").
     cgroup: str = ""
     #: Seconds it waited, made, for the other trees (all or nothing). Its own clocks ran
@@ -490,6 +493,8 @@ def _restore_tree(
             raise SeamlessError(reason)
     try:
         tree.addresses = bring_up_addresses(info.addresses)
+        tree.network_files = [str(a.get("network_file", "")) for a in info.addresses
+                              if "valid_until" in a and _added(a) in tree.addresses]
         inherit = []
         for external in info.external:
             if external.startswith("file["):
@@ -683,7 +688,7 @@ def bring_up_addresses(addresses: list[dict[str, Any]],
         extra = ["nodad"] if ":" in address else []  # usable at once, not tentative
         if command(["addr", "add", f"{address}/{int(a['prefix'])}", "dev", interface,
                     *extra, *lifetime]):
-            added.append(f"{address}/{a['prefix']} on {interface}")
+            added.append(_added(a))
             log.info("put %s/%s on %s for the tree's sockets", address, a["prefix"],
                      interface)
         if a.get("gateway") and (interface, a["gateway"]) not in routed:
@@ -693,6 +698,11 @@ def bring_up_addresses(addresses: list[dict[str, Any]],
     return added
 
 
+def _added(address: Mapping[str, Any]) -> str:
+    """How :func:`bring_up_addresses` names an address it put up."""
+    return f"{address['address']}/{address['prefix']} on {address['interface']}"
+
+
 #: Where systemd-networkd reads its .network files; a drop-in of /run applies to a file
 #: of the same name in any of them.
 NETWORKD_DIRS = ("etc/systemd/network", "run/systemd/network", "usr/local/lib/systemd/network",
@@ -700,18 +710,23 @@ NETWORKD_DIRS = ("etc/systemd/network", "run/systemd/network", "usr/local/lib/sy
 NETWORKD_KEEP = "50-seamless-keep-leases.conf"
 
 
-def keep_leases_through_networkd(root: Path = Path("/")) -> list[Path]:
+def keep_leases_through_networkd(root: Path = Path("/"),
+                                 files: Iterable[str] = ()) -> list[Path]:
     """Once the restore has put leased addresses back (see :func:`bring_up_addresses`):
     systemd-networkd, as it starts, removes every address it did not configure itself,
     and adds the same one again only once its DHCP client has the lease back, so a
     restored service would not answer for that long (measured: removed, then added again
     0.2 s later with QEMU's DHCP; a real network's DHCP takes longer). For this boot
-    (/run), every .network file keeps the dynamic addresses it finds
-    (``KeepConfiguration=dhcp``, which systemd 252 and 257 read alike; networkd then
-    gives its own lease an unlimited lifetime until the next boot). An operator's own
-    KeepConfiguration= is left as it is. Returns the drop-ins written."""
-    names = sorted({f.name for d in NETWORKD_DIRS if (root / d).is_dir()
-                    for f in (root / d).glob("*.network")})
+    (/run), the .network files that managed those leases in the old boot (``files``,
+    their names; "" for a lease whose file is not known, or none given: every .network
+    file) keep the dynamic addresses they find (``KeepConfiguration=dhcp``, which
+    systemd 252 and 257 read alike; networkd then gives its own lease an unlimited
+    lifetime until the next boot). An operator's own KeepConfiguration= is left as it
+    is. Returns the drop-ins written."""
+    present = {f.name for d in NETWORKD_DIRS if (root / d).is_dir()
+               for f in (root / d).glob("*.network")}
+    wanted = set(files)
+    names = sorted(present if not wanted or "" in wanted else present & wanted)
     written = []
     for name in names:
         if _sets_keep_configuration(root, name):
