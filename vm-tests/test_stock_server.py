@@ -4,6 +4,8 @@ them, sandboxing and all, carried across `seamless upgrade`."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import struct
 
 import pytest
@@ -267,10 +269,16 @@ def test_a_stock_debian_server_keeps_its_packaged_services(boot_stock: BootGuest
     # namespaces need the real root, so every tree came back after switch-root.
     assert status["stage"] == "systemd" and "mount namespace" in status["deferred"], status
     # The services listen on every address: the restore put the DHCP lease back, and
-    # networkd, told to keep it (not remove it until its own DHCP has it again), did.
-    assert any(p.endswith("/50-seamless-keep-leases.conf")
-               for p in status.get("networkd_keeps") or []), status
-    assert "50-seamless-keep-leases.conf" in g.run("networkctl", "status", "eth0")
+    # networkd, told to keep it (not remove it until its own DHCP has it again), did;
+    # only eth0's .network file was told (not systemd's examples for containers).
+    keeps = status.get("networkd_keeps") or []
+    assert len(keeps) == 1 and keeps[0].endswith("/50-seamless-keep-leases.conf"), status
+    keep = keeps[0]
+    eth0 = g.run("networkctl", "status", "eth0")
+    assert "50-seamless-keep-leases.conf" in eth0, eth0
+    network_file = re.search(r"Network File: (\S+)", eth0)
+    assert network_file and keep.startswith(
+        f"/run/systemd/network/{os.path.basename(network_file[1])}.d/"), (keep, eth0)
     for name, value in status["phases"].items():
         record(f"stock server upgrade phase: {name}", value)
     assert main_pids(g) == before
