@@ -238,6 +238,12 @@ def test_network_addresses_name_interface_prefix_and_gateway() -> None:
     # listening on every address with no uplink: nothing to bring up
     assert network([conn(12, "0.0.0.0", psutil.CONN_LISTEN)], set()).addresses([12]) == []
 
+    # a connection closing at the freeze (CLOSE_WAIT: the client hung up first) and a
+    # UDP socket are bound to their addresses too: CRIU binds them back
+    closing = network([conn(13, "172.16.0.1", psutil.CONN_CLOSE_WAIT),
+                       conn(13, "192.168.9.9", psutil.CONN_NONE)], set()).addresses([13])
+    assert [e["address"] for e in closing] == ["192.168.9.9", "172.16.0.1"]
+
     # networkd's .network file of the interface goes with each lease, not a static one
     managed = Network(conns, interfaces, default_gateways(ROUTES), {"eth0"}, leases, 1000.0,
                       {"eth0": "10-dhcp.network"})

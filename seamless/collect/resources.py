@@ -520,8 +520,9 @@ class Network:
         interface, prefix length and IPv4 default gateway, for the restore to bring up when
         the new boot has not yet (it restores before the network is configured):
 
-        - an established connection's address: CRIU binds and connects it back to it;
-        - a listening socket's address: CRIU binds it there;
+        - a connection's address, established or closing: CRIU binds and connects it
+          back to it;
+        - a listening socket's or a UDP socket's address: CRIU binds it there;
         - for a socket listening on every address (0.0.0.0, ::), the leased addresses
           (DHCP, SLAAC: see :func:`leased_addresses`) of the uplinks
           (:func:`uplink_interfaces`): the restored service answers its clients at once,
@@ -535,8 +536,12 @@ class Network:
         gateways, uplinks, leases = self.gateways, self.uplinks, self.leases
         local: set[str] = set()
         for c in self.connections:
-            if c.pid not in wanted or not c.laddr \
-                    or c.status not in (psutil.CONN_ESTABLISHED, psutil.CONN_LISTEN):
+            # Every socket the tree holds bound to an address, whatever its state: CRIU
+            # binds each back, a connection closing (CLOSE_WAIT, FIN_WAIT ...) and a UDP
+            # socket too, and fails the tree where the address is missing (a probe's
+            # connection closing at the freeze, on Debian 12: "Can't bind inet socket
+            # back").
+            if c.pid not in wanted or not c.laddr:
                 continue
             ip = ipaddress.ip_address(c.laddr.ip.split("%")[0])
             if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
